@@ -38,7 +38,7 @@ def write_env() -> None:
     if DATABASE == "postgres":
         lines.append(f"DATABASE_URL=postgres://{SLUG}:{SLUG}@localhost:5432/{SLUG}")
     else:
-        lines.append("DATABASE_URL=sqlite:///db.sqlite3")
+        lines.append("# DATABASE_URL unset: SQLite at db.sqlite3 in the project directory")
     if TASK_BACKEND == "rq":
         lines.append("REDIS_URL=redis://localhost:6379/0")
     lines.append("# OPENAI_API_KEY=sk-...  (unset: agents answer with the offline demo model)")

@@ -1,0 +1,155 @@
+"""Bake every option combination and check each project the way its own user and CI would."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from cookiecutter.exceptions import FailedHookException
+
+from tests.conftest import COMBOS, DEFAULT, TEMPLATE, Combo, bake, combo_params, manage, run
+
+BROWSER_COMBOS = {DEFAULT, Combo("database", "sqlite", "none")}
+TEXT_SUFFIXES = {".py", ".toml", ".yaml", ".yml", ".md", ".txt", ".cfg", ".ini", ".example", ""}
+
+
+def service_env(combo: Combo, request) -> dict[str, str]:
+    """Point a baked project at real servers for the options that need them."""
+    env = {}
+    if combo.database == "postgres":
+        env["DATABASE_URL"] = request.getfixturevalue("postgres").url
+    if combo.task_backend == "rq":
+        env["REDIS_URL"] = request.getfixturevalue("redis_server").url
+    return env
+
+
+def project_files(project: Path):
+    for path in sorted(project.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            yield path
+
+
+@pytest.mark.parametrize("combo", combo_params())
+def test_bakes_with_the_files_the_options_need(baked, combo: Combo):
+    project = baked(combo)
+    assert project.name == "agentic_app"
+    for required in ("manage.py", "pyproject.toml", "README.md", "Makefile", "config/settings.py"):
+        assert (project / required).is_file(), required
+    assert (project / ".github/workflows/ci.yml").exists() == (combo.ci == "github")
+
+    env_file = (project / ".env").read_text()
+    secret = re.search(r"^SECRET_KEY=(.+)$", env_file, re.MULTILINE)
+    assert secret and len(secret.group(1)) >= 50
+    assert ("REDIS_URL=" in env_file) == (combo.task_backend == "rq")
+    assert ".env" in (project / ".gitignore").read_text().split()
+
+    settings = (project / "config/settings.py").read_text()
+    backend = {
+        "rq": "django_tasks_rq.RQBackend",
+        "database": "django_tasks_db.DatabaseBackend",
+        "immediate": "django.tasks.backends.immediate.ImmediateBackend",
+    }[combo.task_backend]
+    assert f'"BACKEND": "{backend}"' in settings
+
+
+def test_each_bake_gets_its_own_secret(tmp_path):
+    first = bake(tmp_path / "one") / ".env"
+    second = bake(tmp_path / "two") / ".env"
+    assert first.read_text().splitlines()[1] != second.read_text().splitlines()[1]
+
+
+@pytest.mark.parametrize("combo", combo_params())
+def test_no_template_syntax_left(baked, combo: Combo):
+    leftovers = []
+    for path in project_files(baked(combo)):
+        if path.suffix == ".html" or path.name == ".env":
+            continue  # Django templates legitimately use {% %}
+        if path.suffix not in TEXT_SUFFIXES and path.name not in {"Makefile", "Dockerfile"}:
+            continue
+        text = path.read_text()
+        if "cookiecutter" in text or re.search(r"{%|%}|{#", text):
+            leftovers.append(str(path))
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("combo", combo_params())
+def test_pins_match_the_template_test_environment(baked, combo: Combo):
+    """The template is tested with requirements.txt: it must pin what the projects pin."""
+    pyproject = tomllib.loads((baked(combo) / "pyproject.toml").read_text())
+    pins = pyproject["project"]["dependencies"] + pyproject["dependency-groups"]["dev"]
+    ours = {
+        line.strip()
+        for line in (TEMPLATE / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert all("==" in pin for pin in pins)
+    assert sorted(set(pins) - ours) == []
+
+
+@pytest.mark.parametrize("combo", combo_params())
+def test_lint_clean_with_its_own_config(baked, combo: Combo):
+    project = baked(combo)
+    run([sys.executable, "-m", "ruff", "check", "."], cwd=project)
+    run([sys.executable, "-m", "ruff", "format", "--check", "."], cwd=project)
+
+
+@pytest.mark.parametrize("combo", combo_params())
+def test_django_checks_and_migrations(baked, combo: Combo, request):
+    project = baked(combo)
+    env = service_env(combo, request)
+    manage(project, "check", "--fail-level", "WARNING", env=env)
+    manage(project, "makemigrations", "--check", "--dry-run", env=env)
+
+
+@pytest.mark.parametrize("combo", combo_params())
+def test_deploy_checks_clean_in_production(baked, combo: Combo, request):
+    env = {
+        **service_env(combo, request),
+        "DEBUG": "False",
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "ALLOWED_HOSTS": "agents.example.com",
+    }
+    manage(baked(combo), "check", "--deploy", "--fail-level", "WARNING", env=env)
+
+
+@pytest.mark.parametrize("combo", combo_params())
+def test_generated_test_suite_passes(baked, combo: Combo, request):
+    project = baked(combo)
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    if combo not in BROWSER_COMBOS:
+        argv += ["-m", "not browser"]
+    result = run(argv, cwd=project, env=service_env(combo, request))
+    assert " passed" in result.stdout
+    if combo in BROWSER_COMBOS:
+        assert "skipped" not in result.stdout.splitlines()[-1], result.stdout[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("context", "message"),
+    [
+        ({"project_slug": "1st_app"}, "not a valid lowercase Python identifier"),
+        ({"project_slug": "my-app"}, "not a valid lowercase Python identifier"),
+        ({"project_slug": "class"}, "not a valid lowercase Python identifier"),
+        ({"project_slug": "agentic_django"}, "clashes with a package"),
+        ({"email": "nobody"}, "does not look like an email"),
+    ],
+)
+def test_bad_answers_are_rejected_with_a_clear_message(tmp_path, capfd, context, message):
+    with pytest.raises(FailedHookException):
+        bake(tmp_path, **context)
+    assert message in capfd.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["task_backend", "database", "ci"])
+def test_unknown_choices_are_rejected(tmp_path, option):
+    with pytest.raises(ValueError, match=f"choice variable {option}"):
+        bake(tmp_path, **{option: "celery"})
+
+
+def test_every_combination_is_covered():
+    assert len(COMBOS) == 12 and len(set(COMBOS)) == 12
