@@ -1,0 +1,253 @@
+"""Settings of agentic_django: the only module that reads ``AGENTIC_DJANGO_*`` settings.
+
+``get_config()`` validates every setting once and returns a frozen ``AgenticConfig``;
+the cache is dropped whenever a setting changes (tests, ``override_settings``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+PREFIX = "AGENTIC_DJANGO_"
+RECOVERY_MODES = ("requeue", "fail", "ignore")
+# Run options a caller may set; anything else is rejected instead of reaching Runner.run.
+ALLOWED_RUN_OPTIONS = frozenset({"max_turns"})
+RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+
+_RATE_UNITS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hour": 3600,
+    "d": 86400,
+    "day": 86400,
+}
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?\s*$")
+
+DEFAULTS: dict[str, Any] = {
+    "AGENT_REGISTRY": None,
+    "DEFAULT_AGENT_KEY": "default",
+    "DEFAULT_RUN_OPTIONS": {},
+    "CONCURRENCY_LIMIT": None,
+    "ENABLE_EVENTS": False,
+    "RATE_LIMIT": None,
+    "MAX_INPUT_BYTES": 20_000,
+    "MAX_INPUT_ITEMS": 20,
+    "MAX_TURNS": 20,
+    "STARTUP_RECOVERY": "requeue",
+    "CLEANUP_POLICY": {},
+    "RUN_TIMEOUT": 600,
+    "LEASE_SECONDS": 60,
+}
+
+CLEANUP_DEFAULTS: dict[str, Any] = {
+    "events_days": 7,
+    "runs_days": 30,
+    "runs_statuses": ["completed", "failed", "cancelled"],
+    "sessions_days": 90,
+    "sessions_require_empty": True,
+    "batch_size": 500,
+}
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``count`` requests per ``seconds``."""
+
+    count: int
+    seconds: int
+
+
+@dataclass(frozen=True)
+class CleanupPolicy:
+    """Age thresholds (in days; ``None`` disables that part) for ``agentic_django_cleanup``."""
+
+    events_days: int | None
+    runs_days: int | None
+    runs_statuses: tuple[str, ...]
+    sessions_days: int | None
+    sessions_require_empty: bool
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class AgenticConfig:
+    """Validated ``AGENTIC_DJANGO_*`` settings."""
+
+    agent_registry: str | None
+    default_agent_key: str
+    default_run_options: dict[str, Any]
+    concurrency_limit: int
+    enable_events: bool
+    rate_limit: RateLimit | None
+    max_input_bytes: int
+    max_input_items: int
+    max_turns: int
+    startup_recovery: str
+    cleanup_policy: CleanupPolicy
+    run_timeout_seconds: int
+    lease_seconds: int
+
+
+def _setting(name: str) -> Any:
+    return getattr(settings, PREFIX + name, DEFAULTS[name])
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ImproperlyConfigured(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def _optional_positive_int(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ImproperlyConfigured(f"{name} must be a positive integer or None, got {value!r}.")
+    return value
+
+
+def parse_rate_limit(value: Any) -> RateLimit | None:
+    """Parse ``"20/m"``, ``"100/h"``, ``"5/10s"`` or ``None`` (no limit) into a ``RateLimit``."""
+    if value in (None, ""):
+        return None
+    match = _RATE_RE.match(str(value).lower()) if isinstance(value, str) else None
+    unit = _RATE_UNITS.get(match.group(3)) if match else None
+    if match is None or unit is None or int(match.group(1)) < 1:
+        raise ImproperlyConfigured(
+            f"{PREFIX}RATE_LIMIT must look like '20/m' (count per s, m, h or d) or be None, "
+            f"got {value!r}."
+        )
+    multiplier = int(match.group(2) or 1)
+    return RateLimit(count=int(match.group(1)), seconds=unit * max(multiplier, 1))
+
+
+def validate_run_options(options: Any, *, max_turns: int, source: str) -> dict[str, Any]:
+    """Return ``options`` if it only holds allowlisted, well-typed keys; raise ``ValueError``."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{source} must be an object, got {type(options).__name__}.")
+    unknown = sorted(set(options) - ALLOWED_RUN_OPTIONS)
+    if unknown:
+        allowed = ", ".join(sorted(ALLOWED_RUN_OPTIONS))
+        raise ValueError(f"{source} has unsupported keys {unknown}; allowed: {allowed}.")
+    if "max_turns" in options:
+        turns = options["max_turns"]
+        if isinstance(turns, bool) or not isinstance(turns, int) or not 1 <= turns <= max_turns:
+            raise ValueError(f"max_turns must be an integer from 1 to {max_turns}.")
+    return dict(options)
+
+
+def _cleanup_policy(value: Any) -> CleanupPolicy:
+    name = f"{PREFIX}CLEANUP_POLICY"
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(f"{name} must be a dict, got {type(value).__name__}.")
+    unknown = sorted(set(value) - set(CLEANUP_DEFAULTS))
+    if unknown:
+        raise ImproperlyConfigured(
+            f"{name} has unknown keys {unknown}; expected some of {sorted(CLEANUP_DEFAULTS)}."
+        )
+    merged = {**CLEANUP_DEFAULTS, **value}
+    days = {
+        key: _optional_positive_int(f"{name}['{key}']", merged[key])
+        for key in ("events_days", "runs_days", "sessions_days")
+    }
+    statuses = merged["runs_statuses"]
+    if (
+        not isinstance(statuses, list | tuple)
+        or not statuses
+        or any(s not in TERMINAL_STATUSES for s in statuses)
+    ):
+        raise ImproperlyConfigured(
+            f"{name}['runs_statuses'] must be a non-empty list of {list(TERMINAL_STATUSES)}, "
+            f"got {statuses!r}."
+        )
+    if not isinstance(merged["sessions_require_empty"], bool):
+        raise ImproperlyConfigured(f"{name}['sessions_require_empty'] must be True or False.")
+    return CleanupPolicy(
+        events_days=days["events_days"],
+        runs_days=days["runs_days"],
+        runs_statuses=tuple(statuses),
+        sessions_days=days["sessions_days"],
+        sessions_require_empty=merged["sessions_require_empty"],
+        batch_size=_positive_int(f"{name}['batch_size']", merged["batch_size"]),
+    )
+
+
+def load_config() -> AgenticConfig:
+    """Read and validate every setting; raise ``ImproperlyConfigured`` on the first bad one."""
+    registry = _setting("AGENT_REGISTRY")
+    if registry is not None and (not isinstance(registry, str) or "." not in registry):
+        raise ImproperlyConfigured(
+            f"{PREFIX}AGENT_REGISTRY must be a dotted path to a callable returning "
+            f"{{agent_key: factory}}, got {registry!r}."
+        )
+    default_key = _setting("DEFAULT_AGENT_KEY")
+    if not isinstance(default_key, str) or not default_key:
+        raise ImproperlyConfigured(f"{PREFIX}DEFAULT_AGENT_KEY must be a non-empty string.")
+    max_turns = _positive_int(f"{PREFIX}MAX_TURNS", _setting("MAX_TURNS"))
+    try:
+        default_options = validate_run_options(
+            _setting("DEFAULT_RUN_OPTIONS"),
+            max_turns=max_turns,
+            source=f"{PREFIX}DEFAULT_RUN_OPTIONS",
+        )
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
+    limit = _optional_positive_int(f"{PREFIX}CONCURRENCY_LIMIT", _setting("CONCURRENCY_LIMIT"))
+    enable_events = _setting("ENABLE_EVENTS")
+    if not isinstance(enable_events, bool):
+        raise ImproperlyConfigured(f"{PREFIX}ENABLE_EVENTS must be True or False.")
+    recovery = _setting("STARTUP_RECOVERY")
+    if recovery not in RECOVERY_MODES:
+        raise ImproperlyConfigured(
+            f"{PREFIX}STARTUP_RECOVERY must be one of {', '.join(RECOVERY_MODES)}, "
+            f"got {recovery!r}."
+        )
+    lease = _positive_int(f"{PREFIX}LEASE_SECONDS", _setting("LEASE_SECONDS"))
+    if lease < 5:
+        raise ImproperlyConfigured(f"{PREFIX}LEASE_SECONDS must be at least 5 seconds.")
+    return AgenticConfig(
+        agent_registry=registry,
+        default_agent_key=default_key,
+        default_run_options=default_options,
+        concurrency_limit=limit or os.cpu_count() or 1,
+        enable_events=enable_events,
+        rate_limit=parse_rate_limit(_setting("RATE_LIMIT")),
+        max_input_bytes=_positive_int(f"{PREFIX}MAX_INPUT_BYTES", _setting("MAX_INPUT_BYTES")),
+        max_input_items=_positive_int(f"{PREFIX}MAX_INPUT_ITEMS", _setting("MAX_INPUT_ITEMS")),
+        max_turns=max_turns,
+        startup_recovery=recovery,
+        cleanup_policy=_cleanup_policy(_setting("CLEANUP_POLICY")),
+        run_timeout_seconds=_positive_int(f"{PREFIX}RUN_TIMEOUT", _setting("RUN_TIMEOUT")),
+        lease_seconds=lease,
+    )
+
+
+@cache
+def get_config() -> AgenticConfig:
+    """Return the validated settings (cached until a setting changes)."""
+    return load_config()
+
+
+@receiver(setting_changed)
+def _clear_config_cache(*, setting: str, **kwargs: Any) -> None:
+    if setting.startswith(PREFIX) or setting == "TASKS":
+        get_config.cache_clear()

@@ -1,0 +1,75 @@
+"""Named errors of agentic_django; each carries a short, user-facing ``message``."""
+
+from __future__ import annotations
+
+
+class AgenticDjangoError(Exception):
+    """Base class of every error agentic_django raises on purpose."""
+
+    message = "The agent request could not be processed."
+    status_code = 400
+
+    def __init__(self, message: str | None = None) -> None:
+        if message is not None:
+            self.message = message
+        super().__init__(self.message)
+
+
+class InvalidRunInput(AgenticDjangoError):
+    """The input of a new run was rejected."""
+
+    message = "The input is not valid."
+
+
+class InputTooLarge(InvalidRunInput):
+    """The input is larger than ``AGENTIC_DJANGO_MAX_INPUT_BYTES``."""
+
+    message = "The input is too large."
+    status_code = 413
+
+
+class TooManyInputItems(InvalidRunInput):
+    """The input list holds more than ``AGENTIC_DJANGO_MAX_INPUT_ITEMS`` items."""
+
+    message = "The input has too many items."
+    status_code = 413
+
+
+class UnknownAgent(InvalidRunInput):
+    """The agent key is not in the registry."""
+
+    message = "Unknown agent."
+
+
+class InvalidRunOptions(InvalidRunInput):
+    """Run options hold keys outside the allowlist or out-of-range values."""
+
+    message = "Invalid run options."
+
+
+class RunNotCancellable(AgenticDjangoError):
+    """The run already finished."""
+
+    message = "The run already finished and cannot be cancelled."
+    status_code = 409
+
+
+class AgentRegistryError(AgenticDjangoError):
+    """The configured registry could not be loaded or did not return a mapping."""
+
+    message = "The agent registry is misconfigured."
+    status_code = 500
+
+
+class RunTimedOut(AgenticDjangoError):
+    """The run exceeded ``AGENTIC_DJANGO_RUN_TIMEOUT``."""
+
+    message = "The run took too long and was stopped."
+    status_code = 504
+
+
+class EnqueueFailed(AgenticDjangoError):
+    """The task backend refused the run (e.g. the broker is down)."""
+
+    message = "The run could not be queued: the task queue is unavailable. Try again shortly."
+    status_code = 503

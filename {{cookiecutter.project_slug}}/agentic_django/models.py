@@ -1,0 +1,157 @@
+"""Persistence of agentic_django: sessions with their items, runs, and run events."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+
+
+class AgentSession(models.Model):
+    """A conversation owned by one user; its items are the agent's memory."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="agent_sessions"
+    )
+    session_key = models.CharField(max_length=255)
+    metadata = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "session_key"], name="agentic_session_owner_key_unique"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["owner", "-updated_at"], name="agentic_session_owner_upd"),
+            models.Index(fields=["updated_at"], name="agentic_session_updated"),
+        ]
+
+    def __str__(self) -> str:
+        return self.session_key
+
+
+class AgentSessionItem(models.Model):
+    """One SDK input item of a session, in conversation order."""
+
+    session = models.ForeignKey(AgentSession, on_delete=models.CASCADE, related_name="items")
+    sequence = models.PositiveBigIntegerField()
+    payload = models.JSONField(encoder=DjangoJSONEncoder)
+    # The run that wrote this item, so a requeued run can roll back its partial history.
+    run = models.ForeignKey(
+        "AgentRun",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="session_items",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["sequence"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["session", "sequence"], name="agentic_item_session_seq_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.session_id}#{self.sequence}"
+
+
+class AgentRun(models.Model):
+    """One execution of an agent on a session, processed by a background task."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    TERMINAL_STATUSES = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    session = models.ForeignKey(AgentSession, on_delete=models.CASCADE, related_name="runs")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="agent_runs"
+    )
+    agent_key = models.CharField(max_length=100)
+    # Room for future states such as "awaiting_approval".
+    status = models.CharField(max_length=32, choices=Status.choices, default=Status.PENDING)
+    input_payload = models.JSONField(encoder=DjangoJSONEncoder)
+    run_options = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    final_output = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
+    error = models.TextField(blank=True)
+
+    requests = models.PositiveIntegerField(default=0)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    total_tokens = models.PositiveBigIntegerField(default=0)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    task_id = models.CharField(max_length=255, blank=True)
+    attempt = models.PositiveIntegerField(default=0)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    last_response_id = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["status", "created_at"], name="agentic_run_status_created"),
+            models.Index(
+                fields=["session", "status", "created_at"], name="agentic_run_session_status"
+            ),
+            models.Index(fields=["owner", "-created_at"], name="agentic_run_owner_created"),
+            models.Index(fields=["status", "lease_expires_at"], name="agentic_run_status_lease"),
+            models.Index(fields=["status", "finished_at"], name="agentic_run_status_finished"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_key} run {self.id} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the run completed, failed or was cancelled."""
+        return self.status in self.TERMINAL_STATUSES
+
+
+class AgentEvent(models.Model):
+    """A semantic event of a run (tool call, tool output, message, handoff, agent change)."""
+
+    run = models.ForeignKey(AgentRun, on_delete=models.CASCADE, related_name="events")
+    sequence = models.PositiveIntegerField()
+    event_type = models.CharField(max_length=64)
+    payload = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run", "sequence"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "sequence"], name="agentic_event_run_seq_unique")
+        ]
+        indexes = [models.Index(fields=["created_at"], name="agentic_event_created")]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} #{self.sequence}"
+
+
+class DispatchLock(models.Model):
+    """A single row locked while claiming a run, so the concurrency limit holds across workers."""
+
+    name = models.CharField(max_length=32, primary_key=True)
+
+    class Meta:
+        verbose_name = "dispatch lock"
+
+    def __str__(self) -> str:
+        return self.name

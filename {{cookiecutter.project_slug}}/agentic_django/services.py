@@ -1,0 +1,76 @@
+"""Public facade of agentic_django: create, enqueue and cancel runs.
+
+The work happens in ``dispatch`` (queueing, concurrency), ``execution`` (claim, run, finish)
+and ``recovery``; this module only composes them for callers such as views.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+
+from agentic_django import dispatch
+from agentic_django.models import AgentRun, AgentSession
+from agentic_django.registry import resolve_agent_key
+from agentic_django.signals import agent_session_created, send_safely
+from agentic_django.validation import (
+    validate_input_payload,
+    validate_session_key,
+    validate_user_run_options,
+)
+
+__all__ = ["cancel_run", "create_run", "enqueue_agent_run", "requeue_run"]
+
+
+def enqueue_agent_run(run_id: str) -> None:
+    """Queue a pending run for background execution once the current transaction commits."""
+    dispatch.enqueue_on_commit(str(run_id))
+
+
+def create_run(
+    *,
+    owner: Any,
+    session_key: str,
+    input_payload: str | list[dict[str, Any]],
+    agent_key: str | None = None,
+    run_options: dict[str, Any] | None = None,
+) -> AgentRun:
+    """Validate the request, create a pending run on the owner's session and enqueue it.
+
+    Raises a subclass of ``InvalidRunInput`` (with a user-facing ``message``) on bad input.
+    """
+    session_key = validate_session_key(session_key)
+    payload = validate_input_payload(input_payload)
+    options = validate_user_run_options(run_options)
+    key = resolve_agent_key(agent_key)
+    with transaction.atomic():
+        session, created = AgentSession.objects.get_or_create(owner=owner, session_key=session_key)
+        run = AgentRun.objects.create(
+            session=session,
+            owner=owner,
+            agent_key=key,
+            input_payload=payload,
+            run_options=options,
+        )
+        if created:
+            transaction.on_commit(
+                lambda: send_safely(agent_session_created, AgentSession, session=session)
+            )
+        enqueue_agent_run(str(run.id))
+    return run
+
+
+def cancel_run(run: AgentRun) -> AgentRun:
+    """Cancel a pending run at once, or ask a running one to stop after its current turn.
+
+    Raises ``RunNotCancellable`` if the run already finished. Returns the refreshed run.
+    """
+    return dispatch.cancel(run)
+
+
+def requeue_run(run: AgentRun) -> bool:
+    """Put a stale (lease expired) or failed run back in the queue; False if it is not safe."""
+    from agentic_django.recovery import requeue
+
+    return requeue(run)

@@ -1,0 +1,164 @@
+"""A database-backed implementation of the Agents SDK ``Session`` protocol.
+
+``DatabaseSession(agent_session)`` can be passed straight to ``Runner.run(..., session=...)``.
+Items are stored as ``AgentSessionItem`` rows; sequence numbers are assigned while the
+``AgentSession`` row is locked, so concurrent writers never interleave or collide.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from asgiref.sync import sync_to_async
+from django.db import transaction
+from django.db.models import Max
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from agentic_django.models import AgentRun, AgentSession, AgentSessionItem
+from agentic_django.serializers import json_safe
+
+
+class ItemSerializer(Protocol):
+    """Converts SDK items to JSON-storable payloads and back."""
+
+    def dumps(self, item: Any) -> Any: ...
+
+    def loads(self, payload: Any) -> Any: ...
+
+
+class JSONItemSerializer:
+    """Stores items as plain JSON (pydantic models, datetimes, decimals made JSON-safe)."""
+
+    def dumps(self, item: Any) -> Any:
+        return json_safe(item)
+
+    def loads(self, payload: Any) -> Any:
+        return payload
+
+
+class SessionWriteRejected(RuntimeError):
+    """The run that owns this session handle lost its claim (recovered or finished)."""
+
+
+class DatabaseSession:
+    """SDK session storing its history in ``AgentSessionItem`` rows of one ``AgentSession``.
+
+    ``run`` (optional) tags written items with the run that wrote them and rejects writes once
+    that run no longer holds its claim, so a stale worker cannot append to a requeued run.
+    """
+
+    session_settings: Any = None
+
+    def __init__(
+        self,
+        session: AgentSession | int,
+        *,
+        run: AgentRun | None = None,
+        serializer: ItemSerializer | str | None = None,
+        session_settings: Any = None,
+    ) -> None:
+        self.session_pk = session.pk if isinstance(session, AgentSession) else int(session)
+        self.session_id = str(self.session_pk)
+        self.session_settings = session_settings
+        self._run_pk = run.pk if run is not None else None
+        self._run_attempt = run.attempt if run is not None else None
+        if isinstance(serializer, str):
+            serializer = import_string(serializer)()
+        self.serializer: ItemSerializer = serializer or JSONItemSerializer()
+
+    async def get_items(self, limit: int | None = None) -> list[Any]:
+        """Return the history oldest first; with ``limit``, only the latest ``limit`` items."""
+        if limit is None and self.session_settings is not None:
+            limit = getattr(self.session_settings, "limit", None)
+        return await sync_to_async(self.get_items_sync)(limit)
+
+    async def add_items(self, items: list[Any]) -> None:
+        """Append ``items`` at the end of the history."""
+        await sync_to_async(self.add_items_sync)(items)
+
+    async def pop_item(self) -> Any | None:
+        """Remove and return the latest item, or None if the history is empty."""
+        return await sync_to_async(self.pop_item_sync)()
+
+    async def clear_session(self) -> None:
+        """Delete the whole history."""
+        await sync_to_async(self.clear_session_sync)()
+
+    def get_items_sync(self, limit: int | None = None) -> list[Any]:
+        """Synchronous ``get_items`` for code outside an event loop."""
+        items = AgentSessionItem.objects.filter(session_id=self.session_pk)
+        if limit is not None:
+            if limit <= 0:
+                return []
+            payloads = list(items.order_by("-sequence").values_list("payload", flat=True)[:limit])
+            payloads.reverse()
+        else:
+            payloads = list(items.order_by("sequence").values_list("payload", flat=True))
+        return [self.serializer.loads(payload) for payload in payloads]
+
+    def add_items_sync(self, items: list[Any]) -> None:
+        """Synchronous ``add_items``."""
+        if not items:
+            return
+        payloads = [self.serializer.dumps(item) for item in items]
+        with transaction.atomic():
+            self._lock_session()
+            self._check_claim()
+            last = AgentSessionItem.objects.filter(session_id=self.session_pk).aggregate(
+                last=Max("sequence")
+            )["last"]
+            start = (last or 0) + 1
+            AgentSessionItem.objects.bulk_create(
+                AgentSessionItem(
+                    session_id=self.session_pk,
+                    sequence=start + offset,
+                    payload=payload,
+                    run_id=self._run_pk,
+                )
+                for offset, payload in enumerate(payloads)
+            )
+            AgentSession.objects.filter(pk=self.session_pk).update(updated_at=timezone.now())
+
+    def pop_item_sync(self) -> Any | None:
+        """Synchronous ``pop_item``."""
+        with transaction.atomic():
+            self._lock_session()
+            self._check_claim()
+            item = (
+                AgentSessionItem.objects.filter(session_id=self.session_pk)
+                .order_by("-sequence")
+                .first()
+            )
+            if item is None:
+                return None
+            item.delete()
+        return self.serializer.loads(item.payload)
+
+    def clear_session_sync(self) -> None:
+        """Synchronous ``clear_session``."""
+        with transaction.atomic():
+            self._lock_session()
+            AgentSessionItem.objects.filter(session_id=self.session_pk).delete()
+
+    def _lock_session(self) -> None:
+        # The session row lock serializes writers; SQLite serializes writes on its own.
+        locked = AgentSession.objects.select_for_update().filter(pk=self.session_pk)
+        if not list(locked.values_list("pk", flat=True)):
+            raise AgentSession.DoesNotExist(f"Agent session {self.session_pk} does not exist.")
+
+    def _check_claim(self) -> None:
+        if self._run_pk is None:
+            return
+        still_owned = AgentRun.objects.filter(
+            pk=self._run_pk, status=AgentRun.Status.RUNNING, attempt=self._run_attempt
+        ).exists()
+        if not still_owned:
+            raise SessionWriteRejected(
+                f"Run {self._run_pk} no longer holds its claim; its session write was dropped."
+            )
+
+
+def session_for_run(run: AgentRun, serializer: ItemSerializer | None = None) -> DatabaseSession:
+    """The session handle a claimed run uses: writes are tagged with and fenced by the run."""
+    return DatabaseSession(run.session_id, run=run, serializer=serializer)

@@ -1,0 +1,61 @@
+"""Checks applied to user-supplied run input before a run is created."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agentic_django.conf import get_config, validate_run_options
+from agentic_django.exceptions import (
+    InputTooLarge,
+    InvalidRunInput,
+    InvalidRunOptions,
+    TooManyInputItems,
+)
+
+MAX_SESSION_KEY_LENGTH = 255
+
+
+def validate_session_key(session_key: Any) -> str:
+    """Return a usable session key or raise ``InvalidRunInput``."""
+    if not isinstance(session_key, str) or not session_key.strip():
+        raise InvalidRunInput("A session key is required.")
+    if len(session_key) > MAX_SESSION_KEY_LENGTH:
+        raise InvalidRunInput(f"The session key is longer than {MAX_SESSION_KEY_LENGTH} chars.")
+    return session_key
+
+
+def validate_input_payload(payload: Any) -> str | list[dict[str, Any]]:
+    """Accept a non-empty string or a list of SDK input items (dicts) within the size limits."""
+    config = get_config()
+    if isinstance(payload, str):
+        if not payload.strip():
+            raise InvalidRunInput("The input is empty.")
+    elif isinstance(payload, list):
+        if not payload:
+            raise InvalidRunInput("The input is empty.")
+        if len(payload) > config.max_input_items:
+            raise TooManyInputItems(
+                f"The input has {len(payload)} items; at most {config.max_input_items} allowed."
+            )
+        if not all(isinstance(item, dict) for item in payload):
+            raise InvalidRunInput("Each input item must be an object.")
+    else:
+        raise InvalidRunInput("The input must be text or a list of items.")
+    try:
+        size = len(json.dumps(payload, ensure_ascii=False).encode())
+    except (TypeError, ValueError) as exc:
+        raise InvalidRunInput("The input must be JSON-serializable.") from exc
+    if size > config.max_input_bytes:
+        raise InputTooLarge(
+            f"The input is {size} bytes; at most {config.max_input_bytes} bytes allowed."
+        )
+    return payload
+
+
+def validate_user_run_options(options: Any) -> dict[str, Any]:
+    """Keep only allowlisted run options (e.g. ``max_turns`` within the configured cap)."""
+    try:
+        return validate_run_options(options, max_turns=get_config().max_turns, source="Run options")
+    except ValueError as exc:
+        raise InvalidRunOptions(str(exc)) from exc
