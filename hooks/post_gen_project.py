@@ -25,6 +25,8 @@ def remove(*relative_paths: str) -> None:
 def prune() -> None:
     if CI != "github":
         remove(".github")
+    if TASK_BACKEND != "rq":
+        remove("config/worker.py")
 
 
 def write_env() -> None:
@@ -41,6 +43,9 @@ def write_env() -> None:
         lines.append("# DATABASE_URL unset: SQLite at db.sqlite3 in the project directory")
     if TASK_BACKEND == "rq":
         lines.append("REDIS_URL=redis://localhost:6379/0")
+    if DATABASE == "postgres":
+        lines.append("# Password of the compose stack's own PostgreSQL (compose.yaml)")
+        lines.append(f"POSTGRES_PASSWORD={secrets.token_urlsafe(24)}")
     lines.append("# OPENAI_API_KEY=sk-...  (unset: agents answer with the offline demo model)")
     (PROJECT / ".env").write_text("\n".join(lines) + "\n")
 
