@@ -1,4 +1,15 @@
-from django.urls import path  # noqa: F401
+"""URLs of agentic_django; include them under a prefix with the ``agents`` namespace."""
+
+from django.urls import path
+
+from agentic_django import views
 
 app_name = "agents"
-urlpatterns: list = []
+urlpatterns = [
+    path("runs/", views.run_create, name="run-create"),
+    path("runs/<str:run_id>/", views.run_detail, name="run-detail"),
+    path("runs/<str:run_id>/fragment/", views.run_fragment, name="run-fragment"),
+    path("runs/<str:run_id>/events/", views.run_events, name="run-events"),
+    path("runs/<str:run_id>/cancel/", views.run_cancel, name="run-cancel"),
+    path("sessions/<str:session_key>/items/", views.session_items, name="session-items"),
+]

@@ -1,0 +1,203 @@
+"""HTTP endpoints of agentic_django (namespace ``agents``): parse, call a service, render.
+
+Every lookup is scoped to ``request.user``, so another user's ids are 404. JSON clients get
+JSON, htmx gets HTML fragments (errors included) and run-update triggers.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.request import RawPostDataException
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django_htmx.http import HttpResponseStopPolling, trigger_client_event
+
+from agentic_django import services
+from agentic_django.conf import get_config
+from agentic_django.exceptions import RunNotCancellable
+from agentic_django.http import ApiError, api_view, is_htmx, parse_page, safe_next_url
+from agentic_django.models import AgentRun, AgentSession
+from agentic_django.presentation import conversation, run_view
+from agentic_django.ratelimit import enforce_rate_limit
+from agentic_django.serializers import event_to_dict, item_to_dict, run_to_dict, session_to_dict
+from agentic_django.validation import MAX_SESSION_KEY_LENGTH
+
+RUN_FRAGMENT_TEMPLATE = "agentic_django/partials/run_fragment.html"
+CONVERSATION_TEMPLATE = "agentic_django/partials/conversation.html"
+RUN_UPDATE_EVENT = "run-update"
+CREATE_FIELDS = frozenset({"input", "session_key", "agent_key", "run_options"})
+# Reject absurd bodies before parsing them; the precise limit is MAX_INPUT_BYTES (413 too).
+BODY_OVERHEAD_BYTES = 64 * 1024
+
+
+def _owned_run(request: HttpRequest, run_id: str) -> AgentRun:
+    try:
+        pk = uuid.UUID(run_id)
+    except ValueError:
+        raise ApiError(400, "invalid_run_id", "The run id is not a valid UUID.") from None
+    run = AgentRun.objects.select_related("session").filter(pk=pk, owner=request.user).first()
+    if run is None:
+        raise ApiError(404, "not_found", "No such run.")
+    return run
+
+
+def _owned_session(request: HttpRequest, session_key: str) -> AgentSession:
+    if len(session_key) > MAX_SESSION_KEY_LENGTH:
+        raise ApiError(400, "invalid_session_key", "The session key is too long.")
+    session = AgentSession.objects.filter(owner=request.user, session_key=session_key).first()
+    if session is None:
+        raise ApiError(404, "not_found", "No such session.")
+    return session
+
+
+def _run_fragment(
+    request: HttpRequest, run: AgentRun, *, status: int = 200, notice: str = ""
+) -> HttpResponse:
+    context = {"run": run, "view": run_view(run), "notice": notice}
+    return render(request, RUN_FRAGMENT_TEMPLATE, context, status=status)
+
+
+def _read_create_request(request: HttpRequest) -> dict[str, Any]:
+    limit = get_config().max_input_bytes * 4 + BODY_OVERHEAD_BYTES
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ApiError(400, "invalid_request", "The Content-Length header is not valid.") from None
+    if length > limit:
+        raise ApiError(413, "input_too_large", "The request body is too large.")
+    if request.content_type == "application/json":
+        try:
+            data = json.loads(request.body or b"null")
+        except (ValueError, RawPostDataException):
+            raise ApiError(400, "invalid_json", "The body is not valid JSON.") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_json", "The body must be a JSON object.")
+        unknown = sorted(set(data) - CREATE_FIELDS)
+        if unknown:
+            raise ApiError(400, "unknown_field", f"Unknown field(s): {', '.join(unknown)}.")
+        return data
+    # Form fields are text: the message is taken literally, never parsed as JSON.
+    data = {
+        name: request.POST[name]
+        for name in ("input", "session_key", "agent_key")
+        if name in request.POST
+    }
+    if not data.get("agent_key"):
+        data.pop("agent_key", None)
+    return data
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    if "input" not in data:
+        raise ApiError(400, "missing_input", "The `input` field is required.")
+    for name in ("session_key", "agent_key"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise ApiError(400, f"invalid_{name}", f"`{name}` must be a string.")
+
+
+@api_view("POST")
+def run_create(request: HttpRequest) -> HttpResponse:
+    """Create a run on one of the user's sessions (JSON body or form) and enqueue it."""
+    data = _read_create_request(request)
+    _check_types(data)
+    session_key = data.get("session_key") or uuid.uuid4().hex
+    with transaction.atomic():
+        enforce_rate_limit(request.user)
+        run = services.create_run(
+            owner=request.user,
+            session_key=session_key,
+            input_payload=data["input"],
+            agent_key=data.get("agent_key"),
+            run_options=data.get("run_options"),
+        )
+    # With an in-process task backend the run may already have finished.
+    run.refresh_from_db()
+    if is_htmx(request):
+        return trigger_client_event(_run_fragment(request, run), RUN_UPDATE_EVENT)
+    if request.content_type != "application/json":
+        next_url = safe_next_url(request, request.POST.get("next"))
+        if next_url:
+            return redirect(next_url)
+    response = JsonResponse(run_to_dict(run), status=201)
+    response["Location"] = reverse("agents:run-detail", args=[run.id])
+    return response
+
+
+@api_view("GET")
+def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
+    """The run's status, output, error and usage as JSON."""
+    return JsonResponse(run_to_dict(_owned_run(request, run_id)))
+
+
+@api_view("GET")
+def run_fragment(request: HttpRequest, run_id: str) -> HttpResponse:
+    """The run as an HTML fragment for htmx polling; 286 (stop polling) once it finished."""
+    run = _owned_run(request, run_id)
+    view = run_view(run)
+    if not run.is_terminal and request.GET.get("v") == view.version:
+        return HttpResponse(status=204)  # unchanged: htmx keeps the element and polls again
+    context = {"run": run, "view": view}
+    if not (run.is_terminal and is_htmx(request)):
+        return render(request, RUN_FRAGMENT_TEMPLATE, context)
+    response = HttpResponseStopPolling(render(request, RUN_FRAGMENT_TEMPLATE, context).content)
+    return trigger_client_event(response, RUN_UPDATE_EVENT)
+
+
+@api_view("GET")
+def run_events(request: HttpRequest, run_id: str) -> HttpResponse:
+    """Events of the run after the ``after`` sequence, at most ``limit`` (capped) per page."""
+    run = _owned_run(request, run_id)
+    after, limit = parse_page(request)
+    events = list(run.events.filter(sequence__gt=after).order_by("sequence")[: limit + 1])
+    page = events[:limit]
+    return JsonResponse(
+        {
+            "run_id": str(run.id),
+            "status": run.status,
+            "events": [event_to_dict(event) for event in page],
+            "next_after": page[-1].sequence if page else after,
+            "has_more": len(events) > limit,
+        }
+    )
+
+
+@api_view("POST")
+def run_cancel(request: HttpRequest, run_id: str) -> HttpResponse:
+    """Cancel a pending run, or ask a running one to stop; 409 if it already finished."""
+    run = _owned_run(request, run_id)
+    try:
+        run = services.cancel_run(run)
+    except RunNotCancellable as error:
+        if not is_htmx(request):
+            raise
+        # Keep the finished run on screen and say why nothing was cancelled.
+        run.refresh_from_db()
+        response = _run_fragment(request, run, status=409, notice=error.message)
+        return trigger_client_event(response, RUN_UPDATE_EVENT)
+    if is_htmx(request):
+        return trigger_client_event(_run_fragment(request, run), RUN_UPDATE_EVENT)
+    return JsonResponse(run_to_dict(run))
+
+
+@api_view("GET")
+def session_items(request: HttpRequest, session_key: str) -> HttpResponse:
+    """The conversation: an HTML partial for htmx, else items as JSON (``after``/``limit``)."""
+    session = _owned_session(request, session_key)
+    if is_htmx(request):
+        return render(request, CONVERSATION_TEMPLATE, conversation(session))
+    after, limit = parse_page(request)
+    items = list(session.items.filter(sequence__gt=after).order_by("sequence")[: limit + 1])
+    page = items[:limit]
+    return JsonResponse(
+        {
+            "session": session_to_dict(session),
+            "items": [item_to_dict(item) for item in page],
+            "next_after": page[-1].sequence if page else after,
+            "has_more": len(items) > limit,
+        }
+    )

@@ -1,0 +1,61 @@
+"""The agents this project offers: start here to add your own.
+
+`AGENTIC_DJANGO_AGENT_REGISTRY` points at `get_agent_registry`, which maps an agent key (what
+runs store and API clients send as `agent_key`) to a factory building a fresh `Agent` per run.
+Without `OPENAI_API_KEY` every agent talks to the offline `DemoModel`; with a key set, to the
+OpenAI model named by `OPENAI_MODEL`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from agents import Agent, Model, OpenAIResponsesModel
+from django.conf import settings
+from openai import AsyncOpenAI
+
+from chat.demo_model import DemoModel
+from chat.tools import TOOLS
+
+
+def build_model() -> Model:
+    """The model every sample agent uses: OpenAI when a key is configured, else the demo."""
+    if settings.OPENAI_API_KEY:
+        client = AsyncOpenAI(api_key=settings.OPENAI_API_KEY)
+        return OpenAIResponsesModel(model=settings.OPENAI_MODEL, openai_client=client)
+    return DemoModel()
+
+
+def build_toolsmith() -> Agent:
+    """An agent that answers with its function tools: time, arithmetic, units, word counts."""
+    return Agent(
+        name="Toolsmith",
+        handoff_description="Uses tools for the current time, arithmetic, unit conversion "
+        "and word counts.",
+        instructions=(
+            "You answer precisely using your tools. Always call a tool for the current time, "
+            "arithmetic, unit conversions and counting words; never guess those. "
+            "Reply briefly in Markdown."
+        ),
+        tools=TOOLS,
+        model=build_model(),
+    )
+
+
+def build_assistant() -> Agent:
+    """A general assistant that hands off to the Toolsmith when tools are needed."""
+    return Agent(
+        name="Assistant",
+        instructions=(
+            "You are a helpful, concise assistant. Reply in Markdown. When the user asks for "
+            "the time, a calculation, a unit conversion or a word count, hand off to the "
+            "Toolsmith."
+        ),
+        handoffs=[build_toolsmith()],
+        model=build_model(),
+    )
+
+
+def get_agent_registry() -> dict[str, Callable[[], Agent]]:
+    """Map agent keys to factories; AGENTIC_DJANGO_DEFAULT_AGENT_KEY picks the default."""
+    return {"assistant": build_assistant, "toolsmith": build_toolsmith}

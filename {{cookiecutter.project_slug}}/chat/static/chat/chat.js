@@ -1,0 +1,119 @@
+// Chat page behaviour that htmx attributes cannot express without inline code (the CSP forbids
+// it): keyboard submit, one run at a time, clearing the input, scrolling and error toasts.
+(() => {
+  "use strict";
+
+  const form = document.getElementById("composer");
+  if (!form) return;
+  const textarea = form.querySelector("textarea");
+  const send = form.querySelector("button[type=submit]");
+  const log = document.getElementById("conversation");
+  const turns = document.getElementById("turns");
+  const toast = document.getElementById("toast");
+  const idleText = form.querySelector("[data-idle-text]");
+  const busyText = form.querySelector("[data-busy-text]");
+  const MAX_ROWS = 8;
+  let submitting = false;
+  let stickToBottom = true;
+  let toastTimer = null;
+
+  const activeRun = () => turns.querySelector('.agentic-run[data-terminal="false"]');
+  const nearBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 80;
+  const scrollToEnd = () => {
+    log.scrollTop = log.scrollHeight;
+  };
+
+  // Send stays disabled while a request is in flight or any run is still working.
+  function syncComposer() {
+    const busy = submitting || activeRun() !== null;
+    send.disabled = busy;
+    form.setAttribute("aria-busy", String(busy));
+    idleText.hidden = busy;
+    busyText.hidden = !busy;
+  }
+
+  function resizeInput() {
+    const lines = textarea.value.split("\n").length;
+    textarea.rows = Math.min(Math.max(lines, 1), MAX_ROWS);
+  }
+
+  function showToast(message) {
+    toast.textContent = message;
+    toast.hidden = false;
+    window.clearTimeout(toastTimer);
+    toastTimer = window.setTimeout(() => {
+      toast.hidden = true;
+    }, 8000);
+  }
+
+  function submitIfReady() {
+    if (!send.disabled && textarea.value.trim() !== "") form.requestSubmit();
+  }
+
+  textarea.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      submitIfReady();
+    }
+  });
+  textarea.addEventListener("input", resizeInput);
+
+  document.querySelectorAll("[data-suggestion]").forEach((button) => {
+    button.addEventListener("click", () => {
+      textarea.value = button.dataset.suggestion;
+      resizeInput();
+      textarea.focus();
+      submitIfReady();
+    });
+  });
+
+  form.addEventListener("htmx:beforeRequest", (event) => {
+    if (event.detail.elt !== form) return;
+    if (send.disabled || textarea.value.trim() === "") {
+      event.preventDefault();
+      return;
+    }
+    submitting = true;
+    stickToBottom = true;
+    syncComposer();
+  });
+
+  form.addEventListener("htmx:afterRequest", (event) => {
+    if (event.detail.elt !== form) return;
+    submitting = false;
+    if (event.detail.successful) {
+      form.reset();
+      resizeInput();
+      document.getElementById("empty-state")?.remove();
+    }
+    textarea.focus();
+    syncComposer();
+  });
+
+  document.body.addEventListener("htmx:beforeSwap", (event) => {
+    if (log.contains(event.detail.target)) stickToBottom = stickToBottom || nearBottom();
+  });
+
+  document.body.addEventListener("htmx:afterSettle", () => {
+    syncComposer();
+    if (stickToBottom) scrollToEnd();
+    stickToBottom = nearBottom();
+    // A swapped-out control (e.g. Cancel) drops focus to <body>; bring it back to the input.
+    if (document.activeElement === document.body) textarea.focus();
+  });
+
+  document.body.addEventListener("htmx:responseError", (event) => {
+    const status = event.detail.xhr.status;
+    if (status >= 500) showToast(`The server had a problem (${status}). Please try again.`);
+  });
+  document.body.addEventListener("htmx:sendError", () => {
+    showToast("Cannot reach the server. Check your connection and try again.");
+  });
+
+  log.addEventListener("scroll", () => {
+    stickToBottom = nearBottom();
+  });
+
+  syncComposer();
+  scrollToEnd();
+})();
