@@ -70,7 +70,8 @@ def recover_runs(*, mode: str) -> int:
     for run in stale_runs().order_by("created_at"):
         changed = _requeue(run, stale_only=True) if mode == "requeue" else fail_stale(run)
         count += int(changed)
-    dispatch_next()
+    if count:
+        dispatch_next()
     return count
 
 

@@ -8,15 +8,16 @@ from typing import Any
 from agents import Agent
 from agents.testing import ScriptedModel, assistant_message
 
-# Tests register extra factories here (see the ``agent_registry`` fixture).
+# Tests add factories here through the ``agents_registry`` fixture (see conftest.py).
 FACTORIES: dict[str, Callable[[], Any]] = {}
+DEMO_REPLY = "Hello from the demo agent!"
 
 
 def build_demo() -> Agent:
     return Agent(
         name="Demo",
         instructions="Greet the user.",
-        model=ScriptedModel([[assistant_message("Hello from the demo agent!")]]),
+        model=ScriptedModel([[assistant_message(DEMO_REPLY)]]),
     )
 
 

@@ -1,0 +1,211 @@
+"""Admin for sessions, runs and events: read-mostly, fast with large tables, safe actions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.forms.models import BaseInlineFormSet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
+
+from agentic_django.exceptions import RunNotCancellable
+from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSessionItem
+from agentic_django.services import cancel_run, requeue_run
+
+INLINE_LIMIT = 50
+
+
+def _preview(value: Any, length: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= length else text[: length - 1] + "…"
+
+
+class LatestRowsFormSet(BaseInlineFormSet):
+    """Shows only the newest ``INLINE_LIMIT`` rows, so pages stay fast with thousands of rows."""
+
+    order_field = "-pk"
+
+    def get_queryset(self) -> QuerySet:
+        if not hasattr(self, "_queryset"):
+            self._queryset = self.queryset.order_by(self.order_field)[:INLINE_LIMIT]
+        return self._queryset
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = False
+    formset = LatestRowsFormSet
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class ItemFormSet(LatestRowsFormSet):
+    order_field = "-sequence"
+
+
+class EventFormSet(LatestRowsFormSet):
+    order_field = "-sequence"
+
+
+class SessionItemInline(ReadOnlyInline):
+    model = AgentSessionItem
+    formset = ItemFormSet
+    fields = ("sequence", "payload_preview", "run", "created_at")
+    readonly_fields = fields
+    verbose_name_plural = f"items (latest {INLINE_LIMIT})"
+
+    @admin.display(description="payload")
+    def payload_preview(self, obj: AgentSessionItem) -> str:
+        return _preview(obj.payload)
+
+
+class RunEventInline(ReadOnlyInline):
+    model = AgentEvent
+    formset = EventFormSet
+    fields = ("sequence", "event_type", "payload_preview", "created_at")
+    readonly_fields = fields
+    verbose_name_plural = f"events (latest {INLINE_LIMIT})"
+
+    @admin.display(description="payload")
+    def payload_preview(self, obj: AgentEvent) -> str:
+        return _preview(obj.payload)
+
+
+@admin.register(AgentSession)
+class AgentSessionAdmin(admin.ModelAdmin):
+    list_display = ("session_key", "owner", "created_at", "updated_at")
+    list_filter = ("created_at", "updated_at")
+    search_fields = ("session_key", "owner__username", "owner__email")
+    raw_id_fields = ("owner",)
+    list_select_related = ("owner",)
+    readonly_fields = ("created_at", "updated_at", "runs_link")
+    inlines = (SessionItemInline,)
+    show_full_result_count = False
+
+    @admin.display(description="runs")
+    def runs_link(self, obj: AgentSession) -> str:
+        url = reverse("admin:agentic_django_agentrun_changelist") + f"?session__id__exact={obj.pk}"
+        return format_html('<a href="{}">All runs of this session</a>', url)
+
+
+@admin.register(AgentRun)
+class AgentRunAdmin(admin.ModelAdmin):
+    list_display = (
+        "id",
+        "agent_key",
+        "status",
+        "owner",
+        "session",
+        "created_at",
+        "finished_at",
+        "total_tokens",
+    )
+    list_filter = ("status", "agent_key", "created_at")
+    search_fields = ("=id", "agent_key", "owner__username", "session__session_key", "task_id")
+    raw_id_fields = ("owner", "session")
+    list_select_related = ("owner", "session")
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+    inlines = (RunEventInline,)
+    actions = ("cancel_selected", "requeue_selected")
+    readonly_fields = (
+        "id",
+        "status",
+        "input_payload",
+        "final_output",
+        "error",
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "task_id",
+        "attempt",
+        "lease_expires_at",
+        "heartbeat_at",
+        "cancel_requested_at",
+        "last_response_id",
+        "events_link",
+    )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Runs are created through agentic_django.services so they get validated and queued.
+        return False
+
+    @admin.display(description="events")
+    def events_link(self, obj: AgentRun) -> str:
+        url = reverse("admin:agentic_django_agentevent_changelist") + f"?run__id__exact={obj.pk}"
+        return format_html('<a href="{}">All events of this run</a>', url)
+
+    @admin.action(description="Cancel selected runs", permissions=["change"])
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[AgentRun]) -> None:
+        cancelled = skipped = 0
+        for run in queryset:
+            try:
+                cancel_run(run)
+            except RunNotCancellable:
+                skipped += 1
+            else:
+                cancelled += 1
+        self.message_user(
+            request, f"Cancelled or asked to stop {cancelled} run(s); {skipped} already finished."
+        )
+
+    @admin.action(description="Requeue selected stale or failed runs", permissions=["change"])
+    def requeue_selected(self, request: HttpRequest, queryset: QuerySet[AgentRun]) -> None:
+        requeued = sum(1 for run in queryset if requeue_run(run))
+        skipped = queryset.count() - requeued
+        level = messages.SUCCESS if not skipped else messages.WARNING
+        self.message_user(
+            request,
+            f"Requeued {requeued} run(s); skipped {skipped} (live, finished successfully, "
+            "or followed by a later run of the same session).",
+            level,
+        )
+
+
+@admin.register(AgentEvent)
+class AgentEventAdmin(admin.ModelAdmin):
+    list_display = ("run", "sequence", "event_type", "created_at")
+    list_filter = ("event_type", "created_at")
+    search_fields = ("=run__id", "event_type")
+    raw_id_fields = ("run",)
+    readonly_fields = ("run", "sequence", "event_type", "payload", "created_at")
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(AgentSessionItem)
+class AgentSessionItemAdmin(admin.ModelAdmin):
+    list_display = ("session", "sequence", "run", "created_at")
+    search_fields = ("=session__id", "session__session_key")
+    raw_id_fields = ("session", "run")
+    list_select_related = ("session",)
+    readonly_fields = ("session", "sequence", "payload", "run", "created_at")
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -1,0 +1,86 @@
+"""Delete old events, finished runs and idle sessions, in batches."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.utils import timezone
+
+from agentic_django.conf import get_config
+from agentic_django.models import AgentEvent, AgentRun, AgentSession
+
+ACTIVE_STATUSES = (AgentRun.Status.PENDING, AgentRun.Status.RUNNING)
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+class Command(BaseCommand):
+    help = "Prune old agent data following AGENTIC_DJANGO_CLEANUP_POLICY (flags override it)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--events-days", type=_positive, help="Delete events older than N days."
+        )
+        parser.add_argument(
+            "--runs-days", type=_positive, help="Delete finished runs older than N days."
+        )
+        parser.add_argument(
+            "--sessions-days", type=_positive, help="Delete sessions idle for N days."
+        )
+        parser.add_argument("--batch-size", type=_positive, help="Rows deleted per query.")
+        parser.add_argument(
+            "--dry-run", action="store_true", help="Report what would be deleted; delete nothing."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        policy = get_config().cleanup_policy
+        events_days = options["events_days"] or policy.events_days
+        runs_days = options["runs_days"] or policy.runs_days
+        sessions_days = options["sessions_days"] or policy.sessions_days
+        batch_size = options["batch_size"] or policy.batch_size
+        dry_run = options["dry_run"]
+        if not any((events_days, runs_days, sessions_days)):
+            raise CommandError("Nothing to clean: every age threshold is disabled.")
+        now = timezone.now()
+        results: list[tuple[str, int]] = []
+        if events_days:
+            events = AgentEvent.objects.filter(created_at__lt=now - timedelta(days=events_days))
+            results.append(("events", self._delete(events, batch_size, dry_run)))
+        if runs_days:
+            cutoff = now - timedelta(days=runs_days)
+            runs = AgentRun.objects.filter(status__in=policy.runs_statuses).filter(
+                Q(finished_at__lt=cutoff) | Q(finished_at__isnull=True, created_at__lt=cutoff)
+            )
+            results.append(("runs", self._delete(runs, batch_size, dry_run)))
+        if sessions_days:
+            sessions = AgentSession.objects.filter(
+                updated_at__lt=now - timedelta(days=sessions_days)
+            ).exclude(
+                Exists(AgentRun.objects.filter(session=OuterRef("pk"), status__in=ACTIVE_STATUSES))
+            )
+            if policy.sessions_require_empty:
+                sessions = sessions.exclude(Exists(AgentRun.objects.filter(session=OuterRef("pk"))))
+            results.append(("sessions", self._delete(sessions, batch_size, dry_run)))
+        verb = "Would delete" if dry_run else "Deleted"
+        summary = ", ".join(f"{count} {name}" for name, count in results)
+        self.stdout.write(self.style.SUCCESS(f"{verb} {summary}."))
+
+    def _delete(self, queryset: QuerySet, batch_size: int, dry_run: bool) -> int:
+        if dry_run:
+            return queryset.count()
+        model = queryset.model
+        total = 0
+        while True:
+            ids = list(queryset.order_by("pk").values_list("pk", flat=True)[:batch_size])
+            if not ids:
+                return total
+            model.objects.filter(pk__in=ids).delete()
+            total += len(ids)

@@ -1,0 +1,103 @@
+"""Fixtures for the agentic_django engine tests: a ScriptedModel-backed registry, helpers to
+build scripted agents, and automatic skipping of ``@pytest.mark.postgres`` tests elsewhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from agentic_django import recovery
+from tests.core import registry
+
+REGISTRY_PATH = "tests.core.registry.get_agent_registry"
+
+
+@pytest.fixture(autouse=True)
+def _skip_unless_postgres(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("postgres") and connection.vendor != "postgresql":
+        pytest.skip("needs DATABASE_URL pointing at PostgreSQL")
+
+
+@pytest.fixture(autouse=True)
+def _core_settings(settings: Any) -> Iterator[None]:
+    settings.AGENTIC_DJANGO_AGENT_REGISTRY = REGISTRY_PATH
+    settings.AGENTIC_DJANGO_DEFAULT_AGENT_KEY = "demo"
+    settings.AGENTIC_DJANGO_DEFAULT_RUN_OPTIONS = {"max_turns": 6}
+    settings.AGENTIC_DJANGO_ENABLE_EVENTS = True
+    settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = 4
+    settings.AGENTIC_DJANGO_STARTUP_RECOVERY = "requeue"
+    settings.AGENTIC_DJANGO_RUN_TIMEOUT = 60
+    # The default hasher costs ~0.4 s per test user on this suite's hot path.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Each test starts like a fresh process: startup recovery has not run yet.
+    recovery.reset_startup_recovery()
+    yield
+    registry.FACTORIES.clear()
+
+
+@dataclass
+class Scripted:
+    """A registered agent key and the ScriptedModel every run of it shares."""
+
+    key: str
+    model: Any
+    tool_calls: list[tuple[str, Any]] = field(default_factory=list)
+
+
+@pytest.fixture
+def scripted_agent() -> Callable[..., Scripted]:
+    """Register ``key`` -> an Agent whose model plays ``steps`` (shared across its runs)."""
+    from agents import Agent
+    from agents.testing import ScriptedModel
+
+    def make(
+        steps: Sequence[Any],
+        *,
+        key: str = "scripted",
+        tools: Sequence[Any] = (),
+        output_type: Any = None,
+        name: str = "Scripted",
+    ) -> Scripted:
+        model = ScriptedModel(list(steps))
+        options: dict[str, Any] = {"tools": list(tools)}
+        if output_type is not None:
+            options["output_type"] = output_type
+
+        def build() -> Agent:
+            return Agent(name=name, instructions="Test agent.", model=model, **options)
+
+        registry.FACTORIES[key] = build
+        return Scripted(key=key, model=model)
+
+    return make
+
+
+def text(reply: str, **usage: int) -> Any:
+    """One model step answering ``reply`` (optionally with usage numbers)."""
+    from agents.testing import ModelStep, assistant_message
+    from agents.usage import Usage
+
+    return ModelStep(output=[assistant_message(reply)], usage=Usage(**usage) if usage else Usage())
+
+
+def call(tool: str, arguments: dict[str, Any], call_id: str = "call-1") -> Any:
+    """One model step calling ``tool``."""
+    from agents.testing import function_call
+
+    return [function_call(tool, arguments, call_id=call_id)]
+
+
+def echo_steps(count: int) -> list[Any]:
+    """Steps replying ``echo: <latest user message>``, to check what history each run saw."""
+    from agents.testing import ModelStep, assistant_message
+
+    def respond(model_call: Any) -> Any:
+        items = model_call.input if isinstance(model_call.input, list) else []
+        users = [i["content"] for i in items if isinstance(i, dict) and i.get("role") == "user"]
+        return [assistant_message(f"echo: {users[-1] if users else model_call.input}")]
+
+    return [ModelStep.respond(respond) for _ in range(count)]
