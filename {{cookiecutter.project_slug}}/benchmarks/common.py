@@ -1,0 +1,315 @@
+"""Shared machinery of the benchmarks: environment, interleaved timing, statistics, reports.
+
+Absolute times drift on shared machines, so every benchmark times its variants in one process,
+in alternating blocks, and reports ratios against a floor measured in the same blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SETTINGS_MODULE = "benchmarks.settings"
+PACKAGES = (
+    "django",
+    "openai-agents",
+    "django-tasks",
+    "django-tasks-db",
+    "django-tasks-rq",
+    "django-rq",
+    "rq",
+    "redis",
+    "psycopg",
+)
+
+# A variant's call does the timed work and may return a check to run after the clock stops.
+Check = Callable[[], None]
+Call = Callable[[], Check | None]
+
+
+@dataclass
+class Variant:
+    """One thing to time: ``call`` once per sample, inside ``around`` (entered per block)."""
+
+    name: str
+    call: Call
+    around: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+
+
+@dataclass
+class Stats:
+    """Summary of one variant's samples, in milliseconds."""
+
+    n: int
+    median_ms: float
+    p95_ms: float
+    mean_ms: float
+    min_ms: float
+
+
+@dataclass
+class Timings:
+    """Samples (seconds) per variant, and each block's median per variant in block order."""
+
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    block_medians: dict[str, list[float]] = field(default_factory=dict)
+
+    def stats(self, name: str) -> Stats:
+        """Median, p95, mean and min of ``name``'s samples."""
+        values = sorted(self.samples[name])
+        return Stats(
+            n=len(values),
+            median_ms=statistics.median(values) * 1000,
+            p95_ms=percentile(values, 95) * 1000,
+            mean_ms=statistics.fmean(values) * 1000,
+            min_ms=values[0] * 1000,
+        )
+
+    def ratio(self, name: str, floor: str) -> float:
+        """Median over blocks of (block median of ``name``) / (block median of ``floor``)."""
+        pairs = zip(self.block_medians[name], self.block_medians[floor], strict=True)
+        return statistics.median(value / base for value, base in pairs)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def interleave(variants: list[Variant], *, runs: int, block: int, warmup: int) -> Timings:
+    """Time ``runs`` calls of each variant in blocks of ``block``, alternating the variants.
+
+    The starting variant rotates every round so none always runs first after a GC pass.
+    """
+    for variant in variants:
+        with variant.around():
+            for _ in range(warmup):
+                _checked(variant.call)
+    timings = Timings(
+        samples={v.name: [] for v in variants}, block_medians={v.name: [] for v in variants}
+    )
+    rounds = max(1, math.ceil(runs / block))
+    for index in range(rounds):
+        size = min(block, runs - index * block)
+        shift = index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            with variant.around():
+                gc.collect()
+                times = []
+                for _ in range(size):
+                    start = time.perf_counter()
+                    check = variant.call()
+                    times.append(time.perf_counter() - start)
+                    if check is not None:
+                        check()
+            timings.samples[variant.name].extend(times)
+            timings.block_medians[variant.name].append(statistics.median(times))
+    return timings
+
+
+def _checked(call: Call) -> None:
+    check = call()
+    if check is not None:
+        check()
+
+
+def count_queries(variant: Variant, *, repeat: int = 3) -> tuple[float, list[str]]:
+    """Mean SQL queries per call over ``repeat`` calls (not timed) and the SQL of the last call."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    counts: list[int] = []
+    last: list[str] = []
+    with variant.around():
+        for _ in range(repeat):
+            with CaptureQueriesContext(connection) as captured:
+                check = variant.call()
+            counts.append(len(captured.captured_queries))
+            last = [query["sql"] for query in captured.captured_queries]
+            if check is not None:
+                check()
+    return statistics.fmean(counts), last
+
+
+@contextlib.contextmanager
+def environment(*, task_backend: str = "immediate") -> Iterator[dict[str, Any]]:
+    """Run the benchmark with the benchmark settings and a fresh database.
+
+    Standalone: configure Django with ``benchmarks.settings`` and create a throwaway test
+    database (an SQLite file, or ``test_<name>`` on the server ``DATABASE_URL`` names).
+    Inside an already configured process (the smoke test): apply the same overrides in place
+    and use the database that process set up.
+    """
+    from django.apps import apps
+
+    # Whitenoise warns that STATIC_ROOT was never collected; benchmarks serve no static files.
+    warnings.filterwarnings("ignore", message="No directory at", category=UserWarning)
+    workdir = Path(tempfile.mkdtemp(prefix="agentic-bench-"))
+    try:
+        if apps.ready:
+            from django.conf import settings
+            from django.test.utils import override_settings
+
+            from benchmarks.overrides import overrides
+
+            base = {"ALLOWED_HOSTS": settings.ALLOWED_HOSTS, "STORAGES": settings.STORAGES}
+            with override_settings(**overrides(base, task_backend=task_backend)):
+                yield {"standalone": False, "database": None, "workdir": workdir}
+        else:
+            with _standalone(task_backend, workdir) as database:
+                yield {"standalone": True, "database": database, "workdir": workdir}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _standalone(task_backend: str, workdir: Path) -> Iterator[str]:
+    base_module = os.environ.get("DJANGO_SETTINGS_MODULE")
+    if base_module and base_module != SETTINGS_MODULE:
+        os.environ["BENCH_BASE_SETTINGS"] = base_module
+    os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS_MODULE
+    os.environ["BENCH_TASK_BACKEND"] = task_backend
+    import django
+
+    django.setup()
+    from django.db import connection
+
+    if connection.vendor == "sqlite":
+        # A file, like the project's default database, not the in-memory test database.
+        connection.settings_dict.setdefault("TEST", {})["NAME"] = str(workdir / "bench.sqlite3")
+    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
+    try:
+        yield connection.settings_dict["NAME"]
+    finally:
+        connection.creation.destroy_test_db(old_name, verbosity=0)
+
+
+def bench_user(username: str = "bench") -> Any:
+    """The user that owns every benchmark run (created once)."""
+    from django.contrib.auth import get_user_model
+
+    user, _ = get_user_model().objects.get_or_create(username=username)
+    return user
+
+
+def parser(description: str, *, runs: int, block: int, warmup: int) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark shares."""
+    result = argparse.ArgumentParser(description=description)
+    result.add_argument("--runs", type=int, default=runs, help="samples per variant")
+    result.add_argument("--block", type=int, default=block, help="samples per block")
+    result.add_argument("--warmup", type=int, default=warmup, help="untimed calls per variant")
+    result.add_argument("--json", dest="json_path", help="also write the report as JSON here")
+    return result
+
+
+def machine() -> dict[str, Any]:
+    """The machine, Python, package versions and database server a report was measured on."""
+    from django.db import connection
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    connection.ensure_connection()
+    if connection.vendor == "postgresql":
+        server = f"PostgreSQL {connection.pg_version // 10000}.{connection.pg_version % 10000}"
+    else:
+        server = f"{connection.vendor} {connection.Database.sqlite_version}"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "database": server,
+        "packages": versions,
+    }
+
+
+def row(timings: Timings, name: str, *, floor: str | None, queries: float | None) -> dict:
+    """One report row: the stats of ``name``, its ratio to ``floor`` and its queries per call."""
+    result: dict[str, Any] = {"variant": name, **asdict(timings.stats(name))}
+    result["ratio"] = timings.ratio(name, floor) if floor else None
+    result["floor"] = floor
+    result["queries"] = queries
+    return result
+
+
+def target(name: str, *, value: float, limit: float, unit: str = "") -> dict[str, Any]:
+    """A target line of a report: met when ``value`` is at most ``limit``."""
+    return {"target": name, "value": value, "limit": limit, "unit": unit, "met": value <= limit}
+
+
+def emit(report: dict[str, Any], *, argv: list[str], json_path: str | None) -> dict[str, Any]:
+    """Print ``report`` as Markdown (paste-ready for docs/benchmarks.md); write JSON if asked."""
+    report = {"command": "python -m " + " ".join(argv), **report}
+    out = sys.stdout
+    out.write(f"\n## {report['title']}\n\n`{report['command']}`\n\n")
+    machine_info = report.get("machine", {})
+    if machine_info:
+        packages = ", ".join(f"{k} {v}" for k, v in machine_info["packages"].items())
+        out.write(
+            f"{machine_info['cpu']} ({machine_info['cores']} cores), Python "
+            f"{machine_info['python']}, {machine_info['database']}; {packages}\n\n"
+        )
+    for table in report["tables"]:
+        out.write(f"**{table['title']}**\n\n")
+        columns = table["columns"]
+        out.write("| " + " | ".join(label for _, label in columns) + " |\n")
+        out.write("|" + "---|" * len(columns) + "\n")
+        for item in table["rows"]:
+            out.write("| " + " | ".join(_cell(item.get(key)) for key, _ in columns) + " |\n")
+        out.write("\n")
+    for item in report.get("targets", []):
+        verdict = "met" if item["met"] else "MISSED"
+        out.write(
+            f"- {item['target']}: {_cell(item['value'])}{item['unit']} "
+            f"(limit {_cell(item['limit'])}{item['unit']}) - {verdict}\n"
+        )
+    for note in report.get("notes", []):
+        out.write(f"- {note}\n")
+    out.flush()
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+RUN_COLUMNS = [
+    ("variant", "variant"),
+    ("median_ms", "median ms"),
+    ("p95_ms", "p95 ms"),
+    ("ratio", "ratio"),
+    ("floor", "vs floor"),
+    ("queries", "queries/run"),
+    ("n", "n"),
+]

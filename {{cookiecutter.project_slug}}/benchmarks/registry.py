@@ -1,0 +1,52 @@
+"""The benchmark-only agent registry: the SDK's ``ScriptedModel`` answers, so no network.
+
+``chat`` answers one message; ``tool`` calls one function tool, then answers. Each factory
+builds a fresh agent and model (a scripted model consumes its steps), exactly like a project
+factory builds a fresh agent per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+CHAT_REPLY = "Hello from the scripted model."
+TOOL_REPLY = "2 + 3 = 5"
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def build_chat() -> Any:
+    """One model call that answers with one message."""
+    from agents import Agent
+    from agents.testing import ScriptedModel, assistant_message
+
+    model = ScriptedModel([[assistant_message(CHAT_REPLY)]])
+    return Agent(name="Bench chat", instructions="Answer briefly.", model=model)
+
+
+def build_tool() -> Any:
+    """Two model calls: one function-tool call, then an answer."""
+    from agents import Agent, function_tool
+    from agents.testing import ScriptedModel, assistant_message, function_call
+
+    model = ScriptedModel(
+        [
+            [function_call("add", {"a": 2, "b": 3}, call_id="call-add")],
+            [assistant_message(TOOL_REPLY)],
+        ]
+    )
+    return Agent(
+        name="Bench tool",
+        instructions="Use the add tool.",
+        tools=[function_tool(add)],
+        model=model,
+    )
+
+
+def get_agent_registry() -> dict[str, Callable[[], Any]]:
+    """``AGENTIC_DJANGO_AGENT_REGISTRY`` for benchmarks."""
+    return {"chat": build_chat, "tool": build_tool}

@@ -1,0 +1,158 @@
+"""Per-run overhead: the public path versus bare ``Runner.run`` with the same scripted model.
+
+    python -m benchmarks.run_overhead --runs 200
+
+Variants, interleaved in blocks in one process (immediate task backend, so the run executes
+inside ``enqueue_agent_run`` after commit):
+
+- ``Runner.run``: ``Runner.run_sync(agent, "Hi")``, no memory;
+- ``Runner.run + SQLiteSession``: the same with the SDK's own ``SQLiteSession`` on a file
+  (the floor the targets use);
+- ``public path``: ``AgentSession.objects.get_or_create`` + ``AgentRun.objects.create`` +
+  ``enqueue_agent_run`` (the README's example);
+- ``services.create_run``: the validated facade the views use.
+
+Every run gets a new session; each timed run is checked afterwards (untimed) for its output.
+``DATABASE_URL`` picks the database (default: a throwaway SQLite file).
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+
+FLOOR = "Runner.run + SQLiteSession"
+AGENTS = ("chat", "tool")
+QUERY_LIMIT_CHAT = 12
+RATIO_LIMIT = 1.3
+
+
+def build_variants(agent_key: str, *, user: Any, workdir: Path) -> list[common.Variant]:
+    """The four variants for ``agent_key`` (``chat`` or ``tool``)."""
+    from agents import Runner, SQLiteSession
+
+    from agentic_django.models import AgentRun, AgentSession
+    from agentic_django.services import create_run, enqueue_agent_run
+    from benchmarks import registry
+
+    factory = registry.get_agent_registry()[agent_key]
+    reply = registry.CHAT_REPLY if agent_key == "chat" else registry.TOOL_REPLY
+    sqlite_path = workdir / f"sdk-sessions-{agent_key}.sqlite3"
+
+    def expect(output: Any) -> None:
+        if output != reply:
+            raise AssertionError(f"unexpected final output {output!r}")
+
+    def bare() -> common.Check:
+        result = Runner.run_sync(factory(), "Hi")
+        return lambda: expect(result.final_output)
+
+    def bare_sqlite() -> common.Check:
+        session = SQLiteSession(uuid.uuid4().hex, db_path=sqlite_path)
+        try:
+            result = Runner.run_sync(factory(), "Hi", session=session)
+        finally:
+            session.close()
+        return lambda: expect(result.final_output)
+
+    def check_run(run: Any) -> common.Check:
+        def check() -> None:
+            run.refresh_from_db()
+            if run.status != AgentRun.Status.COMPLETED:
+                raise AssertionError(f"run {run.id} is {run.status}: {run.error}")
+            expect(run.final_output)
+
+        return check
+
+    def public_path() -> common.Check:
+        session, _ = AgentSession.objects.get_or_create(owner=user, session_key=uuid.uuid4().hex)
+        run = AgentRun.objects.create(
+            session=session, owner=user, agent_key=agent_key, input_payload="Hi"
+        )
+        enqueue_agent_run(str(run.id))
+        return check_run(run)
+
+    def service() -> common.Check:
+        run = create_run(
+            owner=user, session_key=uuid.uuid4().hex, input_payload="Hi", agent_key=agent_key
+        )
+        return check_run(run)
+
+    return [
+        common.Variant("Runner.run", bare),
+        common.Variant(FLOOR, bare_sqlite),
+        common.Variant("public path", public_path),
+        common.Variant("services.create_run", service),
+    ]
+
+
+def measure(
+    *, runs: int, block: int, warmup: int, agents: tuple[str, ...], workdir: Path
+) -> dict[str, Any]:
+    """Time and count queries for every variant of each agent; return the report."""
+    from agentic_django.conf import get_config
+
+    user = common.bench_user()
+    tables, targets = [], []
+    for agent_key in agents:
+        variants = build_variants(agent_key, user=user, workdir=workdir)
+        timings = common.interleave(variants, runs=runs, block=block, warmup=warmup)
+        rows = []
+        for variant in variants:
+            queries = None
+            if variant.name not in ("Runner.run", FLOOR):
+                queries, _ = common.count_queries(variant)
+            floor = FLOOR if variant.name != FLOOR else "Runner.run"
+            rows.append(common.row(timings, variant.name, floor=floor, queries=queries))
+        tables.append({"title": f"{agent_key} run", "columns": common.RUN_COLUMNS, "rows": rows})
+        public = next(item for item in rows if item["variant"] == "public path")
+        targets.append(
+            common.target(
+                f"{agent_key}: public path / {FLOOR}", value=public["ratio"], limit=RATIO_LIMIT
+            )
+        )
+        if agent_key == "chat":
+            targets.append(
+                common.target(
+                    "chat: SQL queries per run", value=public["queries"], limit=QUERY_LIMIT_CHAT
+                )
+            )
+    return {
+        "title": "Per-run overhead",
+        "benchmark": "overhead",
+        "settings": {"enable_events": get_config().enable_events, "task_backend": "immediate"},
+        "tables": tables,
+        "targets": targets,
+        "notes": [
+            "ratio: median over blocks of the block medians' ratio; 'vs floor' names the floor.",
+            f"events {'on' if get_config().enable_events else 'off'} "
+            "(AGENTIC_DJANGO_ENABLE_EVENTS); see run_events for the difference.",
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse arguments, run the benchmark, print (and optionally save) its report."""
+    argv = sys.argv[1:] if argv is None else argv
+    options = common.parser(__doc__.splitlines()[0], runs=200, block=10, warmup=5)
+    options.add_argument("--agent", choices=[*AGENTS, "both"], default="both")
+    args = options.parse_args(argv)
+    agents = AGENTS if args.agent == "both" else (args.agent,)
+    with common.environment() as env:
+        report = measure(
+            runs=args.runs,
+            block=args.block,
+            warmup=args.warmup,
+            agents=agents,
+            workdir=env["workdir"],
+        )
+        report["machine"] = common.machine()
+    return common.emit(report, argv=["benchmarks.run_overhead", *argv], json_path=args.json_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Polling cost: run-fragment (htmx) and run-detail (JSON) versus an authenticated constant view.
+
+    python -m benchmarks.run_polling --runs 500
+
+Requests go through Django's full stack (every middleware, session and user lookup) with the
+test ``Client``, logged in as the run's owner. The floor is ``benchmarks.urls.floor``: a
+``login_required`` view returning a constant, so the ratio is what reading and rendering the
+run adds to the least any authenticated poll costs. The running run is polled both as htmx
+does in steady state (``v`` = the version it already shows: 204) and without ``v`` (full
+render); the completed run answers 286 (stop polling) to htmx.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks import common
+
+FLOOR = "authenticated constant view"
+QUERY_LIMIT = 3
+RATIO_LIMIT = 1.15
+HTMX = {"HX-Request": "true"}
+_VERSION_RE = re.compile(r'"v":\s*"([^"]+)"')
+
+
+def _request(client: Any, url: str, expected: int, **kwargs: Any) -> Callable[[], common.Check]:
+    def call() -> common.Check:
+        response = client.get(url, **kwargs)
+
+        def check() -> None:
+            if response.status_code != expected:
+                raise AssertionError(f"GET {url}: {response.status_code}, expected {expected}")
+
+        return check
+
+    return call
+
+
+def _running_version(client: Any, url: str) -> str | None:
+    """The version a running fragment shows (sent back by htmx as ``v``), from its HTML."""
+    html = client.get(url, headers=HTMX).content.decode()
+    match = _VERSION_RE.search(html)
+    return match.group(1) if match else None
+
+
+def build_variants(client: Any, *, user: Any) -> list[common.Variant]:
+    """The floor plus the fragment and detail requests for a running and a completed run."""
+    from django.urls import reverse
+
+    from agentic_django.models import AgentRun, AgentSession
+    from agentic_django.services import create_run
+
+    completed = create_run(
+        owner=user, session_key=uuid.uuid4().hex, input_payload="Hi", agent_key="chat"
+    )
+    completed.refresh_from_db()
+    if completed.status != AgentRun.Status.COMPLETED:
+        raise RuntimeError(f"the completed run is {completed.status}: {completed.error}")
+    session = AgentSession.objects.create(owner=user, session_key=uuid.uuid4().hex)
+    running = AgentRun.objects.create(
+        session=session,
+        owner=user,
+        agent_key="chat",
+        input_payload="Hi",
+        status=AgentRun.Status.RUNNING,
+    )
+
+    def url(name: str, run: Any) -> str:
+        return reverse(f"agents:{name}", args=[run.id])
+
+    variants = [common.Variant(FLOOR, _request(client, reverse("bench-floor"), 200))]
+    version = _running_version(client, url("run-fragment", running))
+    if version:
+        variants.append(
+            common.Variant(
+                "run-fragment, running, unchanged (204)",
+                _request(
+                    client, url("run-fragment", running), 204, headers=HTMX, data={"v": version}
+                ),
+            )
+        )
+    variants += [
+        common.Variant(
+            "run-fragment, running",
+            _request(client, url("run-fragment", running), 200, headers=HTMX),
+        ),
+        common.Variant(
+            "run-fragment, completed (286)",
+            _request(client, url("run-fragment", completed), 286, headers=HTMX),
+        ),
+        common.Variant(
+            "run-detail JSON, running", _request(client, url("run-detail", running), 200)
+        ),
+        common.Variant(
+            "run-detail JSON, completed", _request(client, url("run-detail", completed), 200)
+        ),
+    ]
+    return variants
+
+
+def measure(*, runs: int, block: int, warmup: int) -> dict[str, Any]:
+    """Time and count queries for every polled view and the floor; return the report."""
+    from django.test import Client
+
+    user = common.bench_user()
+    client = Client()
+    client.force_login(user)
+    variants = build_variants(client, user=user)
+    timings = common.interleave(variants, runs=runs, block=block, warmup=warmup)
+    rows, targets = [], []
+    for variant in variants:
+        queries, _ = common.count_queries(variant)
+        floor = FLOOR if variant.name != FLOOR else None
+        rows.append(common.row(timings, variant.name, floor=floor, queries=queries))
+    for item in rows[1:]:
+        targets.append(
+            common.target(f"{item['variant']} / floor", value=item["ratio"], limit=RATIO_LIMIT)
+        )
+        targets.append(
+            common.target(f"{item['variant']}: queries", value=item["queries"], limit=QUERY_LIMIT)
+        )
+    return {
+        "title": "Polling cost",
+        "benchmark": "polling",
+        "tables": [{"title": "GET requests", "columns": common.RUN_COLUMNS, "rows": rows}],
+        "targets": targets,
+        "notes": [
+            "queries/run counts every SQL statement per request, the floor's session and user "
+            "lookups included.",
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse arguments, run the benchmark, print (and optionally save) its report."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = common.parser(__doc__.splitlines()[0], runs=500, block=25, warmup=20).parse_args(argv)
+    with common.environment():
+        report = measure(runs=args.runs, block=args.block, warmup=args.warmup)
+        report["machine"] = common.machine()
+    return common.emit(report, argv=["benchmarks.run_polling", *argv], json_path=args.json_path)
+
+
+if __name__ == "__main__":
+    main()

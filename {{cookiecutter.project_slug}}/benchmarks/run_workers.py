@@ -1,0 +1,249 @@
+"""Worker throughput: M runs drained by 1 and by 2 workers of the database and RQ backends.
+
+    DATABASE_URL=postgres://... REDIS_URL=redis://... python -m benchmarks.run_workers --runs 100
+
+Workers are started as users start them (``manage.py db_worker`` and
+``manage.py rqworker --job-class django_tasks_rq.Job default``) with the benchmark settings and
+database. After a warm-up batch (which also waits out each worker's start), M chat runs are
+created through the public path in one transaction, and the clock stops when all are finished.
+The per-job overhead is the wall time per run with one worker minus the median time of the
+same run executed in-process (immediate backend), measured in this process just before.
+
+Use throwaway servers: the benchmark creates a ``test_*`` database on the Postgres server and
+uses the ``default`` queue of the Redis at ``REDIS_URL``. ``db_worker`` runs with
+``--interval 0.1 --no-startup-delay`` so an idle worker notices the batch within 0.1 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+from benchmarks.overrides import TASK_BACKENDS, available_backends
+
+OVERHEAD_LIMIT_MS = 50.0
+WORKER_COMMANDS = {
+    "database": ["db_worker", "--queue-name", "default", "--interval", "0.1", "--no-startup-delay"],
+    "rq": ["rqworker", "--job-class", "django_tasks_rq.Job", "default"],
+}
+
+
+@contextmanager
+def workers(backend: str, count: int, *, database: str, logdir: Path):
+    """Start ``count`` worker processes for ``backend``; stop them (by pid) on exit."""
+    from django.conf import settings
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": common.SETTINGS_MODULE,
+        "BENCH_TASK_BACKEND": backend,
+        "BENCH_DB_NAME": database,
+        "OPENAI_AGENTS_DISABLE_TRACING": "1",
+    }
+    env.setdefault("BENCH_BASE_SETTINGS", "config.settings")
+    processes = []
+    try:
+        for index in range(count):
+            # The child keeps its own copy of the log's descriptor.
+            with (logdir / f"{backend}-{count}-{index}.log").open("wb") as log:
+                process = subprocess.Popen(  # noqa: S603 - our interpreter and fixed arguments
+                    [sys.executable, "manage.py", *WORKER_COMMANDS[backend]],
+                    cwd=settings.BASE_DIR,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            processes.append(process)
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                # A forked RQ work horse may outlive its parent: end the worker's own group.
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def submit(count: int, *, user: Any) -> list[str]:
+    """Create ``count`` chat runs through the public path in one transaction; return their ids."""
+    from django.db import transaction
+
+    from agentic_django.models import AgentRun, AgentSession
+    from agentic_django.services import enqueue_agent_run
+
+    ids = []
+    with transaction.atomic():
+        for _ in range(count):
+            session = AgentSession.objects.create(owner=user, session_key=uuid.uuid4().hex)
+            run = AgentRun.objects.create(
+                session=session, owner=user, agent_key="chat", input_payload="Hi"
+            )
+            enqueue_agent_run(str(run.id))
+            ids.append(str(run.id))
+    return ids
+
+
+def wait_finished(ids: list[str], *, timeout: float, processes: list[Any]) -> float:
+    """Poll until every run in ``ids`` is terminal; return the monotonic time it happened."""
+    from agentic_django.models import AgentRun
+
+    deadline = time.monotonic() + timeout
+    terminal = list(AgentRun.TERMINAL_STATUSES)
+    while True:
+        done = AgentRun.objects.filter(pk__in=ids, status__in=terminal).count()
+        now = time.monotonic()
+        if done == len(ids):
+            return now
+        if now > deadline:
+            raise TimeoutError(f"{done}/{len(ids)} runs finished after {timeout:.0f}s")
+        if any(process.poll() is not None for process in processes):
+            raise RuntimeError("a worker exited early; see its log")
+        time.sleep(0.01)
+
+
+def in_process_ms(*, user: Any, runs: int) -> float:
+    """Median wall time of one chat run through the public path with the immediate backend."""
+    from agentic_django.models import AgentRun
+
+    times = []
+    for _ in range(runs + 3):
+        start = time.perf_counter()
+        (run_id,) = submit(1, user=user)
+        times.append(time.perf_counter() - start)
+        status = AgentRun.objects.get(pk=run_id).status
+        if status != AgentRun.Status.COMPLETED:
+            raise RuntimeError(f"in-process run {run_id} is {status}")
+    return statistics.median(times[3:]) * 1000
+
+
+def drain(
+    backend: str, count: int, *, runs: int, user: Any, database: str, logdir: Path
+) -> dict[str, Any]:
+    """Start ``count`` workers, warm them up, then time ``runs`` runs; return a report row."""
+    from django.test.utils import override_settings
+
+    from agentic_django.models import AgentRun
+
+    with (
+        override_settings(TASKS={"default": dict(TASK_BACKENDS[backend])}),
+        workers(backend, count, database=database, logdir=logdir) as processes,
+    ):
+        try:
+            started = time.monotonic()
+            wait_finished(submit(2 * count, user=user), timeout=300, processes=processes)
+            warmup_s = time.monotonic() - started
+            start = time.monotonic()
+            ids = submit(runs, user=user)
+            end = wait_finished(ids, timeout=max(120, runs * 10), processes=processes)
+        except Exception:
+            for log in sorted(logdir.glob(f"{backend}-{count}-*.log")):
+                sys.stderr.write(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}\n")
+            raise
+    completed = AgentRun.objects.filter(pk__in=ids, status=AgentRun.Status.COMPLETED).count()
+    elapsed = end - start
+    return {
+        "backend": backend,
+        "workers": count,
+        "runs": runs,
+        "completed": completed,
+        "elapsed_s": elapsed,
+        "runs_per_s": runs / elapsed,
+        "ms_per_run_per_worker": elapsed * 1000 * count / runs,
+        "warmup_s": warmup_s,
+    }
+
+
+def measure(
+    *, runs: int, worker_counts: list[int], backends: list[str], database: str, logdir: Path
+) -> dict[str, Any]:
+    """Drain ``runs`` runs with each backend and worker count; return the report."""
+    user = common.bench_user()
+    reference = in_process_ms(user=user, runs=min(30, max(3, runs)))
+    rows, targets, notes = [], [], []
+    for backend in backends:
+        for count in worker_counts:
+            item = drain(backend, count, runs=runs, user=user, database=database, logdir=logdir)
+            item["overhead_ms"] = item["ms_per_run_per_worker"] - reference
+            rows.append(item)
+        by_count = {item["workers"]: item for item in rows if item["backend"] == backend}
+        if 1 in by_count:
+            targets.append(
+                common.target(
+                    f"{backend}: per-job overhead, 1 worker",
+                    value=by_count[1]["overhead_ms"],
+                    limit=OVERHEAD_LIMIT_MS,
+                    unit=" ms",
+                )
+            )
+            if 2 in by_count:
+                scaling = by_count[2]["runs_per_s"] / by_count[1]["runs_per_s"]
+                for item in by_count.values():
+                    item["scaling"] = item["runs_per_s"] / by_count[1]["runs_per_s"]
+                notes.append(f"{backend}: 1 -> 2 workers scale throughput by {scaling:.2f}x")
+    if any(item["overhead_ms"] > 1000 for item in rows):
+        notes.append("an overhead above a second per job means the worker imports the SDK per job")
+    columns = [
+        ("backend", "backend"),
+        ("workers", "workers"),
+        ("runs", "runs"),
+        ("completed", "completed"),
+        ("elapsed_s", "elapsed s"),
+        ("runs_per_s", "runs/s"),
+        ("ms_per_run_per_worker", "ms/run/worker"),
+        ("overhead_ms", "overhead ms/job"),
+        ("scaling", "scaling vs 1"),
+        ("warmup_s", "warm-up s"),
+    ]
+    return {
+        "title": "Worker throughput",
+        "benchmark": "workers",
+        "in_process_ms": reference,
+        "tables": [{"title": "drain M chat runs", "columns": columns, "rows": rows}],
+        "targets": targets,
+        "notes": [
+            f"in-process reference (immediate backend, same database): {reference:.2f} ms/run",
+            *notes,
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse arguments, run the benchmark, print (and optionally save) its report."""
+    argv = sys.argv[1:] if argv is None else argv
+    options = common.parser(__doc__.splitlines()[0], runs=100, block=1, warmup=0)
+    options.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    options.add_argument(
+        "--backends", nargs="+", choices=sorted(TASK_BACKENDS.keys() - {"immediate"})
+    )
+    args = options.parse_args(argv)
+    backends = args.backends or available_backends()
+    with common.environment() as env:
+        if not env["standalone"]:
+            raise RuntimeError("run_workers starts worker processes: run it as its own command")
+        report = measure(
+            runs=args.runs,
+            worker_counts=args.workers,
+            backends=backends,
+            database=env["database"],
+            logdir=env["workdir"],
+        )
+        report["machine"] = common.machine()
+    return common.emit(report, argv=["benchmarks.run_workers", *argv], json_path=args.json_path)
+
+
+if __name__ == "__main__":
+    main()
