@@ -25,6 +25,10 @@ def remove(*relative_paths: str) -> None:
 def prune() -> None:
     if CI != "github":
         remove(".github")
+    # Caches from working inside the template checkout never belong in a new project.
+    for pattern in ("__pycache__", ".ruff_cache", ".pytest_cache", "test-artifacts"):
+        for path in sorted(PROJECT.rglob(pattern), reverse=True):
+            remove(str(path.relative_to(PROJECT)))
     if TASK_BACKEND != "rq":
         remove("config/worker.py")
 

@@ -43,7 +43,10 @@ def combo_params(combos: list[Combo] = COMBOS) -> list:
 
 
 def bake(output_dir: Path, **context: str) -> Path:
-    return Path(cookiecutter(str(TEMPLATE), no_input=True, extra_context=context, output_dir=output_dir))
+    project = cookiecutter(
+        str(TEMPLATE), no_input=True, extra_context=context, output_dir=output_dir
+    )
+    return Path(project)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Start real PostgreSQL and Redis servers on loopback for the template's tests, and stop them by pid.
+"""Start real PostgreSQL and Redis servers on loopback for the template's tests; stop them by pid.
 
 CI starts with nothing running; these helpers use the Debian packages `.ci/run` installs.
 PostgreSQL refuses to run as root, so as root the server runs as the `postgres` user.
@@ -102,8 +102,8 @@ def start_postgres(port: int | None = None) -> Server:
     try:
         wait_for_port(port)
         psql = _postgres_bin("psql")
-        for sql in ("CREATE ROLE app LOGIN SUPERUSER PASSWORD 'app'", "CREATE DATABASE app OWNER app"):
-            _wait_for_sql(psql, port, sql)
+        _wait_for_sql(psql, port, "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'app'")
+        _wait_for_sql(psql, port, "CREATE DATABASE app OWNER app")
     except Exception:
         server.stop()
         raise
@@ -114,8 +114,9 @@ def start_postgres(port: int | None = None) -> Server:
 def _wait_for_sql(psql: str, port: int, sql: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
+        argv = [psql, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres"]
         result = subprocess.run(
-            [psql, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres", "-c", sql],
+            [*argv, "-c", sql],
             capture_output=True,
             text=True,
         )
