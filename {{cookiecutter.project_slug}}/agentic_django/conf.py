@@ -149,7 +149,7 @@ def validate_run_options(options: Any, *, max_turns: int, source: str) -> dict[s
     if "max_turns" in options:
         turns = options["max_turns"]
         if isinstance(turns, bool) or not isinstance(turns, int) or not 1 <= turns <= max_turns:
-            raise ValueError(f"max_turns must be an integer from 1 to {max_turns}.")
+            raise ValueError(f"{source}: max_turns must be an integer from 1 to {max_turns}.")
     return dict(options)
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from agentic_django import recovery
+from agentic_django.models import AgentRun, AgentSession
 from tests.core import registry
 
 REGISTRY_PATH = "tests.core.registry.get_agent_registry"
@@ -101,3 +104,28 @@ def echo_steps(count: int) -> list[Any]:
         return [assistant_message(f"echo: {users[-1] if users else model_call.input}")]
 
     return [ModelStep.respond(respond) for _ in range(count)]
+
+
+def running_elsewhere(
+    session: AgentSession, *, agent_key: str = "demo", text_input: str = "elsewhere"
+) -> AgentRun:
+    """A run claimed by a live worker in another process (lease valid for minutes)."""
+    now = timezone.now()
+    return AgentRun.objects.create(
+        session=session,
+        owner=session.owner,
+        agent_key=agent_key,
+        input_payload=text_input,
+        status=AgentRun.Status.RUNNING,
+        started_at=now,
+        attempt=1,
+        lease_expires_at=now + timedelta(minutes=5),
+        heartbeat_at=now,
+    )
+
+
+def worker_died(run: AgentRun) -> None:
+    """The worker holding ``run`` stopped renewing its lease, which has now expired."""
+    AgentRun.objects.filter(pk=run.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )

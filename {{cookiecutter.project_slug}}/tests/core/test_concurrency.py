@@ -1,0 +1,128 @@
+"""Concurrency rules under real parallelism: worker threads racing on PostgreSQL.
+
+Each thread plays a worker process: it executes the task (ImmediateBackend runs it inline)
+on its own database connection, so claims race exactly as they would across workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from agents import Agent
+from agents.testing import ModelStep, ScriptedModel, assistant_message
+from django.db import connection
+from django.utils import timezone
+
+from agentic_django.execution import execute_agent_run
+from agentic_django.models import AgentRun, AgentSession
+from tests.core import registry
+from tests.core.conftest import echo_steps, text
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+
+def race(targets: list[Callable[[], object]]) -> None:
+    """Start every target at the same moment in its own thread; re-raise the first error."""
+    barrier = threading.Barrier(len(targets))
+    errors: list[BaseException] = []
+
+    def worker(target: Callable[[], object]) -> None:
+        try:
+            barrier.wait()
+            target()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker, args=(target,)) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    if errors:
+        raise errors[0]
+
+
+def pending_run(
+    session: AgentSession, agent_key: str, text_input: str, offset: int = 0
+) -> AgentRun:
+    run = AgentRun.objects.create(
+        session=session, owner=session.owner, agent_key=agent_key, input_payload=text_input
+    )
+    # Distinct, increasing submission times, as separate requests would have.
+    AgentRun.objects.filter(pk=run.pk).update(created_at=timezone.now() + timedelta(seconds=offset))
+    return run
+
+
+def test_workers_racing_for_one_run_execute_it_once(user, scripted_agent):
+    agent = scripted_agent([text("exactly once")])
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    run = pending_run(session, agent.key, "hi")
+
+    race([lambda: execute_agent_run.enqueue(str(run.id)) for _ in range(6)])
+
+    run.refresh_from_db()
+    assert run.status == "completed"
+    assert run.attempt == 1
+    assert len(agent.model.calls) == 1
+    assert session.items.count() == 2
+
+
+def test_concurrent_runs_on_one_session_keep_submission_order(user, scripted_agent):
+    count = 5
+    agent = scripted_agent(echo_steps(count))
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    runs = [pending_run(session, agent.key, f"msg {n}", offset=n) for n in range(count)]
+
+    # Workers pick the runs up in reverse order; only the head of the session may start.
+    race([lambda run=run: execute_agent_run.enqueue(str(run.id)) for run in reversed(runs)])
+
+    for run in runs:
+        run.refresh_from_db()
+    assert [r.status for r in runs] == ["completed"] * count
+    assert [r.final_output for r in runs] == [f"echo: msg {n}" for n in range(count)]
+    for earlier, later in itertools.pairwise(runs):
+        assert earlier.finished_at <= later.started_at
+    history = list(session.items.values_list("payload", flat=True))
+    users = [p["content"] for p in history if p.get("role") == "user"]
+    assert users == [f"msg {n}" for n in range(count)]
+    last_call_users = [i["content"] for i in agent.model.calls[-1].input if i.get("role") == "user"]
+    assert last_call_users == users
+
+
+def test_the_concurrency_limit_holds_across_workers(user, settings):
+    settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = 2
+    lock = threading.Lock()
+    in_flight = {"now": 0, "max": 0}
+
+    async def slow_reply(model_call):
+        with lock:
+            in_flight["now"] += 1
+            in_flight["max"] = max(in_flight["max"], in_flight["now"])
+        await asyncio.sleep(0.2)
+        with lock:
+            in_flight["now"] -= 1
+        return [assistant_message("done")]
+
+    def build() -> Agent:
+        return Agent(
+            name="Slow", instructions="", model=ScriptedModel([ModelStep.respond(slow_reply)])
+        )
+
+    registry.FACTORIES["slow"] = build
+    runs = [
+        pending_run(AgentSession.objects.create(owner=user, session_key=f"s{n}"), "slow", "go", n)
+        for n in range(6)
+    ]
+
+    race([lambda run=run: execute_agent_run.enqueue(str(run.id)) for run in runs])
+
+    statuses = list(AgentRun.objects.values_list("status", flat=True))
+    assert statuses == ["completed"] * 6
+    assert 1 <= in_flight["max"] <= 2

@@ -1,0 +1,107 @@
+"""Dispatch: per-session order, the global concurrency limit, enqueue failures, task ids."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import transaction
+
+from agentic_django.models import AgentRun, AgentSession
+from agentic_django.recovery import recover_runs
+from agentic_django.services import create_run, enqueue_agent_run
+from tests.core.conftest import echo_steps, running_elsewhere, text, worker_died
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BROKEN_TASKS = {"default": {"BACKEND": "tests.core.backends.UnavailableBackend"}}
+
+
+def test_runs_of_one_session_run_in_order_and_see_earlier_history(user, scripted_agent):
+    agent = scripted_agent(echo_steps(3))
+    with transaction.atomic():
+        runs = [
+            create_run(owner=user, session_key="k", input_payload=f"msg {n}", agent_key=agent.key)
+            for n in range(3)
+        ]
+    for run in runs:
+        run.refresh_from_db()
+    assert [r.status for r in runs] == ["completed"] * 3
+    assert [r.final_output for r in runs] == ["echo: msg 0", "echo: msg 1", "echo: msg 2"]
+    assert runs[0].finished_at <= runs[1].started_at
+    assert runs[1].finished_at <= runs[2].started_at
+    last_input = agent.model.calls[2].input
+    users = [item["content"] for item in last_input if item.get("role") == "user"]
+    assert users == ["msg 0", "msg 1", "msg 2"]
+    history = list(runs[0].session.items.values_list("payload", flat=True))
+    assert len(history) == 6
+
+
+def test_a_run_waits_while_its_session_has_a_running_run(user, scripted_agent):
+    agent = scripted_agent([text("after the blocker")])
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    blocker = running_elsewhere(session)
+    run = create_run(owner=user, session_key="k", input_payload="next", agent_key=agent.key)
+    run.refresh_from_db()
+    assert run.status == "pending"
+
+    # The blocker's worker died; recovering it frees the session and dispatches the next run.
+    worker_died(blocker)
+    assert recover_runs(mode="fail") == 1
+    blocker.refresh_from_db()
+    run.refresh_from_db()
+    assert blocker.status == "failed"
+    assert run.status == "completed"
+    assert run.final_output == "after the blocker"
+
+
+def test_concurrency_limit_keeps_runs_pending_until_a_slot_frees(user, other_user, settings):
+    settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = 1
+    other_session = AgentSession.objects.create(owner=other_user, session_key="busy")
+    blocker = running_elsewhere(other_session)
+    run = create_run(owner=user, session_key="k", input_payload="hi")
+    run.refresh_from_db()
+    assert run.status == "pending"
+
+    worker_died(blocker)
+    recover_runs(mode="fail")
+    blocker.refresh_from_db()
+    run.refresh_from_db()
+    assert blocker.status == "failed"
+    assert run.status == "completed"
+
+
+def test_a_broker_error_fails_the_run_with_a_clear_message(user, settings):
+    settings.TASKS = BROKEN_TASKS
+    run = create_run(owner=user, session_key="k", input_payload="hi")
+    run.refresh_from_db()
+    assert run.status == "failed"
+    assert (
+        run.error
+        == "The run could not be queued: the task queue is unavailable. Try again shortly."
+    )
+    assert run.finished_at is not None
+
+
+def test_a_broker_error_does_not_strand_the_runs_queued_behind(user, settings):
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    blocker = running_elsewhere(session)
+    behind = create_run(owner=user, session_key="k", input_payload="waiting")
+    settings.TASKS = BROKEN_TASKS
+    worker_died(blocker)
+    recover_runs(mode="fail")
+    blocker.refresh_from_db()
+    behind.refresh_from_db()
+    assert blocker.status == "failed"
+    assert behind.status == "failed"
+    assert "task queue is unavailable" in behind.error
+
+
+def test_task_id_is_recorded_by_the_worker_that_ran_the_run(user):
+    run = create_run(owner=user, session_key="k", input_payload="hi")
+    run.refresh_from_db()
+    assert run.status == "completed"
+    assert len(run.task_id) >= 10
+
+
+def test_enqueue_of_an_unknown_run_is_a_no_op(db):
+    enqueue_agent_run("00000000-0000-0000-0000-000000000000")
+    assert not AgentRun.objects.exists()

@@ -1,0 +1,141 @@
+"""The database session implements the Agents SDK Session protocol (awaited for real)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from agents import Agent, Runner
+from agents.memory import Session
+from agents.testing import ScriptedModel, assistant_message
+from asgiref.sync import async_to_sync
+from django.db import connection
+
+from agentic_django.models import AgentSession, AgentSessionItem
+from agentic_django.sessions import DatabaseSession
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def user_item(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+@pytest.fixture
+def agent_session(user):
+    return AgentSession.objects.create(owner=user, session_key="mem")
+
+
+def test_implements_the_sdk_protocol(agent_session):
+    session = DatabaseSession(agent_session)
+    assert isinstance(session, Session)
+    assert session.session_id == str(agent_session.pk)
+
+
+def test_add_get_limit_pop_and_clear(agent_session):
+    session = DatabaseSession(agent_session)
+
+    async def scenario() -> dict[str, Any]:
+        await session.add_items([user_item("one"), user_item("two")])
+        await session.add_items([user_item("three")])
+        return {
+            "all": await session.get_items(),
+            "last_two": await session.get_items(limit=2),
+            "zero": await session.get_items(limit=0),
+            "negative": await session.get_items(limit=-1),
+            "popped": await session.pop_item(),
+            "after_pop": await session.get_items(),
+        }
+
+    seen = async_to_sync(scenario)()
+    assert [i["content"] for i in seen["all"]] == ["one", "two", "three"]
+    assert [i["content"] for i in seen["last_two"]] == ["two", "three"]
+    assert seen["zero"] == [] and seen["negative"] == []
+    assert seen["popped"] == user_item("three")
+    assert [i["content"] for i in seen["after_pop"]] == ["one", "two"]
+
+    async_to_sync(session.clear_session)()
+    assert async_to_sync(session.get_items)() == []
+    assert async_to_sync(session.pop_item)() is None
+    assert not AgentSessionItem.objects.filter(session=agent_session).exists()
+
+
+def test_sequences_keep_growing_and_stay_unique(agent_session):
+    session = DatabaseSession(agent_session)
+    async_to_sync(session.add_items)([user_item("a"), user_item("b")])
+    async_to_sync(session.pop_item)()
+    async_to_sync(session.add_items)([user_item("c")])
+    rows = list(agent_session.items.values_list("sequence", "payload"))
+    assert [(seq, p["content"]) for seq, p in rows] == [(1, "a"), (2, "c")]
+
+
+def test_works_directly_with_runner_run(agent_session):
+    model = ScriptedModel(
+        [[assistant_message("Nice to meet you, Ada.")], [assistant_message("Ada.")]]
+    )
+    agent = Agent(name="Memory", instructions="Remember names.", model=model)
+    session = DatabaseSession(agent_session)
+
+    async def chat() -> tuple[str, str]:
+        first = await Runner.run(agent, "My name is Ada.", session=session)
+        second = await Runner.run(agent, "What is my name?", session=session)
+        return first.final_output, second.final_output
+
+    assert async_to_sync(chat)() == ("Nice to meet you, Ada.", "Ada.")
+    second_input = model.calls[1].input
+    contents = [item.get("content") for item in second_input if item.get("role") == "user"]
+    assert contents == ["My name is Ada.", "What is my name?"]
+    assert agent_session.items.count() == 4
+
+
+class EnvelopeSerializer:
+    """Stores each item inside an envelope, to prove serialization is pluggable."""
+
+    def dumps(self, item: Any) -> Any:
+        return {"v": 1, "item": item}
+
+    def loads(self, payload: Any) -> Any:
+        return payload["item"]
+
+
+def test_item_serialization_is_pluggable(agent_session):
+    session = DatabaseSession(agent_session, serializer=EnvelopeSerializer())
+    async_to_sync(session.add_items)([user_item("hi")])
+    assert agent_session.items.get().payload == {"v": 1, "item": user_item("hi")}
+    assert async_to_sync(session.get_items)() == [user_item("hi")]
+    by_path = DatabaseSession(
+        agent_session, serializer="tests.core.test_sessions.EnvelopeSerializer"
+    )
+    assert async_to_sync(by_path.get_items)() == [user_item("hi")]
+
+
+@pytest.mark.postgres
+def test_concurrent_writers_never_interleave_a_batch(agent_session):
+    writers, batch = 8, 5
+    barrier = threading.Barrier(writers)
+    errors: list[BaseException] = []
+
+    def write(writer: int) -> None:
+        try:
+            session = DatabaseSession(agent_session.pk)
+            barrier.wait()
+            session.add_items_sync([user_item(f"{writer}-{n}") for n in range(batch)])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    rows = list(agent_session.items.order_by("sequence").values_list("sequence", "payload"))
+    assert [seq for seq, _ in rows] == list(range(1, writers * batch + 1))
+    contents = [payload["content"] for _, payload in rows]
+    for start in range(0, len(contents), batch):
+        chunk = contents[start : start + batch]
+        writer = chunk[0].split("-")[0]
+        assert chunk == [f"{writer}-{n}" for n in range(batch)]

@@ -1,0 +1,84 @@
+"""Settings are validated in one place and reported by a system check at startup."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from django.core.checks.registry import registry
+from django.core.exceptions import ImproperlyConfigured
+
+from agentic_django.checks import check_settings
+from agentic_django.conf import RateLimit, get_config, parse_rate_limit
+
+
+def agentic_errors() -> list[str]:
+    return [message.msg for message in check_settings()]
+
+
+def test_the_check_runs_at_startup():
+    assert check_settings in registry.get_checks()
+
+
+def test_valid_settings_pass_the_check():
+    assert agentic_errors() == []
+    config = get_config()
+    assert config.concurrency_limit == 4
+    assert config.default_run_options == {"max_turns": 6}
+    assert config.cleanup_policy.batch_size > 0
+
+
+def test_config_follows_setting_changes(settings):
+    assert get_config().enable_events is True
+    settings.AGENTIC_DJANGO_ENABLE_EVENTS = False
+    assert get_config().enable_events is False
+
+
+def test_concurrency_none_means_cpu_count(settings):
+    settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = None
+    assert get_config().concurrency_limit == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("20/m", RateLimit(20, 60)), ("100/h", RateLimit(100, 3600)), ("5/10s", RateLimit(5, 10))],
+)
+def test_rate_limit_parsing(value, expected):
+    assert parse_rate_limit(value) == expected
+    assert parse_rate_limit(None) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("AGENTIC_DJANGO_STARTUP_RECOVERY", "restart", "must be one of requeue, fail, ignore"),
+        ("AGENTIC_DJANGO_RATE_LIMIT", "lots", "must look like '20/m'"),
+        ("AGENTIC_DJANGO_CONCURRENCY_LIMIT", 0, "must be a positive integer or None"),
+        ("AGENTIC_DJANGO_MAX_INPUT_BYTES", "20kb", "must be a positive integer"),
+        ("AGENTIC_DJANGO_MAX_INPUT_ITEMS", -1, "must be a positive integer"),
+        ("AGENTIC_DJANGO_ENABLE_EVENTS", "yes", "must be True or False"),
+        ("AGENTIC_DJANGO_DEFAULT_RUN_OPTIONS", {"model": "x"}, "unsupported keys ['model']"),
+        ("AGENTIC_DJANGO_DEFAULT_RUN_OPTIONS", {"max_turns": 500}, "max_turns must be"),
+        ("AGENTIC_DJANGO_CLEANUP_POLICY", {"event_days": 3}, "unknown keys ['event_days']"),
+        ("AGENTIC_DJANGO_CLEANUP_POLICY", {"runs_statuses": ["running"]}, "runs_statuses"),
+        ("AGENTIC_DJANGO_CLEANUP_POLICY", {"batch_size": 0}, "batch_size'] must be"),
+        ("AGENTIC_DJANGO_AGENT_REGISTRY", "registry", "must be a dotted path"),
+        ("AGENTIC_DJANGO_DEFAULT_AGENT_KEY", "", "must be a non-empty string"),
+        ("AGENTIC_DJANGO_RUN_TIMEOUT", 0, "AGENTIC_DJANGO_RUN_TIMEOUT must be"),
+        ("AGENTIC_DJANGO_LEASE_SECONDS", 1, "at least 5 seconds"),
+    ],
+)
+def test_invalid_settings_are_reported_clearly(settings, name, value, fragment):
+    setattr(settings, name, value)
+    errors = agentic_errors()
+    assert len(errors) == 1
+    assert fragment in errors[0]
+    with pytest.raises(ImproperlyConfigured, match="AGENTIC_DJANGO_"):
+        get_config()
+
+
+def test_missing_registry_module_is_reported(settings):
+    settings.AGENTIC_DJANGO_AGENT_REGISTRY = "no_such_module.registry.get_agent_registry"
+    assert agentic_errors() == [
+        "AGENTIC_DJANGO_AGENT_REGISTRY module 'no_such_module.registry' cannot be found."
+    ]
