@@ -36,7 +36,7 @@ def enqueue_on_commit(run_id: str) -> None:
 
 def dispatch_run(run_id: str) -> None:
     """Enqueue the run's task if it could start now; otherwise a finishing run will do it."""
-    from agentic_django.recovery import ensure_startup_recovery
+    from agentic_django.recovery import ensure_startup_recovery, recover_stale_blockers
 
     ensure_startup_recovery()
     run = AgentRun.objects.filter(pk=run_id).first()
@@ -46,6 +46,8 @@ def dispatch_run(run_id: str) -> None:
     if run.status != Status.PENDING:
         return
     if _blocked_in_session(run) or _free_slots() <= 0:
+        # A dead worker's expired lease must not hold the queue until the next restart.
+        recover_stale_blockers()
         return
     _enqueue(run_id)
 
@@ -126,7 +128,7 @@ def fail_pending(run_id: str, message: str) -> bool:
 
 
 def _enqueue(run_id: str) -> None:
-    from agentic_django.execution import execute_agent_run
+    from agentic_django.tasks import execute_agent_run
 
     try:
         result = execute_agent_run.enqueue(run_id)

@@ -17,7 +17,6 @@ from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
-from django.tasks import TaskContext, task
 from django.utils import timezone
 
 from agentic_django.conf import get_config, validate_run_options
@@ -46,11 +45,10 @@ POLL_SECONDS = 1.0
 DRAIN_SECONDS = 5.0
 
 
-@task(takes_context=True)
-def execute_agent_run(context: TaskContext, run_id: str) -> str:
-    """Background task: execute the run if it can be claimed now; return its final status."""
+def execute(run_id: str, *, task_id: str = "") -> str:
+    """Claim and execute a run (the body of the background task); "skipped" if not claimable."""
     ensure_startup_recovery()
-    run = claim(str(run_id), task_id=str(context.task_result.id))
+    run = claim(run_id, task_id=task_id)
     if run is None:
         return "skipped"
     return execute_claimed_run(run)

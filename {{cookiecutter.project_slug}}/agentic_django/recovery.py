@@ -1,8 +1,9 @@
 """Recovery of runs whose worker died: only runs whose lease expired are touched.
 
 ``AGENTIC_DJANGO_STARTUP_RECOVERY`` is applied once per process, lazily, on the first
-dispatch or execution (never in ``AppConfig.ready``). Requeueing first deletes the session
-items the dead attempt wrote, so the retry does not duplicate history.
+dispatch or execution (never in ``AppConfig.ready``), and again whenever a new run finds
+itself blocked by expired runs. Requeueing first deletes the session items the dead attempt
+wrote, so the retry does not duplicate history.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def reset_startup_recovery() -> None:
     global _startup_done
     with _startup_lock:
         _startup_done = False
+
+
+def recover_stale_blockers() -> int:
+    """Apply the recovery policy to expired runs now (a waiting run is blocked); 0 if "ignore"."""
+    mode = get_config().startup_recovery
+    if mode == "ignore" or not stale_runs().exists():
+        return 0
+    return recover_runs(mode=mode)
 
 
 def stale_runs():

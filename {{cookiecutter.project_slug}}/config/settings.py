@@ -135,6 +135,9 @@ AGENTIC_DJANGO_RATE_LIMIT = env("AGENTIC_DJANGO_RATE_LIMIT", default="20/m")
 AGENTIC_DJANGO_MAX_INPUT_BYTES = 20_000
 AGENTIC_DJANGO_MAX_INPUT_ITEMS = 20
 AGENTIC_DJANGO_STARTUP_RECOVERY = env("AGENTIC_DJANGO_STARTUP_RECOVERY", default="requeue")
+AGENTIC_DJANGO_MAX_TURNS = 20  # cap on the max_turns a caller may request
+AGENTIC_DJANGO_RUN_TIMEOUT = 600  # seconds; keep below the task backend's own job timeout
+AGENTIC_DJANGO_LEASE_SECONDS = 60  # a run whose worker stops renewing this long is recoverable
 AGENTIC_DJANGO_CLEANUP_POLICY = {
     "events_days": 7,
     "runs_days": 30,

@@ -18,8 +18,8 @@ from agents.testing import ModelStep, ScriptedModel, assistant_message
 from django.db import connection
 from django.utils import timezone
 
-from agentic_django.execution import execute_agent_run
 from agentic_django.models import AgentRun, AgentSession
+from agentic_django.tasks import execute_agent_run
 from tests.core import registry
 from tests.core.conftest import echo_steps, text
 

@@ -91,13 +91,31 @@ def test_startup_recovery_runs_once_per_process(user, crashed, settings):
 
 
 def test_startup_recovery_also_runs_on_the_first_execution_in_a_worker(user, crashed, settings):
-    from agentic_django.execution import execute_agent_run
+    from agentic_django.tasks import execute_agent_run
 
     settings.AGENTIC_DJANGO_STARTUP_RECOVERY = "fail"
     dead, _, _ = crashed
     execute_agent_run.enqueue("00000000-0000-0000-0000-000000000000")
     dead.refresh_from_db()
     assert dead.status == "failed"
+
+
+def test_an_expired_run_blocking_a_new_run_is_recovered_later_in_the_process(user, crashed):
+    dead, live, agent = crashed
+    trigger_first_dispatch(user)  # startup recovery is done for this process
+    agent.model.extend([text("blocker answer"), text("answer to the new question")])
+    blocker = running_elsewhere(dead.session, agent_key=agent.key, text_input="blocking")
+    worker_died(blocker)
+
+    run = create_run(owner=user, session_key="crashed", input_payload="new", agent_key=agent.key)
+    blocker.refresh_from_db()
+    run.refresh_from_db()
+    assert blocker.status == "completed"  # requeued, then executed before the newer run
+    assert run.status == "completed"
+    assert run.final_output == "answer to the new question"
+    assert blocker.finished_at <= run.started_at
+    live.refresh_from_db()
+    assert live.status == "running"
 
 
 def test_app_ready_does_not_touch_the_database(django_assert_num_queries):
