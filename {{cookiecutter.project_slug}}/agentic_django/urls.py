@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from agentic_django import views
+from agentic_django import openapi, views
 
 app_name = "agents"
 urlpatterns = [
@@ -12,4 +12,5 @@ urlpatterns = [
     path("runs/<str:run_id>/events/", views.run_events, name="run-events"),
     path("runs/<str:run_id>/cancel/", views.run_cancel, name="run-cancel"),
     path("sessions/<str:session_key>/items/", views.session_items, name="session-items"),
+    path("openapi.json", openapi.openapi_view, name="openapi"),
 ]

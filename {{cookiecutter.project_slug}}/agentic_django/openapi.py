@@ -1,0 +1,459 @@
+"""OpenAPI 3.1 description of the agentic_django HTTP API, built from the live settings.
+
+``build_spec()`` returns the document as a dict; ``openapi_view`` serves it as JSON. Limits in
+the schemas (page size, session key length, input items) come from the same constants and
+settings the views enforce, and ``tests/reliability/test_openapi_sync.py`` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.http import require_GET
+
+from agentic_django.conf import ALLOWED_RUN_OPTIONS, get_config
+from agentic_django.http import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from agentic_django.models import AgentRun
+from agentic_django.validation import MAX_SESSION_KEY_LENGTH
+
+OPENAPI_VERSION = "3.1.0"
+API_VERSION = "1"
+JSON = "application/json"
+HTML = "text/html"
+FORM = "application/x-www-form-urlencoded"
+
+# Every `error.code` the endpoints answer with; a new one must be documented here.
+ERROR_CODES = (
+    "input_too_large",
+    "invalid_after",
+    "invalid_agent_key",
+    "invalid_json",
+    "invalid_limit",
+    "invalid_request",
+    "invalid_run_id",
+    "invalid_run_input",
+    "invalid_run_options",
+    "invalid_session_key",
+    "method_not_allowed",
+    "missing_input",
+    "not_authenticated",
+    "not_found",
+    "rate_limited",
+    "run_not_cancellable",
+    "too_many_input_items",
+    "unknown_agent",
+    "unknown_field",
+)
+
+ERROR_DESCRIPTIONS = {
+    400: "The request is not valid (malformed id, body, field or paging parameter).",
+    401: "Not logged in (API clients). htmx gets 200 with `HX-Redirect` to the login page.",
+    403: "CSRF verification failed: send the `csrftoken` cookie and its `X-CSRFToken` header.",
+    404: "No such run or session among the current user's: another user's ids are 404 too.",
+    409: "The run already finished and cannot be cancelled.",
+    413: "The input is larger than the byte limit or has too many items.",
+    429: "The user created too many runs recently; retry after `Retry-After` seconds.",
+}
+
+LOGIN_REDIRECT = {
+    "description": "Anonymous browser navigation (`Accept: text/html`): redirect to the login page."
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _obj(properties: dict[str, Any], *, required: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+        "additionalProperties": False,
+    }
+
+
+def _timestamp() -> dict[str, Any]:
+    return {"type": "string", "format": "date-time"}
+
+
+def _schemas() -> dict[str, Any]:
+    config = get_config()
+    counter = {"type": "integer", "minimum": 0}
+    return {
+        "Error": _obj(
+            {
+                "error": _obj(
+                    {
+                        "code": {"type": "string", "enum": list(ERROR_CODES)},
+                        "message": {"type": "string", "minLength": 1},
+                    }
+                )
+            }
+        ),
+        "Usage": _obj(
+            {
+                "requests": counter,
+                "input_tokens": counter,
+                "output_tokens": counter,
+                "total_tokens": counter,
+            }
+        ),
+        "RunInput": {
+            "description": (
+                "Text, or a list of Agents SDK input items. At most "
+                f"{config.max_input_bytes} bytes as JSON (else 413)."
+            ),
+            "anyOf": [
+                {"type": "string", "minLength": 1, "pattern": r"\S"},
+                {
+                    "type": "array",
+                    "items": {"type": "object"},
+                    "minItems": 1,
+                    "maxItems": config.max_input_items,
+                },
+            ],
+        },
+        "Run": _obj(
+            {
+                "id": {"type": "string", "format": "uuid"},
+                "session_key": {"type": "string"},
+                "agent_key": {"type": "string"},
+                "status": {"type": "string", "enum": list(AgentRun.Status.values)},
+                "is_terminal": {"type": "boolean"},
+                "input": {"description": "The input as submitted (text or items)."},
+                "final_output": {"description": "The agent's final output (any JSON), or null."},
+                "error": _nullable({"type": "string"}),
+                "usage": _ref("Usage"),
+                "created_at": _timestamp(),
+                "started_at": _nullable(_timestamp()),
+                "finished_at": _nullable(_timestamp()),
+                "cancel_requested": {"type": "boolean"},
+                "last_response_id": _nullable({"type": "string"}),
+            }
+        ),
+        "RunCreate": _obj(
+            {
+                "input": _ref("RunInput"),
+                "session_key": _nullable(
+                    {
+                        "type": "string",
+                        "maxLength": MAX_SESSION_KEY_LENGTH,
+                        "description": "The conversation; empty or absent starts a new one.",
+                    }
+                ),
+                "agent_key": _nullable(
+                    {"type": "string", "description": "A key of the agent registry."}
+                ),
+                "run_options": _nullable(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "max_turns": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": config.max_turns,
+                            }
+                        },
+                        "additionalProperties": False,
+                        "description": "Allowed keys: " + ", ".join(sorted(ALLOWED_RUN_OPTIONS)),
+                    }
+                ),
+            },
+            required=["input"],
+        ),
+        "RunCreateForm": {
+            "type": "object",
+            "properties": {
+                "input": {"type": "string", "minLength": 1, "pattern": r"\S"},
+                "session_key": {"type": "string", "maxLength": MAX_SESSION_KEY_LENGTH},
+                "agent_key": {"type": "string"},
+                "next": {
+                    "type": "string",
+                    "description": "A same-site URL to redirect to (302) instead of JSON.",
+                },
+            },
+            "required": ["input"],
+        },
+        "Event": _obj(
+            {
+                "sequence": {"type": "integer", "minimum": 1},
+                "type": {"type": "string"},
+                "payload": {"description": "Event details (any JSON)."},
+                "created_at": _timestamp(),
+            }
+        ),
+        "EventPage": _obj(
+            {
+                "run_id": {"type": "string", "format": "uuid"},
+                "status": {"type": "string", "enum": list(AgentRun.Status.values)},
+                "events": {"type": "array", "items": _ref("Event"), "maxItems": MAX_PAGE_SIZE},
+                "next_after": {"type": "integer", "minimum": 0},
+                "has_more": {"type": "boolean"},
+            }
+        ),
+        "Session": _obj(
+            {
+                "session_key": {"type": "string"},
+                "metadata": {"type": "object"},
+                "created_at": _timestamp(),
+                "updated_at": _timestamp(),
+            }
+        ),
+        "Item": _obj(
+            {
+                "sequence": {"type": "integer", "minimum": 0},
+                "payload": {"description": "One Agents SDK input item."},
+                "run_id": _nullable({"type": "string", "format": "uuid"}),
+                "created_at": _timestamp(),
+            }
+        ),
+        "ItemPage": _obj(
+            {
+                "session": _ref("Session"),
+                "items": {"type": "array", "items": _ref("Item"), "maxItems": MAX_PAGE_SIZE},
+                "next_after": {"type": "integer", "minimum": 0},
+                "has_more": {"type": "boolean"},
+            }
+        ),
+    }
+
+
+def _error(status: int) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": ERROR_DESCRIPTIONS[status],
+        "content": {
+            JSON: {"schema": _ref("Error")},
+            HTML: {"schema": {"type": "string", "description": "htmx: a visible error fragment."}},
+        },
+    }
+    if status == 403:
+        response["content"] = {HTML: {"schema": {"type": "string"}}}
+    if status == 429:
+        response["headers"] = {
+            "Retry-After": {"schema": {"type": "integer", "minimum": 1}, "required": True}
+        }
+    return response
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(status): _error(status) for status in (400, 401, 404, *statuses)}
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": _ref(schema)}}}
+
+
+def _html(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {HTML: {"schema": {"type": "string"}}}}
+
+
+def _page_parameters() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "after",
+            "in": "query",
+            "description": "Return entries whose sequence is greater than this.",
+            "schema": {"type": "integer", "minimum": 0, "default": 0},
+        },
+        {
+            "name": "limit",
+            "in": "query",
+            "description": f"Page size, capped at {MAX_PAGE_SIZE}.",
+            "schema": {"type": "integer", "minimum": 1, "default": DEFAULT_PAGE_SIZE},
+        },
+    ]
+
+
+HTMX_HEADER = {
+    "name": "HX-Request",
+    "in": "header",
+    "description": "Sent by htmx: answers become HTML fragments, errors included.",
+    "schema": {"type": "string", "enum": ["true"]},
+}
+RUN_ID = {
+    "name": "run_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
+SESSION_KEY = {
+    "name": "session_key",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_SESSION_KEY_LENGTH},
+}
+WRITE_SECURITY = [{"sessionCookie": [], "csrfToken": []}]
+
+
+def _paths() -> dict[str, Any]:
+    run_json = "The run."
+    return {
+        "/runs/": {
+            "post": {
+                "operationId": "run-create",
+                "summary": "Create a run on one of the user's sessions and queue it",
+                "security": WRITE_SECURITY,
+                "parameters": [HTMX_HEADER],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        JSON: {"schema": _ref("RunCreate")},
+                        FORM: {"schema": _ref("RunCreateForm")},
+                    },
+                },
+                "responses": {
+                    "200": _html("htmx: the run fragment (with `HX-Trigger: run-update`)."),
+                    "201": {
+                        **_json("Run", "The new run."),
+                        "headers": {
+                            "Location": {
+                                "schema": {"type": "string"},
+                                "required": True,
+                                "description": "The run's detail URL.",
+                            }
+                        },
+                    },
+                    "302": {"description": "Form post with a same-site `next`: redirect there."},
+                    **_errors(403, 413, 429),
+                },
+            }
+        },
+        "/runs/{run_id}/": {
+            "get": {
+                "operationId": "run-detail",
+                "summary": "A run's status, output, error and usage",
+                "parameters": [RUN_ID, HTMX_HEADER],
+                "responses": {"200": _json("Run", run_json), "302": LOGIN_REDIRECT, **_errors()},
+            }
+        },
+        "/runs/{run_id}/fragment/": {
+            "get": {
+                "operationId": "run-fragment",
+                "summary": "The run as an HTML fragment, for htmx polling",
+                "parameters": [
+                    RUN_ID,
+                    HTMX_HEADER,
+                    {
+                        "name": "v",
+                        "in": "query",
+                        "description": "The version last shown: 204 while it is unchanged.",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": {
+                    "200": _html("The run fragment."),
+                    "204": {"description": "Nothing changed since version `v`: keep polling."},
+                    "286": _html("htmx: the finished run's fragment; htmx stops polling."),
+                    "302": LOGIN_REDIRECT,
+                    **_errors(),
+                },
+            }
+        },
+        "/runs/{run_id}/events/": {
+            "get": {
+                "operationId": "run-events",
+                "summary": "A page of the run's persisted events",
+                "parameters": [RUN_ID, *_page_parameters(), HTMX_HEADER],
+                "responses": {
+                    "200": _json("EventPage", "Events after `after`, oldest first."),
+                    "302": LOGIN_REDIRECT,
+                    **_errors(),
+                },
+            }
+        },
+        "/runs/{run_id}/cancel/": {
+            "post": {
+                "operationId": "run-cancel",
+                "summary": "Cancel a pending run, or ask a running one to stop",
+                "security": WRITE_SECURITY,
+                "parameters": [RUN_ID, HTMX_HEADER],
+                "responses": {
+                    "200": {
+                        "description": "The run (JSON), or its fragment for htmx.",
+                        "content": {
+                            JSON: {"schema": _ref("Run")},
+                            HTML: {"schema": {"type": "string"}},
+                        },
+                    },
+                    "302": LOGIN_REDIRECT,
+                    **_errors(403, 409),
+                },
+            }
+        },
+        "/sessions/{session_key}/items/": {
+            "get": {
+                "operationId": "session-items",
+                "summary": "A page of the conversation's items",
+                "parameters": [SESSION_KEY, *_page_parameters(), HTMX_HEADER],
+                "responses": {
+                    "200": {
+                        "description": "Items after `after` (JSON), or the conversation (htmx).",
+                        "content": {
+                            JSON: {"schema": _ref("ItemPage")},
+                            HTML: {"schema": {"type": "string"}},
+                        },
+                    },
+                    "302": LOGIN_REDIRECT,
+                    **_errors(),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This description",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI document.",
+                        "content": {JSON: {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+def build_spec(*, server_url: str = "/agents/") -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the API mounted at ``server_url``."""
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "agentic_django API",
+            "version": API_VERSION,
+            "description": (
+                "Runs of agents on the logged-in user's conversations. Authenticate with the "
+                "session cookie; unsafe methods also need the CSRF token in `X-CSRFToken`. "
+                'Errors are `{"error": {"code": ..., "message": ...}}` (HTML fragments for '
+                "htmx). Other HTTP methods than the documented ones answer 405 with `Allow`."
+            ),
+        },
+        "servers": [{"url": server_url}],
+        "security": [{"sessionCookie": []}],
+        "paths": _paths(),
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {
+                "sessionCookie": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": settings.SESSION_COOKIE_NAME,
+                },
+                "csrfToken": {"type": "apiKey", "in": "header", "name": "X-CSRFToken"},
+            },
+        },
+    }
+
+
+@require_GET
+def openapi_view(request: HttpRequest) -> HttpResponse:
+    """Serve the description with the URL prefix this app is mounted at."""
+    server_url = request.path.removesuffix("openapi.json")
+    return JsonResponse(build_spec(server_url=server_url), json_dumps_params={"indent": 2})
