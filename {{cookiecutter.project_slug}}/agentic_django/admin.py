@@ -185,6 +185,7 @@ class AgentEventAdmin(admin.ModelAdmin):
     list_filter = ("event_type", "created_at")
     search_fields = ("=run__id", "event_type")
     raw_id_fields = ("run",)
+    list_select_related = ("run",)
     readonly_fields = ("run", "sequence", "event_type", "payload", "created_at")
     show_full_result_count = False
 
@@ -200,7 +201,7 @@ class AgentSessionItemAdmin(admin.ModelAdmin):
     list_display = ("session", "sequence", "run", "created_at")
     search_fields = ("=session__id", "session__session_key")
     raw_id_fields = ("session", "run")
-    list_select_related = ("session",)
+    list_select_related = ("session", "run")
     readonly_fields = ("session", "sequence", "payload", "run", "created_at")
     show_full_result_count = False
 

@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "CLEANUP_POLICY": {},
     "RUN_TIMEOUT": 600,
     "LEASE_SECONDS": 60,
+    "SESSION_SERIALIZER": None,
 }
 
 CLEANUP_DEFAULTS: dict[str, Any] = {
@@ -101,6 +102,7 @@ class AgenticConfig:
     cleanup_policy: CleanupPolicy
     run_timeout_seconds: int
     lease_seconds: int
+    session_serializer: str | None = None
 
 
 def _setting(name: str) -> Any:
@@ -221,6 +223,12 @@ def load_config() -> AgenticConfig:
             f"{PREFIX}STARTUP_RECOVERY must be one of {', '.join(RECOVERY_MODES)}, "
             f"got {recovery!r}."
         )
+    serializer = _setting("SESSION_SERIALIZER")
+    if serializer is not None and (not isinstance(serializer, str) or "." not in serializer):
+        raise ImproperlyConfigured(
+            f"{PREFIX}SESSION_SERIALIZER must be a dotted path to an item serializer class "
+            f"or None, got {serializer!r}."
+        )
     lease = _positive_int(f"{PREFIX}LEASE_SECONDS", _setting("LEASE_SECONDS"))
     if lease < 5:
         raise ImproperlyConfigured(f"{PREFIX}LEASE_SECONDS must be at least 5 seconds.")
@@ -238,6 +246,7 @@ def load_config() -> AgenticConfig:
         cleanup_policy=_cleanup_policy(_setting("CLEANUP_POLICY")),
         run_timeout_seconds=_positive_int(f"{PREFIX}RUN_TIMEOUT", _setting("RUN_TIMEOUT")),
         lease_seconds=lease,
+        session_serializer=serializer,
     )
 
 

@@ -15,6 +15,7 @@ from django.db.models import Max
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from agentic_django.conf import get_config
 from agentic_django.models import AgentRun, AgentSession, AgentSessionItem
 from agentic_django.serializers import json_safe
 
@@ -159,6 +160,9 @@ class DatabaseSession:
             )
 
 
-def session_for_run(run: AgentRun, serializer: ItemSerializer | None = None) -> DatabaseSession:
-    """The session handle a claimed run uses: writes are tagged with and fenced by the run."""
-    return DatabaseSession(run.session_id, run=run, serializer=serializer)
+def session_for_run(run: AgentRun) -> DatabaseSession:
+    """The session handle a claimed run uses: writes are tagged with and fenced by the run.
+
+    Items are serialized by ``AGENTIC_DJANGO_SESSION_SERIALIZER`` (default: plain JSON).
+    """
+    return DatabaseSession(run.session_id, run=run, serializer=get_config().session_serializer)

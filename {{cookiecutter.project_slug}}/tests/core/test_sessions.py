@@ -13,6 +13,7 @@ from asgiref.sync import async_to_sync
 from django.db import connection
 
 from agentic_django.models import AgentSession, AgentSessionItem
+from agentic_django.services import create_run
 from agentic_django.sessions import DatabaseSession
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -108,6 +109,16 @@ def test_item_serialization_is_pluggable(agent_session):
         agent_session, serializer="tests.core.test_sessions.EnvelopeSerializer"
     )
     assert async_to_sync(by_path.get_items)() == [user_item("hi")]
+
+
+def test_runs_use_the_configured_serializer(user, settings):
+    settings.AGENTIC_DJANGO_SESSION_SERIALIZER = "tests.core.test_sessions.EnvelopeSerializer"
+    run = create_run(owner=user, session_key="k", input_payload="hi")
+    run.refresh_from_db()
+    assert run.status == "completed"
+    payloads = list(run.session.items.values_list("payload", flat=True))
+    assert payloads[0] == {"v": 1, "item": user_item("hi")}
+    assert all(set(p) == {"v", "item"} for p in payloads)
 
 
 @pytest.mark.postgres

@@ -66,6 +66,7 @@ def test_rate_limit_parsing(value, expected):
         ("AGENTIC_DJANGO_DEFAULT_AGENT_KEY", "", "must be a non-empty string"),
         ("AGENTIC_DJANGO_RUN_TIMEOUT", 0, "AGENTIC_DJANGO_RUN_TIMEOUT must be"),
         ("AGENTIC_DJANGO_LEASE_SECONDS", 1, "at least 5 seconds"),
+        ("AGENTIC_DJANGO_SESSION_SERIALIZER", "json", "must be a dotted path"),
     ],
 )
 def test_invalid_settings_are_reported_clearly(settings, name, value, fragment):
