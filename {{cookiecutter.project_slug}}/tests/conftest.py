@@ -9,7 +9,7 @@ IMMEDIATE_TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.Immed
 
 @pytest.fixture(autouse=True)
 def _tasks_run_immediately(settings):
-    """Tests run tasks in-process; the worker backends are exercised by the template's stack tests."""
+    """Run tasks in-process; the template's stack tests exercise the real workers."""
     settings.TASKS = IMMEDIATE_TASKS
 
 
