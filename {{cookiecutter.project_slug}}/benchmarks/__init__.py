@@ -5,7 +5,7 @@ Run from the project root (results and analysis: docs/benchmarks.md):
     python -m benchmarks.run_overhead --runs 200   # per run vs bare Runner.run (+ SQLiteSession)
     python -m benchmarks.run_polling --runs 500    # run-fragment / run-detail vs a constant view
     python -m benchmarks.run_events --runs 200     # AGENTIC_DJANGO_ENABLE_EVENTS on vs off
-    python -m benchmarks.run_workers --runs 100    # db_worker / rqworker throughput, 1 and 2 workers
+    python -m benchmarks.run_workers --runs 100    # db_worker / rqworker runs/s, 1 and 2 workers
 
 Every script uses ``benchmarks.settings`` (the project's settings, an agent registry backed by
 the SDK's ``ScriptedModel``, DEBUG off) and a throwaway database on the server ``DATABASE_URL``

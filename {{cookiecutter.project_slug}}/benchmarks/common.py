@@ -130,22 +130,36 @@ def _checked(call: Call) -> None:
         check()
 
 
-def count_queries(variant: Variant, *, repeat: int = 3) -> tuple[float, list[str]]:
-    """Mean SQL queries per call over ``repeat`` calls (not timed) and the SQL of the last call."""
+@dataclass
+class QueryCount:
+    """SQL statements per call (mean over the counted calls) and the SQL of the last call."""
+
+    per_call: float
+    transaction_control: float
+    last_sql: list[str]
+
+
+TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE SAVEPOINT")
+
+
+def count_queries(variant: Variant, *, repeat: int = 3) -> QueryCount:
+    """Count the SQL statements of ``repeat`` (untimed) calls, transaction control included."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
     counts: list[int] = []
+    control: list[int] = []
     last: list[str] = []
     with variant.around():
         for _ in range(repeat):
             with CaptureQueriesContext(connection) as captured:
                 check = variant.call()
-            counts.append(len(captured.captured_queries))
             last = [query["sql"] for query in captured.captured_queries]
+            counts.append(len(last))
+            control.append(sum(sql.upper().startswith(TRANSACTION_CONTROL) for sql in last))
             if check is not None:
                 check()
-    return statistics.fmean(counts), last
+    return QueryCount(statistics.fmean(counts), statistics.fmean(control), last)
 
 
 @contextlib.contextmanager
@@ -216,6 +230,9 @@ def parser(description: str, *, runs: int, block: int, warmup: int) -> argparse.
     result.add_argument("--block", type=int, default=block, help="samples per block")
     result.add_argument("--warmup", type=int, default=warmup, help="untimed calls per variant")
     result.add_argument("--json", dest="json_path", help="also write the report as JSON here")
+    result.add_argument(
+        "--sql", action="store_true", help="print the SQL statements of one call per variant"
+    )
     return result
 
 
@@ -248,12 +265,16 @@ def machine() -> dict[str, Any]:
     }
 
 
-def row(timings: Timings, name: str, *, floor: str | None, queries: float | None) -> dict:
+def row(
+    timings: Timings, name: str, *, floor: str | None, queries: QueryCount | None
+) -> dict[str, Any]:
     """One report row: the stats of ``name``, its ratio to ``floor`` and its queries per call."""
     result: dict[str, Any] = {"variant": name, **asdict(timings.stats(name))}
     result["ratio"] = timings.ratio(name, floor) if floor else None
     result["floor"] = floor
-    result["queries"] = queries
+    result["queries"] = queries.per_call if queries else None
+    result["transaction_queries"] = queries.transaction_control if queries else None
+    result["sql"] = queries.last_sql if queries else None
     return result
 
 
@@ -262,7 +283,9 @@ def target(name: str, *, value: float, limit: float, unit: str = "") -> dict[str
     return {"target": name, "value": value, "limit": limit, "unit": unit, "met": value <= limit}
 
 
-def emit(report: dict[str, Any], *, argv: list[str], json_path: str | None) -> dict[str, Any]:
+def emit(
+    report: dict[str, Any], *, argv: list[str], json_path: str | None, show_sql: bool = False
+) -> dict[str, Any]:
     """Print ``report`` as Markdown (paste-ready for docs/benchmarks.md); write JSON if asked."""
     report = {"command": "python -m " + " ".join(argv), **report}
     out = sys.stdout
@@ -290,6 +313,12 @@ def emit(report: dict[str, Any], *, argv: list[str], json_path: str | None) -> d
         )
     for note in report.get("notes", []):
         out.write(f"- {note}\n")
+    if show_sql:
+        for table in report["tables"]:
+            for item in table["rows"]:
+                if item.get("sql"):
+                    out.write(f"\nSQL of one call, {table['title']}, {item['variant']}:\n")
+                    out.writelines(f"  {sql}\n" for sql in item["sql"])
     out.flush()
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2, default=str))
@@ -310,6 +339,7 @@ RUN_COLUMNS = [
     ("p95_ms", "p95 ms"),
     ("ratio", "ratio"),
     ("floor", "vs floor"),
-    ("queries", "queries/run"),
+    ("queries", "SQL/run"),
+    ("transaction_queries", "of which BEGIN/COMMIT"),
     ("n", "n"),
 ]

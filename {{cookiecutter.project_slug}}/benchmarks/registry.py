@@ -8,7 +8,10 @@ factory builds a fresh agent per run.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+
+# Imported at module level like a real registry, so preloading workers import it once.
+from agents import Agent, function_tool
+from agents.testing import ScriptedModel, assistant_message, function_call
 
 CHAT_REPLY = "Hello from the scripted model."
 TOOL_REPLY = "2 + 3 = 5"
@@ -19,20 +22,14 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-def build_chat() -> Any:
+def build_chat() -> Agent:
     """One model call that answers with one message."""
-    from agents import Agent
-    from agents.testing import ScriptedModel, assistant_message
-
     model = ScriptedModel([[assistant_message(CHAT_REPLY)]])
     return Agent(name="Bench chat", instructions="Answer briefly.", model=model)
 
 
-def build_tool() -> Any:
+def build_tool() -> Agent:
     """Two model calls: one function-tool call, then an answer."""
-    from agents import Agent, function_tool
-    from agents.testing import ScriptedModel, assistant_message, function_call
-
     model = ScriptedModel(
         [
             [function_call("add", {"a": 2, "b": 3}, call_id="call-add")],
@@ -47,6 +44,6 @@ def build_tool() -> Any:
     )
 
 
-def get_agent_registry() -> dict[str, Callable[[], Any]]:
+def get_agent_registry() -> dict[str, Callable[[], Agent]]:
     """``AGENTIC_DJANGO_AGENT_REGISTRY`` for benchmarks."""
     return {"chat": build_chat, "tool": build_tool}

@@ -74,8 +74,8 @@ def measure(*, runs: int, block: int, warmup: int, agents: tuple[str, ...]) -> d
         events: list[int] = []
         variants = build_variants(agent_key, user=user, events=events)
         timings = common.interleave(variants, runs=runs, block=block, warmup=warmup)
-        off_queries, _ = common.count_queries(variants[0])
-        on_queries, _ = common.count_queries(variants[1])
+        off_queries = common.count_queries(variants[0]).per_call
+        on_queries = common.count_queries(variants[1]).per_call
         off, on = timings.stats(OFF), timings.stats(ON)
         rows.append(
             {
@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with common.environment():
         report = measure(runs=args.runs, block=args.block, warmup=args.warmup, agents=agents)
         report["machine"] = common.machine()
-    return common.emit(report, argv=["benchmarks.run_events", *argv], json_path=args.json_path)
+    return common.emit(
+        report, argv=["benchmarks.run_events", *argv], json_path=args.json_path, show_sql=args.sql
+    )
 
 
 if __name__ == "__main__":

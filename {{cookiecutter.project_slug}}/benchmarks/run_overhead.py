@@ -8,6 +8,8 @@ inside ``enqueue_agent_run`` after commit):
 - ``Runner.run``: ``Runner.run_sync(agent, "Hi")``, no memory;
 - ``Runner.run + SQLiteSession``: the same with the SDK's own ``SQLiteSession`` on a file
   (the floor the targets use);
+- ``Runner.run_streamed + SQLiteSession``: the same, streamed and drained through
+  ``async_to_sync`` as the engine runs the SDK (a reference, not a target);
 - ``public path``: ``AgentSession.objects.get_or_create`` + ``AgentRun.objects.create`` +
   ``enqueue_agent_run`` (the README's example);
 - ``services.create_run``: the validated facade the views use.
@@ -26,6 +28,9 @@ from typing import Any
 from benchmarks import common
 
 FLOOR = "Runner.run + SQLiteSession"
+# What the engine does around the SDK, minus Django: stream events, from sync code.
+STREAMED = "Runner.run_streamed + SQLiteSession"
+REFERENCES = ("Runner.run", FLOOR, STREAMED)
 AGENTS = ("chat", "tool")
 QUERY_LIMIT_CHAT = 12
 RATIO_LIMIT = 1.3
@@ -34,6 +39,7 @@ RATIO_LIMIT = 1.3
 def build_variants(agent_key: str, *, user: Any, workdir: Path) -> list[common.Variant]:
     """The four variants for ``agent_key`` (``chat`` or ``tool``)."""
     from agents import Runner, SQLiteSession
+    from asgiref.sync import async_to_sync
 
     from agentic_django.models import AgentRun, AgentSession
     from agentic_django.services import create_run, enqueue_agent_run
@@ -55,6 +61,20 @@ def build_variants(agent_key: str, *, user: Any, workdir: Path) -> list[common.V
         session = SQLiteSession(uuid.uuid4().hex, db_path=sqlite_path)
         try:
             result = Runner.run_sync(factory(), "Hi", session=session)
+        finally:
+            session.close()
+        return lambda: expect(result.final_output)
+
+    async def streamed(session: Any) -> Any:
+        result = Runner.run_streamed(factory(), "Hi", session=session)
+        async for _ in result.stream_events():
+            pass
+        return result
+
+    def streamed_sqlite() -> common.Check:
+        session = SQLiteSession(uuid.uuid4().hex, db_path=sqlite_path)
+        try:
+            result = async_to_sync(streamed)(session)
         finally:
             session.close()
         return lambda: expect(result.final_output)
@@ -85,6 +105,7 @@ def build_variants(agent_key: str, *, user: Any, workdir: Path) -> list[common.V
     return [
         common.Variant("Runner.run", bare),
         common.Variant(FLOOR, bare_sqlite),
+        common.Variant(STREAMED, streamed_sqlite),
         common.Variant("public path", public_path),
         common.Variant("services.create_run", service),
     ]
@@ -104,8 +125,8 @@ def measure(
         rows = []
         for variant in variants:
             queries = None
-            if variant.name not in ("Runner.run", FLOOR):
-                queries, _ = common.count_queries(variant)
+            if variant.name not in REFERENCES:
+                queries = common.count_queries(variant)
             floor = FLOOR if variant.name != FLOOR else "Runner.run"
             rows.append(common.row(timings, variant.name, floor=floor, queries=queries))
         tables.append({"title": f"{agent_key} run", "columns": common.RUN_COLUMNS, "rows": rows})
@@ -151,7 +172,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             workdir=env["workdir"],
         )
         report["machine"] = common.machine()
-    return common.emit(report, argv=["benchmarks.run_overhead", *argv], json_path=args.json_path)
+    return common.emit(
+        report, argv=["benchmarks.run_overhead", *argv], json_path=args.json_path, show_sql=args.sql
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ test ``Client``, logged in as the run's owner. The floor is ``benchmarks.urls.fl
 ``login_required`` view returning a constant, so the ratio is what reading and rendering the
 run adds to the least any authenticated poll costs. The running run is polled both as htmx
 does in steady state (``v`` = the version it already shows: 204) and without ``v`` (full
-render); the completed run answers 286 (stop polling) to htmx.
+render); the completed run answers 286 (stop polling) to htmx. Two references show what one
+owner-scoped read of the run's status costs through the ORM and as hand-written SQL.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 from benchmarks import common
 
 FLOOR = "authenticated constant view"
+# Yardsticks (benchmarks/urls.py), not product views: no targets apply to them.
+REFERENCE = "reference:"
 QUERY_LIMIT = 3
 RATIO_LIMIT = 1.15
 HTMX = {"HX-Request": "true"}
@@ -99,6 +102,16 @@ def build_variants(client: Any, *, user: Any) -> list[common.Variant]:
             "run-detail JSON, completed", _request(client, url("run-detail", completed), 200)
         ),
     ]
+    variants += [
+        common.Variant(
+            f"{REFERENCE} ORM status read",
+            _request(client, reverse("bench-run-orm", args=[running.id]), 200),
+        ),
+        common.Variant(
+            f"{REFERENCE} raw SQL status read",
+            _request(client, reverse("bench-run-sql", args=[running.id]), 200),
+        ),
+    ]
     return variants
 
 
@@ -113,10 +126,12 @@ def measure(*, runs: int, block: int, warmup: int) -> dict[str, Any]:
     timings = common.interleave(variants, runs=runs, block=block, warmup=warmup)
     rows, targets = [], []
     for variant in variants:
-        queries, _ = common.count_queries(variant)
+        queries = common.count_queries(variant)
         floor = FLOOR if variant.name != FLOOR else None
         rows.append(common.row(timings, variant.name, floor=floor, queries=queries))
     for item in rows[1:]:
+        if item["variant"].startswith(REFERENCE):
+            continue
         targets.append(
             common.target(f"{item['variant']} / floor", value=item["ratio"], limit=RATIO_LIMIT)
         )
@@ -142,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with common.environment():
         report = measure(runs=args.runs, block=args.block, warmup=args.warmup)
         report["machine"] = common.machine()
-    return common.emit(report, argv=["benchmarks.run_polling", *argv], json_path=args.json_path)
+    return common.emit(
+        report, argv=["benchmarks.run_polling", *argv], json_path=args.json_path, show_sql=args.sql
+    )
 
 
 if __name__ == "__main__":

@@ -2,12 +2,16 @@
 
     DATABASE_URL=postgres://... REDIS_URL=redis://... python -m benchmarks.run_workers --runs 100
 
-Workers are started as users start them (``manage.py db_worker`` and
-``manage.py rqworker --job-class django_tasks_rq.Job default``) with the benchmark settings and
-database. After a warm-up batch (which also waits out each worker's start), M chat runs are
-created through the public path in one transaction, and the clock stops when all are finished.
-The per-job overhead is the wall time per run with one worker minus the median time of the
-same run executed in-process (immediate backend), measured in this process just before.
+Workers are started as users start them, with the benchmark settings and database:
+``database`` (``manage.py db_worker``), ``rq`` (``manage.py rqworker --job-class
+django_tasks_rq.Job default``: rq forks a work horse per job), ``rq-preload`` (the same with
+the project's ``config.worker.PreloadingWorker``, as compose.yaml runs it) and ``rq-simple``
+(rq's non-forking ``SimpleWorker``, a reference). After a warm-up batch (which also waits out
+each worker's start), M chat runs are created through the public path in one transaction, and
+the clock stops when all are finished. The per-job overhead is the wall time per run with one
+worker minus the median time of the same run executed in-process (immediate backend), measured
+in this process just before. A worker whose warm-up shows seconds per job drains only
+10 runs per worker, so the benchmark stays short.
 
 Use throwaway servers: the benchmark creates a ``test_*`` database on the Postgres server and
 uses the ``default`` queue of the Redis at ``REDIS_URL``. ``db_worker`` runs with
@@ -16,6 +20,7 @@ uses the ``default`` queue of the Redis at ``REDIS_URL``. ``db_worker`` runs wit
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import statistics
@@ -24,6 +29,7 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +37,66 @@ from benchmarks import common
 from benchmarks.overrides import TASK_BACKENDS, available_backends
 
 OVERHEAD_LIMIT_MS = 50.0
-WORKER_COMMANDS = {
-    "database": ["db_worker", "--queue-name", "default", "--interval", "0.1", "--no-startup-delay"],
-    "rq": ["rqworker", "--job-class", "django_tasks_rq.Job", "default"],
+SLOW_JOB_SECONDS = 1.0
+SLOW_RUNS_PER_WORKER = 10
+RQ_WORKER = ["rqworker", "--job-class", "django_tasks_rq.Job"]
+PRELOADING_WORKER = "config.worker.PreloadingWorker"
+
+
+@dataclass(frozen=True)
+class WorkerKind:
+    """How to start one kind of worker: its task backend and its ``manage.py`` command."""
+
+    name: str
+    backend: str
+    command: tuple[str, ...]
+    description: str
+
+
+WORKER_KINDS = {
+    kind.name: kind
+    for kind in (
+        WorkerKind(
+            "database",
+            "database",
+            ("db_worker", "--queue-name", "default", "--interval", "0.1", "--no-startup-delay"),
+            "manage.py db_worker",
+        ),
+        WorkerKind("rq", "rq", (*RQ_WORKER, "default"), "rqworker, rq's forking Worker"),
+        WorkerKind(
+            "rq-preload",
+            "rq",
+            (*RQ_WORKER, "--worker-class", PRELOADING_WORKER, "default"),
+            "rqworker with the project's PreloadingWorker (compose.yaml)",
+        ),
+        WorkerKind(
+            "rq-simple",
+            "rq",
+            (*RQ_WORKER, "--worker-class", "rq.worker.SimpleWorker", "default"),
+            "rqworker with rq's non-forking SimpleWorker (reference)",
+        ),
+    )
 }
 
 
+def available_kinds() -> list[str]:
+    """Worker kinds this environment can run (packages installed, project worker present)."""
+    backends = available_backends()
+    kinds = [kind.name for kind in WORKER_KINDS.values() if kind.backend in backends]
+    if "rq-preload" in kinds and importlib.util.find_spec("config.worker") is None:
+        kinds.remove("rq-preload")
+    return kinds
+
+
 @contextmanager
-def workers(backend: str, count: int, *, database: str, logdir: Path):
-    """Start ``count`` worker processes for ``backend``; stop them (by pid) on exit."""
+def workers(kind: WorkerKind, count: int, *, database: str, logdir: Path):
+    """Start ``count`` worker processes of ``kind``; stop them (by pid) on exit."""
     from django.conf import settings
 
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": common.SETTINGS_MODULE,
-        "BENCH_TASK_BACKEND": backend,
+        "BENCH_TASK_BACKEND": kind.backend,
         "BENCH_DB_NAME": database,
         "OPENAI_AGENTS_DISABLE_TRACING": "1",
     }
@@ -54,9 +105,9 @@ def workers(backend: str, count: int, *, database: str, logdir: Path):
     try:
         for index in range(count):
             # The child keeps its own copy of the log's descriptor.
-            with (logdir / f"{backend}-{count}-{index}.log").open("wb") as log:
+            with (logdir / f"{kind.name}-{count}-{index}.log").open("wb") as log:
                 process = subprocess.Popen(  # noqa: S603 - our interpreter and fixed arguments
-                    [sys.executable, "manage.py", *WORKER_COMMANDS[backend]],
+                    [sys.executable, "manage.py", *kind.command],
                     cwd=settings.BASE_DIR,
                     env=env,
                     stdout=log,
@@ -131,7 +182,7 @@ def in_process_ms(*, user: Any, runs: int) -> float:
 
 
 def drain(
-    backend: str, count: int, *, runs: int, user: Any, database: str, logdir: Path
+    kind: WorkerKind, count: int, *, runs: int, user: Any, database: str, logdir: Path
 ) -> dict[str, Any]:
     """Start ``count`` workers, warm them up, then time ``runs`` runs; return a report row."""
     from django.test.utils import override_settings
@@ -139,24 +190,29 @@ def drain(
     from agentic_django.models import AgentRun
 
     with (
-        override_settings(TASKS={"default": dict(TASK_BACKENDS[backend])}),
-        workers(backend, count, database=database, logdir=logdir) as processes,
+        override_settings(TASKS={"default": dict(TASK_BACKENDS[kind.backend])}),
+        workers(kind, count, database=database, logdir=logdir) as processes,
     ):
         try:
             started = time.monotonic()
-            wait_finished(submit(2 * count, user=user), timeout=300, processes=processes)
+            wait_finished(submit(count, user=user), timeout=300, processes=processes)
             warmup_s = time.monotonic() - started
+            # A second round, once every worker is up, estimates the steady time per job.
+            started = time.monotonic()
+            wait_finished(submit(count, user=user), timeout=300, processes=processes)
+            if time.monotonic() - started > SLOW_JOB_SECONDS:
+                runs = min(runs, SLOW_RUNS_PER_WORKER * count)
             start = time.monotonic()
             ids = submit(runs, user=user)
             end = wait_finished(ids, timeout=max(120, runs * 10), processes=processes)
         except Exception:
-            for log in sorted(logdir.glob(f"{backend}-{count}-*.log")):
+            for log in sorted(logdir.glob(f"{kind.name}-{count}-*.log")):
                 sys.stderr.write(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}\n")
             raise
     completed = AgentRun.objects.filter(pk__in=ids, status=AgentRun.Status.COMPLETED).count()
     elapsed = end - start
     return {
-        "backend": backend,
+        "backend": kind.name,
         "workers": count,
         "runs": runs,
         "completed": completed,
@@ -168,15 +224,16 @@ def drain(
 
 
 def measure(
-    *, runs: int, worker_counts: list[int], backends: list[str], database: str, logdir: Path
+    *, runs: int, worker_counts: list[int], kinds: list[str], database: str, logdir: Path
 ) -> dict[str, Any]:
     """Drain ``runs`` runs with each backend and worker count; return the report."""
     user = common.bench_user()
     reference = in_process_ms(user=user, runs=min(30, max(3, runs)))
     rows, targets, notes = [], [], []
-    for backend in backends:
+    for backend in kinds:
+        kind = WORKER_KINDS[backend]
         for count in worker_counts:
-            item = drain(backend, count, runs=runs, user=user, database=database, logdir=logdir)
+            item = drain(kind, count, runs=runs, user=user, database=database, logdir=logdir)
             item["overhead_ms"] = item["ms_per_run_per_worker"] - reference
             rows.append(item)
         by_count = {item["workers"]: item for item in rows if item["backend"] == backend}
@@ -216,6 +273,7 @@ def measure(
         "targets": targets,
         "notes": [
             f"in-process reference (immediate backend, same database): {reference:.2f} ms/run",
+            *(f"{name}: {WORKER_KINDS[name].description}" for name in kinds),
             *notes,
         ],
     }
@@ -227,22 +285,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     options = common.parser(__doc__.splitlines()[0], runs=100, block=1, warmup=0)
     options.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     options.add_argument(
-        "--backends", nargs="+", choices=sorted(TASK_BACKENDS.keys() - {"immediate"})
+        "--backends", nargs="+", choices=sorted(WORKER_KINDS), help="default: all available"
     )
     args = options.parse_args(argv)
-    backends = args.backends or available_backends()
+    kinds = args.backends or available_kinds()
     with common.environment() as env:
         if not env["standalone"]:
             raise RuntimeError("run_workers starts worker processes: run it as its own command")
         report = measure(
             runs=args.runs,
             worker_counts=args.workers,
-            backends=backends,
+            kinds=kinds,
             database=env["database"],
             logdir=env["workdir"],
         )
         report["machine"] = common.machine()
-    return common.emit(report, argv=["benchmarks.run_workers", *argv], json_path=args.json_path)
+    return common.emit(
+        report, argv=["benchmarks.run_workers", *argv], json_path=args.json_path, show_sql=args.sql
+    )
 
 
 if __name__ == "__main__":
