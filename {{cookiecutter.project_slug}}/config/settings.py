@@ -116,6 +116,8 @@ REDIS_URL = env("REDIS_URL", default="redis://localhost:6379/0")
 {%- if cookiecutter.task_backend == "rq" %}
 TASKS = {"default": {"BACKEND": "django_tasks_rq.RQBackend", "QUEUES": ["default"]}}
 RQ_QUEUES = {"default": {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 900}}
+# Imports the Agents SDK once in the parent, not in every forked job (see config/worker.py).
+RQ = {"WORKER_CLASS": "config.worker.PreloadingWorker"}
 {%- elif cookiecutter.task_backend == "database" %}
 TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]}}
 {%- else %}
@@ -137,7 +139,8 @@ AGENTIC_DJANGO_MAX_INPUT_ITEMS = 20
 AGENTIC_DJANGO_STARTUP_RECOVERY = env("AGENTIC_DJANGO_STARTUP_RECOVERY", default="requeue")
 AGENTIC_DJANGO_MAX_TURNS = 20  # cap on the max_turns a caller may request
 AGENTIC_DJANGO_RUN_TIMEOUT = 600  # seconds; keep below the task backend's own job timeout
-AGENTIC_DJANGO_LEASE_SECONDS = 60  # a run whose worker stops renewing this long is recoverable
+# A run whose worker stops renewing its lease this long is recoverable.
+AGENTIC_DJANGO_LEASE_SECONDS = env.int("AGENTIC_DJANGO_LEASE_SECONDS", default=60)
 AGENTIC_DJANGO_CLEANUP_POLICY = {
     "events_days": 7,
     "runs_days": 30,
