@@ -177,8 +177,12 @@ def test_heartbeat_renews_the_lease_while_running(user, scripted_agent, settings
     observed = {}
 
     async def slow(model_call):
-        await asyncio.sleep(2.2)  # longer than one renewal period (lease / 3)
-        run = await sync_to_async(AgentRun.objects.get)(status="running")
+        # A slow model call: wait (up to 15 s) until the worker has renewed the lease once.
+        for _ in range(150):
+            await asyncio.sleep(0.1)
+            run = await sync_to_async(AgentRun.objects.get)(status="running")
+            if run.heartbeat_at > run.started_at:
+                break
         observed["started_at"], observed["heartbeat_at"] = run.started_at, run.heartbeat_at
         observed["lease_expires_at"] = run.lease_expires_at
         return [assistant_message("ok")]
