@@ -162,6 +162,29 @@ def count_queries(variant: Variant, *, repeat: int = 3) -> QueryCount:
     return QueryCount(statistics.fmean(counts), statistics.fmean(control), last)
 
 
+def profile(variants: list[Variant], pattern: str | None, *, runs: int) -> list[str]:
+    """pyinstrument profiles of ``runs`` calls of each variant whose name contains ``pattern``."""
+    if not pattern:
+        return []
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        raise SystemExit("--profile needs pyinstrument: pip install pyinstrument") from None
+    outputs = []
+    for variant in variants:
+        if pattern not in variant.name:
+            continue
+        with variant.around():
+            profiler = Profiler(interval=0.0005)
+            profiler.start()
+            for _ in range(runs):
+                variant.call()
+            profiler.stop()
+        text = profiler.output_text(unicode=False, color=False)
+        outputs.append(f"Profile of {runs} calls, {variant.name}:\n{text}")
+    return outputs
+
+
 @contextlib.contextmanager
 def environment(*, task_backend: str = "immediate") -> Iterator[dict[str, Any]]:
     """Run the benchmark with the benchmark settings and a fresh database.
@@ -223,16 +246,25 @@ def bench_user(username: str = "bench") -> Any:
     return user
 
 
-def parser(description: str, *, runs: int, block: int, warmup: int) -> argparse.ArgumentParser:
-    """An argument parser with the options every benchmark shares."""
+def parser(
+    description: str, *, runs: int, block: int, warmup: int, introspect: bool = False
+) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark shares (``--sql``/``--profile`` too
+    when ``introspect``)."""
     result = argparse.ArgumentParser(description=description)
     result.add_argument("--runs", type=int, default=runs, help="samples per variant")
     result.add_argument("--block", type=int, default=block, help="samples per block")
     result.add_argument("--warmup", type=int, default=warmup, help="untimed calls per variant")
     result.add_argument("--json", dest="json_path", help="also write the report as JSON here")
-    result.add_argument(
-        "--sql", action="store_true", help="print the SQL statements of one call per variant"
-    )
+    if introspect:
+        result.add_argument(
+            "--sql", action="store_true", help="print the SQL statements of one call per variant"
+        )
+        result.add_argument(
+            "--profile",
+            metavar="VARIANT",
+            help="also profile the variants whose name contains VARIANT (needs pyinstrument)",
+        )
     return result
 
 
@@ -313,6 +345,8 @@ def emit(
         )
     for note in report.get("notes", []):
         out.write(f"- {note}\n")
+    for text in report.get("profiles", []):
+        out.write(f"\n{text}")
     if show_sql:
         for table in report["tables"]:
             for item in table["rows"]:

@@ -120,9 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with common.environment():
         report = measure(runs=args.runs, block=args.block, warmup=args.warmup, agents=agents)
         report["machine"] = common.machine()
-    return common.emit(
-        report, argv=["benchmarks.run_events", *argv], json_path=args.json_path, show_sql=args.sql
-    )
+    return common.emit(report, argv=["benchmarks.run_events", *argv], json_path=args.json_path)
 
 
 if __name__ == "__main__":

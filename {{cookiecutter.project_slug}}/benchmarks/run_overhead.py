@@ -30,7 +30,11 @@ from benchmarks import common
 FLOOR = "Runner.run + SQLiteSession"
 # What the engine does around the SDK, minus Django: stream events, from sync code.
 STREAMED = "Runner.run_streamed + SQLiteSession"
-REFERENCES = ("Runner.run", FLOOR, STREAMED)
+BARE = "Runner.run"
+REFERENCES = (BARE, FLOOR, STREAMED)
+# The SQLiteSession floor fsyncs every commit, so it moves with disk load; the ratio to the
+# CPU-only bare Runner.run is the steadier one to track.
+COLUMNS = [*common.RUN_COLUMNS[:5], ("ratio_bare", "x Runner.run"), *common.RUN_COLUMNS[5:]]
 AGENTS = ("chat", "tool")
 QUERY_LIMIT_CHAT = 12
 RATIO_LIMIT = 1.3
@@ -103,7 +107,7 @@ def build_variants(agent_key: str, *, user: Any, workdir: Path) -> list[common.V
         return check_run(run)
 
     return [
-        common.Variant("Runner.run", bare),
+        common.Variant(BARE, bare),
         common.Variant(FLOOR, bare_sqlite),
         common.Variant(STREAMED, streamed_sqlite),
         common.Variant("public path", public_path),
@@ -112,24 +116,33 @@ def build_variants(agent_key: str, *, user: Any, workdir: Path) -> list[common.V
 
 
 def measure(
-    *, runs: int, block: int, warmup: int, agents: tuple[str, ...], workdir: Path
+    *,
+    runs: int,
+    block: int,
+    warmup: int,
+    agents: tuple[str, ...],
+    workdir: Path,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """Time and count queries for every variant of each agent; return the report."""
     from agentic_django.conf import get_config
 
     user = common.bench_user()
-    tables, targets = [], []
+    tables, targets, profiles = [], [], []
     for agent_key in agents:
         variants = build_variants(agent_key, user=user, workdir=workdir)
         timings = common.interleave(variants, runs=runs, block=block, warmup=warmup)
+        profiles += common.profile(variants, profile, runs=runs)
         rows = []
         for variant in variants:
             queries = None
             if variant.name not in REFERENCES:
                 queries = common.count_queries(variant)
-            floor = FLOOR if variant.name != FLOOR else "Runner.run"
-            rows.append(common.row(timings, variant.name, floor=floor, queries=queries))
-        tables.append({"title": f"{agent_key} run", "columns": common.RUN_COLUMNS, "rows": rows})
+            floor = FLOOR if variant.name != FLOOR else BARE
+            item = common.row(timings, variant.name, floor=floor, queries=queries)
+            item["ratio_bare"] = timings.ratio(variant.name, BARE)
+            rows.append(item)
+        tables.append({"title": f"{agent_key} run", "columns": COLUMNS, "rows": rows})
         public = next(item for item in rows if item["variant"] == "public path")
         targets.append(
             common.target(
@@ -148,8 +161,10 @@ def measure(
         "settings": {"enable_events": get_config().enable_events, "task_backend": "immediate"},
         "tables": tables,
         "targets": targets,
+        "profiles": profiles,
         "notes": [
-            "ratio: median over blocks of the block medians' ratio; 'vs floor' names the floor.",
+            "ratio: median over blocks of the block medians' ratio; 'vs floor' names the floor; "
+            "'x Runner.run': the same ratio against bare Runner.run.",
             f"events {'on' if get_config().enable_events else 'off'} "
             "(AGENTIC_DJANGO_ENABLE_EVENTS); see run_events for the difference.",
         ],
@@ -159,7 +174,7 @@ def measure(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse arguments, run the benchmark, print (and optionally save) its report."""
     argv = sys.argv[1:] if argv is None else argv
-    options = common.parser(__doc__.splitlines()[0], runs=200, block=10, warmup=5)
+    options = common.parser(__doc__.splitlines()[0], runs=200, block=10, warmup=5, introspect=True)
     options.add_argument("--agent", choices=[*AGENTS, "both"], default="both")
     args = options.parse_args(argv)
     agents = AGENTS if args.agent == "both" else (args.agent,)
@@ -170,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             warmup=args.warmup,
             agents=agents,
             workdir=env["workdir"],
+            profile=args.profile,
         )
         report["machine"] = common.machine()
     return common.emit(

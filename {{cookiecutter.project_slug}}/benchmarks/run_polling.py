@@ -115,7 +115,7 @@ def build_variants(client: Any, *, user: Any) -> list[common.Variant]:
     return variants
 
 
-def measure(*, runs: int, block: int, warmup: int) -> dict[str, Any]:
+def measure(*, runs: int, block: int, warmup: int, profile: str | None = None) -> dict[str, Any]:
     """Time and count queries for every polled view and the floor; return the report."""
     from django.test import Client
 
@@ -124,6 +124,7 @@ def measure(*, runs: int, block: int, warmup: int) -> dict[str, Any]:
     client.force_login(user)
     variants = build_variants(client, user=user)
     timings = common.interleave(variants, runs=runs, block=block, warmup=warmup)
+    profiles = common.profile(variants, profile, runs=runs)
     rows, targets = [], []
     for variant in variants:
         queries = common.count_queries(variant)
@@ -143,6 +144,7 @@ def measure(*, runs: int, block: int, warmup: int) -> dict[str, Any]:
         "benchmark": "polling",
         "tables": [{"title": "GET requests", "columns": common.RUN_COLUMNS, "rows": rows}],
         "targets": targets,
+        "profiles": profiles,
         "notes": [
             "queries/run counts every SQL statement per request, the floor's session and user "
             "lookups included.",
@@ -153,9 +155,11 @@ def measure(*, runs: int, block: int, warmup: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse arguments, run the benchmark, print (and optionally save) its report."""
     argv = sys.argv[1:] if argv is None else argv
-    args = common.parser(__doc__.splitlines()[0], runs=500, block=25, warmup=20).parse_args(argv)
+    args = common.parser(
+        __doc__.splitlines()[0], runs=500, block=25, warmup=20, introspect=True
+    ).parse_args(argv)
     with common.environment():
-        report = measure(runs=args.runs, block=args.block, warmup=args.warmup)
+        report = measure(runs=args.runs, block=args.block, warmup=args.warmup, profile=args.profile)
         report["machine"] = common.machine()
     return common.emit(
         report, argv=["benchmarks.run_polling", *argv], json_path=args.json_path, show_sql=args.sql
