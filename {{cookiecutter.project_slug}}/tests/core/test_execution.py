@@ -332,3 +332,35 @@ def test_timeout_fails_the_run(user, scripted_agent, settings):
     assert run.status == "failed"
     assert run.error == "The run took longer than 1s and stopped."
     assert run.finished_at is not None
+
+
+def test_handoffs_and_agent_changes_are_recorded_as_events(user):
+    from agents import Agent
+    from agents.testing import ScriptedModel
+
+    from tests.core import registry
+
+    specialist = Agent(
+        name="Specialist",
+        instructions="Answer billing questions.",
+        model=ScriptedModel([text("Your invoice is paid.")]),
+    )
+    triage = Agent(
+        name="Triage",
+        instructions="Route the user.",
+        handoffs=[specialist],
+        model=ScriptedModel([call("transfer_to_specialist", {})]),
+    )
+    registry.FACTORIES["triage"] = lambda: triage
+    run = create_run(owner=user, session_key="k", input_payload="Invoice?", agent_key="triage")
+    run.refresh_from_db()
+    assert run.status == "completed", run.error
+    assert run.final_output == "Your invoice is paid."
+    events = [(e.event_type, e.payload) for e in run.events.order_by("sequence")]
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "agent_updated"
+    assert "handoff_requested" in kinds
+    handoff = next(payload for kind, payload in events if kind == "handoff")
+    assert (handoff["from_agent"], handoff["to_agent"]) == ("Triage", "Specialist")
+    updates = [payload["agent"] for kind, payload in events if kind == "agent_updated"]
+    assert updates == ["Triage", "Specialist"]
