@@ -8,9 +8,11 @@ IMMEDIATE_TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.Immed
 
 
 @pytest.fixture(autouse=True)
-def _tasks_run_immediately(settings):
-    """Run tasks in-process; the template's stack tests exercise the real workers."""
+def _test_settings(settings):
+    """Run tasks in-process (the template's stack tests exercise the real workers)."""
     settings.TASKS = IMMEDIATE_TASKS
+    # The default PBKDF2 hasher would dominate a suite that creates users per test.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture
