@@ -166,8 +166,10 @@ def parse_page(request: HttpRequest) -> tuple[int, int]:
 
 
 def safe_next_url(request: HttpRequest, candidate: str | None) -> str | None:
-    """``candidate`` if it is a same-site URL a form may redirect to, else ``None``."""
-    if candidate and url_has_allowed_host_and_scheme(
+    """``candidate`` if it is a path on this site a form may redirect to, else ``None``."""
+    if not candidate or not candidate.startswith("/") or candidate.startswith("//"):
+        return None
+    if url_has_allowed_host_and_scheme(
         candidate, allowed_hosts={request.get_host()}, require_https=request.is_secure()
     ):
         return candidate

@@ -47,8 +47,20 @@ class Entry:
     def summary(self) -> str:
         """A one-line description of a tool call for the collapsed view."""
         if self.is_handoff:
-            return f"Handed off to {self.name.removeprefix(HANDOFF_PREFIX).replace('_', ' ')}"
+            return f"Handed off to {self._handoff_target()}"
         return f"{self.name}({_shorten(self.arguments)})"
+
+    def _handoff_target(self) -> str:
+        # The SDK's handoff output names the new agent: {"assistant": "<agent name>"}.
+        try:
+            parsed = json.loads(self.output or "")
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and len(parsed) == 1:
+            (name,) = parsed.values()
+            if isinstance(name, str) and name:
+                return name
+        return self.name.removeprefix(HANDOFF_PREFIX).replace("_", " ")
 
     @property
     def output_summary(self) -> str:

@@ -28,10 +28,17 @@ class RateLimited(AgenticDjangoError):
 
     def __init__(self, retry_after: int) -> None:
         self.retry_after = max(1, retry_after)
-        noun = "second" if self.retry_after == 1 else "seconds"
         super().__init__(
-            f"Too many requests: wait {self.retry_after} {noun} before starting another run."
+            f"Too many requests: wait {_duration(self.retry_after)} before starting another run."
         )
+
+
+def _duration(seconds: int) -> str:
+    for unit, size, threshold in (("hour", 3600, 5400), ("minute", 60, 90)):
+        if seconds >= threshold:
+            count = math.ceil(seconds / size)
+            return f"{count} {unit}s"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
 
 
 def enforce_rate_limit(user: Any) -> None:

@@ -11,9 +11,9 @@ import uuid
 from typing import Any
 
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.http.request import RawPostDataException
-from django.shortcuts import redirect, render
+from django.shortcuts import render
 from django.urls import reverse
 from django_htmx.http import HttpResponseStopPolling, trigger_client_event
 
@@ -122,7 +122,8 @@ def run_create(request: HttpRequest) -> HttpResponse:
     if request.content_type != "application/json":
         next_url = safe_next_url(request, request.POST.get("next"))
         if next_url:
-            return redirect(next_url)
+            # Not redirect(): it would try a bare word such as "chat" as a URL name.
+            return HttpResponseRedirect(next_url)
     response = JsonResponse(run_to_dict(run), status=201)
     response["Location"] = reverse("agents:run-detail", args=[run.id])
     return response

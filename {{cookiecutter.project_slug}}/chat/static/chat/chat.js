@@ -81,7 +81,8 @@
   form.addEventListener("htmx:afterRequest", (event) => {
     if (event.detail.elt !== form) return;
     submitting = false;
-    if (event.detail.successful) {
+    // 4xx answers are swapped in as visible error fragments; keep the text to retry.
+    if (event.detail.xhr && event.detail.xhr.status < 300) {
       form.reset();
       resizeInput();
       document.getElementById("empty-state")?.remove();

@@ -1,0 +1,148 @@
+"""Playwright (sync API) driving Chromium against pytest-django's live server.
+
+Chromium: $CHROMIUM_PATH, else /usr/bin/chromium, else Playwright's own download (CI runs
+`playwright install chromium`); the tests skip with the reason when none is there.
+Every page records console errors, page errors and CSP violations; a test fails on any.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+SYSTEM_CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+ARTIFACTS = Path(settings.BASE_DIR) / "test-artifacts"
+PASSWORD = "correct-horse-42"
+
+# Report CSP violations to the test (init scripts are not subject to the page's CSP).
+_CSP_LISTENER = """
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.__reportCsp(`${event.violatedDirective} blocked ${event.blockedURI || "inline"}`);
+});
+"""
+
+
+def _chromium_executable() -> str | None:
+    for candidate in (os.environ.get("CHROMIUM_PATH"), SYSTEM_CHROMIUM):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Chromium for one test module; Playwright's event loop must not outlive these tests."""
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop in this thread; the tests' ORM calls are sync.
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as playwright:
+            executable = _chromium_executable()
+            if executable is None and not Path(playwright.chromium.executable_path).exists():
+                pytest.skip(
+                    f"no Chromium: install it at {SYSTEM_CHROMIUM} (apt-get install chromium), "
+                    "set CHROMIUM_PATH, or run `playwright install chromium`"
+                )
+            instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+            yield instance
+            instance.close()
+    finally:
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+@pytest.fixture
+def server(live_server) -> object:
+    """pytest-django's live server (tests run with development settings: plain HTTP)."""
+    return live_server
+
+
+@dataclass
+class PageProblems:
+    """Console errors, uncaught page errors and CSP violations seen by one page."""
+
+    console: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    csp: list[str] = field(default_factory=list)
+    expected_statuses: set[int] = field(default_factory=set)
+
+    def expect_http_error(self, status: int) -> None:
+        """The test provokes this HTTP status; Chromium logs each such response as an error."""
+        self.expected_statuses.add(status)
+
+    def all(self) -> list[str]:
+        expected = [f"the server responded with a status of {s} " for s in self.expected_statuses]
+        console = [m for m in self.console if not any(e in m for e in expected)]
+        return console + self.page_errors + self.csp
+
+
+@pytest.fixture
+def problems() -> PageProblems:
+    return PageProblems()
+
+
+@pytest.fixture
+def page(browser, server, transactional_db, problems, request) -> Iterator[object]:
+    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 860})
+    context.expose_function("__reportCsp", lambda text: problems.csp.append(text))
+    context.add_init_script(_CSP_LISTENER)
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.on("console", lambda msg: msg.type == "error" and problems.console.append(msg.text))
+    page.on("pageerror", lambda error: problems.page_errors.append(str(error)))
+    yield page
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=ARTIFACTS / f"failed-{request.node.name}.png", full_page=True)
+    context.close()
+    assert problems.all() == [], f"console errors or CSP violations: {problems.all()}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.rep_call = report
+    return report
+
+
+@pytest.fixture
+def chat_user(django_user_model):
+    return django_user_model.objects.create_user(username="alice", password=PASSWORD)
+
+
+@pytest.fixture
+def chat(page, chat_user):
+    """A page logged in through the login form, showing a new chat."""
+    page.goto("/")
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url("**/")
+    page.get_by_role("heading", name="How can I help?").wait_for()
+    return page
+
+
+def screenshot(page, name: str) -> None:
+    """Save a screenshot of the current page as a test artifact."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
