@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 
+from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
@@ -62,6 +64,34 @@ def recover_stale_blockers() -> int:
     if mode == "ignore" or not stale_runs().exists():
         return 0
     return recover_runs(mode=mode)
+
+
+def recover_if_stuck(run: AgentRun) -> bool:
+    """Recover what keeps an observed run from progressing; True if recovery was attempted.
+
+    Called when a client polls a run, so a dead worker is noticed by whoever waits on it
+    instead of at the next restart. Decides from the row already loaded: no query while the
+    run is healthy. A run pending for longer than a lease is dispatched again (at most once
+    per lease per process), which also covers a task the broker lost.
+    """
+    from agentic_django.dispatch import dispatch_run
+
+    config = get_config()
+    if config.startup_recovery == "ignore":
+        return False
+    now = timezone.now()
+    lease = timedelta(seconds=config.lease_seconds)
+    if run.status == Status.RUNNING:
+        if run.lease_expires_at is None or run.lease_expires_at >= now:
+            return False
+        recover_stale_blockers()
+        return True
+    if run.status != Status.PENDING or run.created_at >= now - lease:
+        return False
+    if not cache.add(f"agentic_django:redispatch:{run.pk}", 1, timeout=config.lease_seconds):
+        return False
+    dispatch_run(str(run.pk))
+    return True
 
 
 def stale_runs():
