@@ -161,6 +161,7 @@ def test_a_model_error_is_shown_in_place(chat, settings):
     assert "The agent could not answer." in alert.inner_text()
     assert MODEL_ERROR in alert.inner_text()
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    page.locator("#conversation-list a", has_text="hello?").wait_for()
     screenshot(page, "chat-model-error")
 
 
