@@ -7,15 +7,19 @@ settings the views enforce, and ``tests/reliability/test_openapi_sync.py`` keeps
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
 from agentic_django.conf import ALLOWED_RUN_OPTIONS, get_config
+from agentic_django.exceptions import AgentRegistryError
 from agentic_django.http import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from agentic_django.models import AgentRun
+from agentic_django.registry import get_registry
 from agentic_django.validation import MAX_SESSION_KEY_LENGTH
 
 OPENAPI_VERSION = "3.1.0"
@@ -23,6 +27,8 @@ API_VERSION = "1"
 JSON = "application/json"
 HTML = "text/html"
 FORM = "application/x-www-form-urlencoded"
+# Paging parameters longer than 18 digits are rejected (agentic_django.http).
+MAX_CURSOR = 10**18 - 1
 
 # Every `error.code` the endpoints answer with; a new one must be documented here.
 ERROR_CODES = (
@@ -57,6 +63,7 @@ ERROR_DESCRIPTIONS = {
     429: "The user created too many runs recently; retry after `Retry-After` seconds.",
 }
 
+HTMX_LOGIN_REDIRECT = "without a session, an empty body with `HX-Redirect` to the login page."
 LOGIN_REDIRECT = {
     "description": "Anonymous browser navigation (`Accept: text/html`): redirect to the login page."
 }
@@ -81,6 +88,14 @@ def _obj(properties: dict[str, Any], *, required: list[str] | None = None) -> di
 
 def _timestamp() -> dict[str, Any]:
     return {"type": "string", "format": "date-time"}
+
+
+def _agent_key() -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string", "description": "A key of the agent registry."}
+    # A broken registry still gets a description; creating runs reports the misconfiguration.
+    with contextlib.suppress(AgentRegistryError):
+        schema["enum"] = sorted(get_registry())
+    return schema
 
 
 def _schemas() -> dict[str, Any]:
@@ -145,12 +160,14 @@ def _schemas() -> dict[str, Any]:
                     {
                         "type": "string",
                         "maxLength": MAX_SESSION_KEY_LENGTH,
+                        "pattern": r"^$|\S",
                         "description": "The conversation; empty or absent starts a new one.",
                     }
                 ),
-                "agent_key": _nullable(
-                    {"type": "string", "description": "A key of the agent registry."}
-                ),
+                "agent_key": {
+                    "anyOf": [_agent_key(), {"const": ""}, {"type": "null"}],
+                    "description": "Empty or null: the default agent.",
+                },
                 "run_options": _nullable(
                     {
                         "type": "object",
@@ -172,8 +189,12 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "properties": {
                 "input": {"type": "string", "minLength": 1, "pattern": r"\S"},
-                "session_key": {"type": "string", "maxLength": MAX_SESSION_KEY_LENGTH},
-                "agent_key": {"type": "string"},
+                "session_key": {
+                    "type": "string",
+                    "maxLength": MAX_SESSION_KEY_LENGTH,
+                    "pattern": r"^$|\S",
+                },
+                "agent_key": {"anyOf": [_agent_key(), {"const": ""}]},
                 "next": {
                     "type": "string",
                     "description": "A same-site URL to redirect to (302) instead of JSON.",
@@ -243,11 +264,19 @@ def _error(status: int) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(status): _error(status) for status in (400, 401, 404, *statuses)}
+    return {str(status): _error(status) for status in (400, 401, *statuses)}
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {JSON: {"schema": _ref(schema)}}}
+
+
+def _ok(schema: str, description: str, *, htmx: str = HTMX_LOGIN_REDIRECT) -> dict[str, Any]:
+    """200: JSON for API clients; HTML for htmx (``htmx`` says what it holds)."""
+    return {
+        "description": f"{description} htmx: {htmx}",
+        "content": {JSON: {"schema": _ref(schema)}, HTML: {"schema": {"type": "string"}}},
+    }
 
 
 def _html(description: str) -> dict[str, Any]:
@@ -260,13 +289,18 @@ def _page_parameters() -> list[dict[str, Any]]:
             "name": "after",
             "in": "query",
             "description": "Return entries whose sequence is greater than this.",
-            "schema": {"type": "integer", "minimum": 0, "default": 0},
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_CURSOR, "default": 0},
         },
         {
             "name": "limit",
             "in": "query",
             "description": f"Page size, capped at {MAX_PAGE_SIZE}.",
-            "schema": {"type": "integer", "minimum": 1, "default": DEFAULT_PAGE_SIZE},
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_CURSOR,
+                "default": DEFAULT_PAGE_SIZE,
+            },
         },
     ]
 
@@ -274,8 +308,8 @@ def _page_parameters() -> list[dict[str, Any]]:
 HTMX_HEADER = {
     "name": "HX-Request",
     "in": "header",
-    "description": "Sent by htmx: answers become HTML fragments, errors included.",
-    "schema": {"type": "string", "enum": ["true"]},
+    "description": "`true` when sent by htmx: answers become HTML fragments, errors included.",
+    "schema": {"type": "string"},
 }
 RUN_ID = {
     "name": "run_id",
@@ -289,11 +323,11 @@ SESSION_KEY = {
     "required": True,
     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_SESSION_KEY_LENGTH},
 }
-WRITE_SECURITY = [{"sessionCookie": [], "csrfToken": []}]
+# Django's CSRF protection is double-submit: the cookie and the same token in the header.
+WRITE_SECURITY = [{"sessionCookie": [], "csrfCookie": [], "csrfHeader": []}]
 
 
 def _paths() -> dict[str, Any]:
-    run_json = "The run."
     return {
         "/runs/": {
             "post": {
@@ -309,7 +343,10 @@ def _paths() -> dict[str, Any]:
                     },
                 },
                 "responses": {
-                    "200": _html("htmx: the run fragment (with `HX-Trigger: run-update`)."),
+                    "200": _html(
+                        "htmx: the run fragment (with `HX-Trigger: run-update`), or "
+                        + HTMX_LOGIN_REDIRECT
+                    ),
                     "201": {
                         **_json("Run", "The new run."),
                         "headers": {
@@ -330,7 +367,7 @@ def _paths() -> dict[str, Any]:
                 "operationId": "run-detail",
                 "summary": "A run's status, output, error and usage",
                 "parameters": [RUN_ID, HTMX_HEADER],
-                "responses": {"200": _json("Run", run_json), "302": LOGIN_REDIRECT, **_errors()},
+                "responses": {"200": _ok("Run", "The run."), "302": LOGIN_REDIRECT, **_errors(404)},
             }
         },
         "/runs/{run_id}/fragment/": {
@@ -352,7 +389,7 @@ def _paths() -> dict[str, Any]:
                     "204": {"description": "Nothing changed since version `v`: keep polling."},
                     "286": _html("htmx: the finished run's fragment; htmx stops polling."),
                     "302": LOGIN_REDIRECT,
-                    **_errors(),
+                    **_errors(404),
                 },
             }
         },
@@ -362,9 +399,9 @@ def _paths() -> dict[str, Any]:
                 "summary": "A page of the run's persisted events",
                 "parameters": [RUN_ID, *_page_parameters(), HTMX_HEADER],
                 "responses": {
-                    "200": _json("EventPage", "Events after `after`, oldest first."),
+                    "200": _ok("EventPage", "Events after `after`, oldest first."),
                     "302": LOGIN_REDIRECT,
-                    **_errors(),
+                    **_errors(404),
                 },
             }
         },
@@ -375,15 +412,9 @@ def _paths() -> dict[str, Any]:
                 "security": WRITE_SECURITY,
                 "parameters": [RUN_ID, HTMX_HEADER],
                 "responses": {
-                    "200": {
-                        "description": "The run (JSON), or its fragment for htmx.",
-                        "content": {
-                            JSON: {"schema": _ref("Run")},
-                            HTML: {"schema": {"type": "string"}},
-                        },
-                    },
+                    "200": _ok("Run", "The run.", htmx="the run fragment."),
                     "302": LOGIN_REDIRECT,
-                    **_errors(403, 409),
+                    **_errors(403, 404, 409),
                 },
             }
         },
@@ -393,15 +424,11 @@ def _paths() -> dict[str, Any]:
                 "summary": "A page of the conversation's items",
                 "parameters": [SESSION_KEY, *_page_parameters(), HTMX_HEADER],
                 "responses": {
-                    "200": {
-                        "description": "Items after `after` (JSON), or the conversation (htmx).",
-                        "content": {
-                            JSON: {"schema": _ref("ItemPage")},
-                            HTML: {"schema": {"type": "string"}},
-                        },
-                    },
+                    "200": _ok(
+                        "ItemPage", "Items after `after`.", htmx="the conversation as HTML."
+                    ),
                     "302": LOGIN_REDIRECT,
-                    **_errors(),
+                    **_errors(404),
                 },
             }
         },
@@ -419,6 +446,12 @@ def _paths() -> dict[str, Any]:
             }
         },
     }
+
+
+def _csrf_header() -> str:
+    # CSRF_HEADER_NAME is a WSGI META key such as HTTP_X_CSRFTOKEN.
+    name = settings.CSRF_HEADER_NAME.removeprefix("HTTP_")
+    return "X-CSRFToken" if name == "X_CSRFTOKEN" else name.replace("_", "-").title()
 
 
 def build_spec(*, server_url: str = "/agents/") -> dict[str, Any]:
@@ -446,12 +479,18 @@ def build_spec(*, server_url: str = "/agents/") -> dict[str, Any]:
                     "in": "cookie",
                     "name": settings.SESSION_COOKIE_NAME,
                 },
-                "csrfToken": {"type": "apiKey", "in": "header", "name": "X-CSRFToken"},
+                "csrfCookie": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": settings.CSRF_COOKIE_NAME,
+                },
+                "csrfHeader": {"type": "apiKey", "in": "header", "name": _csrf_header()},
             },
         },
     }
 
 
+@csrf_exempt  # read-only: unsafe methods get a plain 405, not a CSRF 403
 @require_GET
 def openapi_view(request: HttpRequest) -> HttpResponse:
     """Serve the description with the URL prefix this app is mounted at."""

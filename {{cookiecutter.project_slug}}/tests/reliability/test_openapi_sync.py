@@ -1,0 +1,387 @@
+"""The served OpenAPI description matches the views: routes, methods, statuses, error codes, bodies.
+
+Every documented (operation, status) pair is produced by a real request below, each response is
+checked against the description (status, media type, required headers, JSON schema), and every
+documented error code is answered by some request. A route, method, status or field the views
+gain or lose without the description following makes one of these tests fail.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import schemathesis
+from django.test import Client
+from django.urls import URLPattern, reverse
+from jsonschema import Draft202012Validator
+
+from agentic_django import services, urls
+from agentic_django.models import AgentRun
+from agentic_django.openapi import ERROR_CODES, build_spec
+from agentic_django.presentation import run_view
+from tests.reliability import spec
+from tests.reliability.conftest import HTMX
+
+pytestmark = pytest.mark.django_db
+
+BROWSER = {"Accept": "text/html,application/xhtml+xml"}
+JSON_BODY = "application/json"
+METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
+
+
+@dataclass
+class World:
+    api: Client
+    anonymous: Client
+    strict: Client  # enforces CSRF like a real browser
+    finished: AgentRun
+    pending: AgentRun
+    foreign: AgentRun
+
+
+@pytest.fixture
+def world(client, user, other_user, make_run, settings, django_capture_on_commit_callbacks):
+    client.force_login(user)
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(user)
+    with django_capture_on_commit_callbacks(execute=True):
+        finished = services.create_run(owner=user, session_key="chat", input_payload="hi there")
+    finished.refresh_from_db()
+    assert finished.status == AgentRun.Status.COMPLETED, finished.error
+    return World(
+        api=client,
+        anonymous=Client(),
+        strict=strict,
+        finished=finished,
+        pending=make_run(user, session_key="chat"),
+        foreign=make_run(other_user, session_key="chat", input_payload="not yours"),
+    )
+
+
+def url(name: str, *args: Any) -> str:
+    return reverse(f"agents:{name}", args=args)
+
+
+def post_json(client: Client, path: str, body: Any, **extra: Any) -> Any:
+    data = body if isinstance(body, str) else json.dumps(body)
+    return client.post(path, data=data, content_type=JSON_BODY, **extra)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    operation: str
+    status: int
+    code: str | None  # the JSON (or fragment) error code, if an error
+    call: Callable[[World, Any], Any]
+    htmx_error: bool = False
+
+    @property
+    def id(self) -> str:
+        suffix = "-htmx" if self.htmx_error else ""
+        return f"{self.operation}-{self.status}-{self.code or 'ok'}{suffix}"
+
+
+CREATE = url("run-create")
+
+
+def _detail(w: World) -> str:
+    return url("run-detail", w.finished.id)
+
+
+RECIPES = [
+    # --- run-create
+    Recipe("run-create", 201, None, lambda w, s: post_json(w.api, CREATE, {"input": "hi"})),
+    Recipe("run-create", 200, None, lambda w, s: w.api.post(CREATE, {"input": "hi"}, headers=HTMX)),
+    Recipe(
+        "run-create", 302, None, lambda w, s: w.api.post(CREATE, {"input": "hi", "next": "/c/x/"})
+    ),
+    Recipe("run-create", 400, "invalid_json", lambda w, s: post_json(w.api, CREATE, "{")),
+    Recipe("run-create", 400, "unknown_field", lambda w, s: post_json(w.api, CREATE, {"x": 1})),
+    Recipe("run-create", 400, "missing_input", lambda w, s: post_json(w.api, CREATE, {})),
+    Recipe(
+        "run-create",
+        400,
+        "invalid_session_key",
+        lambda w, s: post_json(w.api, CREATE, {"input": "hi", "session_key": 5}),
+    ),
+    Recipe(
+        "run-create",
+        400,
+        "invalid_agent_key",
+        lambda w, s: post_json(w.api, CREATE, {"input": "hi", "agent_key": 5}),
+    ),
+    Recipe(
+        "run-create",
+        400,
+        "invalid_run_input",
+        lambda w, s: post_json(w.api, CREATE, {"input": " "}),
+    ),
+    Recipe(
+        "run-create",
+        400,
+        "unknown_agent",
+        lambda w, s: post_json(w.api, CREATE, {"input": "hi", "agent_key": "nobody"}),
+    ),
+    Recipe(
+        "run-create",
+        400,
+        "invalid_run_options",
+        lambda w, s: post_json(w.api, CREATE, {"input": "hi", "run_options": {"model": "x"}}),
+    ),
+    Recipe(
+        "run-create",
+        400,
+        "invalid_request",
+        lambda w, s: post_json(w.api, CREATE, {"input": "hi"}, CONTENT_LENGTH="many"),
+    ),
+    Recipe(
+        "run-create",
+        400,
+        "invalid_run_input",
+        lambda w, s: w.api.post(CREATE, {"input": ""}, headers=HTMX),
+        htmx_error=True,
+    ),
+    Recipe(
+        "run-create",
+        401,
+        "not_authenticated",
+        lambda w, s: post_json(w.anonymous, CREATE, {"input": "hi"}),
+    ),
+    Recipe("run-create", 403, None, lambda w, s: post_json(w.strict, CREATE, {"input": "hi"})),
+    Recipe(
+        "run-create",
+        413,
+        "input_too_large",
+        lambda w, s: post_json(
+            w.api, CREATE, {"input": "x" * (s.AGENTIC_DJANGO_MAX_INPUT_BYTES + 1)}
+        ),
+    ),
+    Recipe(
+        "run-create",
+        413,
+        "too_many_input_items",
+        lambda w, s: post_json(
+            w.api,
+            CREATE,
+            {"input": [{"role": "user", "content": "hi"}] * (s.AGENTIC_DJANGO_MAX_INPUT_ITEMS + 1)},
+        ),
+    ),
+    Recipe("run-create", 429, "rate_limited", lambda w, s: _over_the_rate_limit(w, s)),
+    # --- run-detail
+    Recipe("run-detail", 200, None, lambda w, s: w.api.get(_detail(w))),
+    Recipe("run-detail", 302, None, lambda w, s: w.anonymous.get(_detail(w), headers=BROWSER)),
+    Recipe("run-detail", 400, "invalid_run_id", lambda w, s: w.api.get(url("run-detail", "nope"))),
+    Recipe("run-detail", 401, "not_authenticated", lambda w, s: w.anonymous.get(_detail(w))),
+    Recipe("run-detail", 404, "not_found", lambda w, s: w.api.get(url("run-detail", w.foreign.id))),
+    Recipe(
+        "run-detail",
+        404,
+        "not_found",
+        lambda w, s: w.api.get(url("run-detail", w.foreign.id), headers=HTMX),
+        htmx_error=True,
+    ),
+    # --- run-fragment
+    Recipe("run-fragment", 200, None, lambda w, s: w.api.get(url("run-fragment", w.finished.id))),
+    Recipe(
+        "run-fragment",
+        204,
+        None,
+        lambda w, s: w.api.get(
+            url("run-fragment", w.pending.id), {"v": run_view(w.pending).version}, headers=HTMX
+        ),
+    ),
+    Recipe(
+        "run-fragment",
+        286,
+        None,
+        lambda w, s: w.api.get(url("run-fragment", w.finished.id), headers=HTMX),
+    ),
+    Recipe(
+        "run-fragment",
+        302,
+        None,
+        lambda w, s: w.anonymous.get(url("run-fragment", w.finished.id), headers=BROWSER),
+    ),
+    Recipe("run-fragment", 400, "invalid_run_id", lambda w, s: w.api.get(url("run-fragment", "1"))),
+    Recipe(
+        "run-fragment",
+        401,
+        "not_authenticated",
+        lambda w, s: w.anonymous.get(url("run-fragment", w.finished.id)),
+    ),
+    Recipe(
+        "run-fragment", 404, "not_found", lambda w, s: w.api.get(url("run-fragment", w.foreign.id))
+    ),
+    # --- run-events
+    Recipe("run-events", 200, None, lambda w, s: w.api.get(url("run-events", w.finished.id))),
+    Recipe(
+        "run-events",
+        302,
+        None,
+        lambda w, s: w.anonymous.get(url("run-events", w.finished.id), headers=BROWSER),
+    ),
+    Recipe(
+        "run-events",
+        400,
+        "invalid_after",
+        lambda w, s: w.api.get(url("run-events", w.finished.id), {"after": "-1"}),
+    ),
+    Recipe(
+        "run-events",
+        400,
+        "invalid_limit",
+        lambda w, s: w.api.get(url("run-events", w.finished.id), {"limit": "0"}),
+    ),
+    Recipe(
+        "run-events",
+        401,
+        "not_authenticated",
+        lambda w, s: w.anonymous.get(url("run-events", w.finished.id)),
+    ),
+    Recipe("run-events", 404, "not_found", lambda w, s: w.api.get(url("run-events", w.foreign.id))),
+    # --- run-cancel
+    Recipe("run-cancel", 200, None, lambda w, s: w.api.post(url("run-cancel", w.pending.id))),
+    Recipe(
+        "run-cancel",
+        302,
+        None,
+        lambda w, s: w.anonymous.post(url("run-cancel", w.pending.id), headers=BROWSER),
+    ),
+    Recipe("run-cancel", 400, "invalid_run_id", lambda w, s: w.api.post(url("run-cancel", "x"))),
+    Recipe(
+        "run-cancel",
+        401,
+        "not_authenticated",
+        lambda w, s: w.anonymous.post(url("run-cancel", w.pending.id)),
+    ),
+    Recipe("run-cancel", 403, None, lambda w, s: w.strict.post(url("run-cancel", w.pending.id))),
+    Recipe(
+        "run-cancel", 404, "not_found", lambda w, s: w.api.post(url("run-cancel", w.foreign.id))
+    ),
+    Recipe(
+        "run-cancel",
+        409,
+        "run_not_cancellable",
+        lambda w, s: w.api.post(url("run-cancel", w.finished.id)),
+    ),
+    # --- session-items
+    Recipe("session-items", 200, None, lambda w, s: w.api.get(url("session-items", "chat"))),
+    Recipe(
+        "session-items",
+        302,
+        None,
+        lambda w, s: w.anonymous.get(url("session-items", "chat"), headers=BROWSER),
+    ),
+    Recipe(
+        "session-items",
+        400,
+        "invalid_session_key",
+        lambda w, s: w.api.get(url("session-items", "k" * 256)),
+    ),
+    Recipe(
+        "session-items",
+        401,
+        "not_authenticated",
+        lambda w, s: w.anonymous.get(url("session-items", "chat")),
+    ),
+    Recipe("session-items", 404, "not_found", lambda w, s: w.api.get(url("session-items", "nope"))),
+    # --- openapi
+    Recipe("openapi", 200, None, lambda w, s: w.anonymous.get(url("openapi"))),
+]
+
+
+def _over_the_rate_limit(w: World, settings: Any) -> Any:
+    existing = AgentRun.objects.filter(owner=w.finished.owner).count()
+    settings.AGENTIC_DJANGO_RATE_LIMIT = f"{existing + 1}/h"
+    assert post_json(w.api, CREATE, {"input": "first"}).status_code == 201
+    return post_json(w.api, CREATE, {"input": "second"})
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda recipe: recipe.id)
+def test_each_response_matches_the_description(world, settings, recipe):
+    response = recipe.call(world, settings)
+
+    assert response.status_code == recipe.status, response.content[:500]
+    assert spec.response_problems(recipe.operation, response) == []
+    if recipe.code is None:
+        return
+    if recipe.htmx_error:
+        assert f'data-code="{recipe.code}"' in response.content.decode()
+        assert 'class="agentic-error"' in response.content.decode()
+    else:
+        assert response.json()["error"]["code"] == recipe.code
+
+
+def test_every_documented_status_is_produced_by_a_real_request():
+    produced = {(recipe.operation, recipe.status) for recipe in RECIPES}
+    assert produced == spec.documented_statuses()
+
+
+def test_every_documented_error_code_is_answered_by_some_request():
+    # method_not_allowed is answered by test_undocumented_methods_are_405_with_allow.
+    produced = {recipe.code for recipe in RECIPES if recipe.code} | {"method_not_allowed"}
+    assert produced == set(ERROR_CODES)
+
+
+def _documented_path(pattern: URLPattern) -> str:
+    return "/" + re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", str(pattern.pattern))
+
+
+def test_the_description_lists_exactly_the_routes():
+    routes = {_documented_path(pattern) for pattern in urls.urlpatterns}
+    assert routes == set(spec.spec()["paths"])
+    for pattern in urls.urlpatterns:
+        path = _documented_path(pattern)
+        names = set(re.findall(r"{(\w+)}", path))
+        for operation in spec.spec()["paths"][path].values():
+            documented = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+            assert documented == names, path
+
+
+def _sample_path(path: str, world: World) -> str:
+    return "/agents" + path.format(run_id=world.finished.id, session_key="chat")
+
+
+def test_the_description_lists_exactly_the_methods_each_route_answers(world):
+    for path, item in spec.spec()["paths"].items():
+        answered = {
+            method
+            for method in METHODS
+            if getattr(world.api, method)(_sample_path(path, world)).status_code != 405
+        }
+        assert answered == set(item), path
+
+
+def test_undocumented_methods_are_405_with_allow(world):
+    for path, item in spec.spec()["paths"].items():
+        for method in set(METHODS) - set(item):
+            response = getattr(world.api, method)(_sample_path(path, world))
+            assert response.status_code == 405, (method, path)
+            assert set(response["Allow"].replace(" ", "").split(",")) == {m.upper() for m in item}
+            if path != "/openapi.json" and method != "head":
+                assert response.json()["error"]["code"] == "method_not_allowed"
+                assert (
+                    spec.schema_errors({"$ref": "#/components/schemas/Error"}, response.json())
+                    == []
+                )
+
+
+def test_the_description_is_served_and_is_valid_openapi_3_1(client):
+    response = client.get(url("openapi"))
+
+    assert response.status_code == 200
+    served = response.json()
+    assert served == json.loads(json.dumps(build_spec(server_url="/agents/")))
+    assert served["openapi"].startswith("3.1.")
+    for schema in served["components"]["schemas"].values():
+        Draft202012Validator.check_schema(schema)
+    # Every $ref points at a schema that exists.
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/(\w+)"', json.dumps(served)))
+    assert refs <= set(served["components"]["schemas"])
+    loaded = schemathesis.openapi.from_dict(served)
+    assert [result.ok().label for result in loaded.get_all_operations()]
