@@ -7,6 +7,7 @@ browsers (full pages and login redirects) and API clients (JSON, errors as
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from functools import wraps
@@ -21,6 +22,8 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django_htmx.http import HttpResponseClientRedirect
 
 from agentic_django.exceptions import AgenticDjangoError
+
+logger = logging.getLogger(__name__)
 
 ERROR_TEMPLATE = "agentic_django/partials/error.html"
 DEFAULT_PAGE_SIZE = 50
@@ -55,11 +58,17 @@ class ApiError(Exception):
     def from_exception(cls, error: AgenticDjangoError) -> ApiError:
         """Map one of agentic_django's named errors to its HTTP status and code."""
         code = re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).lower()
+        status = getattr(error, "status_code", 400)
         headers = {}
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:
             headers["Retry-After"] = str(retry_after)
-        return cls(getattr(error, "status_code", 400), code, error.message, headers)
+        message = error.message
+        if status == 500 and not settings.DEBUG:
+            # Misconfiguration details (module paths) are for the logs, not for users.
+            logger.error("agentic_django: %s", error.message)
+            message = "The server is misconfigured; the details are in its log."
+        return cls(status, code, message, headers)
 
 
 def is_htmx(request: HttpRequest) -> bool:

@@ -85,11 +85,12 @@ class PageProblems:
     expected_statuses: set[int] = field(default_factory=set)
 
     def expect_http_error(self, status: int) -> None:
-        """The test provokes this HTTP status; Chromium logs each such response as an error."""
+        """The test provokes this HTTP status; Chromium (and htmx, for 5xx) log it as an error."""
         self.expected_statuses.add(status)
 
     def all(self) -> list[str]:
         expected = [f"the server responded with a status of {s} " for s in self.expected_statuses]
+        expected += [f"Response Status Error Code {s} " for s in self.expected_statuses]  # htmx
         console = [m for m in self.console if not any(e in m for e in expected)]
         return console + self.page_errors + self.csp
 

@@ -180,6 +180,20 @@ def test_a_rejected_message_shows_the_error_and_keeps_the_text(chat, settings, p
     screenshot(page, "chat-rate-limited")
 
 
+def test_a_server_error_is_reported_in_a_toast(chat, settings, problems):
+    page = chat
+    problems.expect_http_error(500)
+    settings.AGENTIC_DJANGO_AGENT_REGISTRY = "tests.web.registry.does_not_exist"
+    send(page, "hello")
+
+    toast = page.locator("#toast")
+    expect(toast).to_be_visible()
+    assert "The server is misconfigured" in toast.inner_text()
+    assert page.get_by_role("textbox", name="Message").input_value() == "hello"
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    screenshot(page, "chat-server-error")
+
+
 def test_shift_enter_adds_a_line_and_enter_sends(chat):
     page = chat
     box = page.get_by_role("textbox", name="Message")

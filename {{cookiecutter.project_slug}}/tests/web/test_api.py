@@ -490,3 +490,11 @@ def test_template_tags_render_a_run_and_a_conversation(api, make_run, user):
     assert f'id="agent-run-{run.id}"' in fragment and "<em>hi</em>" in fragment
     assert 'class="agentic-conversation"' in conversation and f"agent-run-{run.id}" in conversation
     assert markdown.strip() == "<p><strong>b</strong></p>"
+
+
+def test_a_misconfigured_registry_is_a_500_without_internals(api, settings):
+    settings.AGENTIC_DJANGO_AGENT_REGISTRY = "tests.web.registry.does_not_exist"
+    response = post_json(api, {"input": "hi"})
+
+    assert_json_error(response, 500, "agent_registry_error")
+    assert "tests.web" not in response.json()["error"]["message"]

@@ -103,9 +103,17 @@
     if (document.activeElement === document.body) textarea.focus();
   });
 
+  // 5xx bodies are not swapped in; show their error message (if any) in a toast instead.
+  function serverMessage(xhr) {
+    const html = new DOMParser().parseFromString(xhr.responseText || "", "text/html");
+    return html.querySelector(".agentic-error__message")?.textContent.trim();
+  }
+
   document.body.addEventListener("htmx:responseError", (event) => {
-    const status = event.detail.xhr.status;
-    if (status >= 500) showToast(`The server had a problem (${status}). Please try again.`);
+    const xhr = event.detail.xhr;
+    if (xhr.status >= 500) {
+      showToast(serverMessage(xhr) || `The server had a problem (${xhr.status}). Please try again.`);
+    }
   });
   document.body.addEventListener("htmx:sendError", () => {
     showToast("Cannot reach the server. Check your connection and try again.");
