@@ -17,6 +17,7 @@ import re
 import sys
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from benchmarks import common
@@ -53,6 +54,7 @@ def _running_version(client: Any, url: str) -> str | None:
 def build_variants(client: Any, *, user: Any) -> list[common.Variant]:
     """The floor plus the fragment and detail requests for a running and a completed run."""
     from django.urls import reverse
+    from django.utils import timezone
 
     from agentic_django.models import AgentRun, AgentSession
     from agentic_django.services import create_run
@@ -64,12 +66,18 @@ def build_variants(client: Any, *, user: Any) -> list[common.Variant]:
     if completed.status != AgentRun.Status.COMPLETED:
         raise RuntimeError(f"the completed run is {completed.status}: {completed.error}")
     session = AgentSession.objects.create(owner=user, session_key=uuid.uuid4().hex)
+    now = timezone.now()
+    # A healthy running run: claimed, with a lease that outlives the benchmark.
     running = AgentRun.objects.create(
         session=session,
         owner=user,
         agent_key="chat",
         input_payload="Hi",
         status=AgentRun.Status.RUNNING,
+        attempt=1,
+        started_at=now,
+        heartbeat_at=now,
+        lease_expires_at=now + timedelta(hours=1),
     )
 
     def url(name: str, run: Any) -> str:
