@@ -197,7 +197,7 @@ def _schemas() -> dict[str, Any]:
                 "agent_key": {"anyOf": [_agent_key(), {"const": ""}]},
                 "next": {
                     "type": "string",
-                    "description": "A same-site URL to redirect to (302) instead of JSON.",
+                    "description": "A path on this site to redirect to (302); else ignored.",
                 },
             },
             "required": ["input"],
@@ -357,7 +357,7 @@ def _paths() -> dict[str, Any]:
                             }
                         },
                     },
-                    "302": {"description": "Form post with a same-site `next`: redirect there."},
+                    "302": {"description": "Form post with a local-path `next`: redirect there."},
                     **_errors(403, 413, 429),
                 },
             }
