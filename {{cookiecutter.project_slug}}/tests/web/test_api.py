@@ -406,6 +406,19 @@ def test_htmx_cancel_returns_the_fragment_and_triggers_run_update(api, make_run,
     assert "Cancelled." in response.content.decode()
 
 
+def test_cancelling_a_running_run_asks_it_to_stop(api, make_run, user):
+    run = make_run(user, status=AgentRun.Status.RUNNING)
+    response = api.post(reverse("agents:run-cancel", args=[run.id]), headers=HTMX)
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "Cancelling…" in html
+    assert reverse("agents:run-cancel", args=[run.id]) not in html  # no second cancel button
+    assert 'hx-trigger="every 1s"' in html  # keeps polling until the worker stops
+    body = api.get(reverse("agents:run-detail", args=[run.id])).json()
+    assert body["status"] == "running" and body["cancel_requested"] is True
+
+
 def test_cancelling_a_finished_run_is_409(api, make_run, user):
     run = make_run(user, status=AgentRun.Status.COMPLETED, final_output="done")
     url = reverse("agents:run-cancel", args=[run.id])
