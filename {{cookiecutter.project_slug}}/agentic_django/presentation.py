@@ -176,6 +176,7 @@ class RunView:
 
     run: AgentRun
     entries: list[Entry]
+    item_count: int = 0
 
     @property
     def final_output_text(self) -> str:
@@ -189,14 +190,18 @@ class RunView:
     @property
     def version(self) -> str:
         """Changes whenever the fragment would look different; polls send it back."""
-        outputs = sum(1 for entry in self.entries if entry.output is not None)
-        cancelling = int(self.run.cancel_requested_at is not None)
-        return f"{self.run.status}.{len(self.entries)}.{outputs}.{cancelling}"
+        return run_version(self.run, self.item_count)
 
     @property
     def is_working(self) -> bool:
         """True while the run is pending or running."""
         return not self.run.is_terminal
+
+
+def run_version(run: AgentRun, item_count: int) -> str:
+    """A fingerprint of what a run fragment shows, from the run row and its item count."""
+    cancelling = int(run.cancel_requested_at is not None)
+    return f"{run.status}.{item_count}.{cancelling}"
 
 
 def run_view(run: AgentRun, items: Sequence[AgentSessionItem] | None = None) -> RunView:
@@ -206,7 +211,7 @@ def run_view(run: AgentRun, items: Sequence[AgentSessionItem] | None = None) -> 
     entries = entries_from_items(item.payload for item in items)
     if not any(e.kind == "message" and e.role == "user" for e in entries):
         entries = entries_from_items(input_items(run.input_payload)) + entries
-    return RunView(run, entries)
+    return RunView(run, entries, item_count=len(items))
 
 
 def conversation(session: AgentSession | None) -> dict[str, Any]:

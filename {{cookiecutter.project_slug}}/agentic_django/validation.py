@@ -16,12 +16,35 @@ from agentic_django.exceptions import (
 MAX_SESSION_KEY_LENGTH = 255
 
 
+def is_storable_text(text: str) -> bool:
+    """Whether every database can store ``text``: no NUL character, valid UTF-8."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # lone surrogates, e.g. from a JSON "\ud800" escape
+        return False
+    return True
+
+
+def _storable(value: Any) -> bool:
+    if isinstance(value, str):
+        return is_storable_text(value)
+    if isinstance(value, dict):
+        return all(_storable(key) and _storable(item) for key, item in value.items())
+    if isinstance(value, list):
+        return all(_storable(item) for item in value)
+    return True
+
+
 def validate_session_key(session_key: Any) -> str:
     """Return a usable session key or raise ``InvalidRunInput``."""
     if not isinstance(session_key, str) or not session_key.strip():
         raise InvalidRunInput("A session key is required.")
     if len(session_key) > MAX_SESSION_KEY_LENGTH:
         raise InvalidRunInput(f"The session key is longer than {MAX_SESSION_KEY_LENGTH} chars.")
+    if not is_storable_text(session_key):
+        raise InvalidRunInput("The session key contains a NUL or an invalid character.")
     return session_key
 
 
@@ -42,6 +65,8 @@ def validate_input_payload(payload: Any) -> str | list[dict[str, Any]]:
             raise InvalidRunInput("Each input item must be an object.")
     else:
         raise InvalidRunInput("The input must be text or a list of items.")
+    if not _storable(payload):
+        raise InvalidRunInput("The input contains a NUL or an invalid character.")
     try:
         size = len(json.dumps(payload, ensure_ascii=False).encode())
     except (TypeError, ValueError) as exc:

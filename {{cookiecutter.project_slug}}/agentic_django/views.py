@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.http.request import RawPostDataException
 from django.shortcuts import render
@@ -22,10 +23,11 @@ from agentic_django.conf import get_config
 from agentic_django.exceptions import RunNotCancellable
 from agentic_django.http import ApiError, api_view, is_htmx, parse_page, safe_next_url
 from agentic_django.models import AgentRun, AgentSession
-from agentic_django.presentation import conversation, run_view
+from agentic_django.presentation import conversation, run_version, run_view
 from agentic_django.ratelimit import enforce_rate_limit
+from agentic_django.recovery import recover_if_stuck
 from agentic_django.serializers import event_to_dict, item_to_dict, run_to_dict, session_to_dict
-from agentic_django.validation import MAX_SESSION_KEY_LENGTH
+from agentic_django.validation import MAX_SESSION_KEY_LENGTH, is_storable_text
 
 RUN_FRAGMENT_TEMPLATE = "agentic_django/partials/run_fragment.html"
 CONVERSATION_TEMPLATE = "agentic_django/partials/conversation.html"
@@ -35,12 +37,13 @@ CREATE_FIELDS = frozenset({"input", "session_key", "agent_key", "run_options"})
 BODY_OVERHEAD_BYTES = 64 * 1024
 
 
-def _owned_run(request: HttpRequest, run_id: str) -> AgentRun:
+def _owned_run(request: HttpRequest, run_id: str, queryset: QuerySet | None = None) -> AgentRun:
     try:
         pk = uuid.UUID(run_id)
     except ValueError:
         raise ApiError(400, "invalid_run_id", "The run id is not a valid UUID.") from None
-    run = AgentRun.objects.select_related("session").filter(pk=pk, owner=request.user).first()
+    queryset = AgentRun.objects.select_related("session") if queryset is None else queryset
+    run = queryset.filter(pk=pk, owner=request.user).first()
     if run is None:
         raise ApiError(404, "not_found", "No such run.")
     return run
@@ -49,6 +52,8 @@ def _owned_run(request: HttpRequest, run_id: str) -> AgentRun:
 def _owned_session(request: HttpRequest, session_key: str) -> AgentSession:
     if len(session_key) > MAX_SESSION_KEY_LENGTH:
         raise ApiError(400, "invalid_session_key", "The session key is too long.")
+    if not is_storable_text(session_key):
+        raise ApiError(404, "not_found", "No such session.")  # no stored key can match it
     session = AgentSession.objects.filter(owner=request.user, session_key=session_key).first()
     if session is None:
         raise ApiError(404, "not_found", "No such session.")
@@ -132,17 +137,24 @@ def run_create(request: HttpRequest) -> HttpResponse:
 @api_view("GET")
 def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
     """The run's status, output, error and usage as JSON."""
-    return JsonResponse(run_to_dict(_owned_run(request, run_id)))
+    run = _owned_run(request, run_id)
+    if recover_if_stuck(run):
+        run.refresh_from_db()
+    return JsonResponse(run_to_dict(run))
 
 
 @api_view("GET")
 def run_fragment(request: HttpRequest, run_id: str) -> HttpResponse:
     """The run as an HTML fragment for htmx polling; 286 (stop polling) once it finished."""
-    run = _owned_run(request, run_id)
-    view = run_view(run)
-    if not run.is_terminal and request.GET.get("v") == view.version:
+    # One query decides a steady poll: the run row with the count of items it wrote.
+    run = _owned_run(request, run_id, AgentRun.objects.annotate(item_count=Count("session_items")))
+    if recover_if_stuck(run):
+        run = _owned_run(
+            request, run_id, AgentRun.objects.annotate(item_count=Count("session_items"))
+        )
+    if not run.is_terminal and request.GET.get("v") == run_version(run, run.item_count):
         return HttpResponse(status=204)  # unchanged: htmx keeps the element and polls again
-    context = {"run": run, "view": view}
+    context = {"run": run, "view": run_view(run)}
     if not (run.is_terminal and is_htmx(request)):
         return render(request, RUN_FRAGMENT_TEMPLATE, context)
     response = HttpResponseStopPolling(render(request, RUN_FRAGMENT_TEMPLATE, context).content)

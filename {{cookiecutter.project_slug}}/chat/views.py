@@ -11,7 +11,7 @@ from django.views.decorators.http import require_GET
 
 from agentic_django.conf import get_config
 from agentic_django.http import api_view
-from agentic_django.validation import MAX_SESSION_KEY_LENGTH
+from agentic_django.validation import MAX_SESSION_KEY_LENGTH, is_storable_text
 from chat.conversations import find_session, recent_conversations
 
 
@@ -37,7 +37,7 @@ def index(request: HttpRequest) -> HttpResponse:
 @require_GET
 def conversation(request: HttpRequest, session_key: str) -> HttpResponse:
     """One of the user's conversations (empty if nothing was sent under this key yet)."""
-    if len(session_key) > MAX_SESSION_KEY_LENGTH:
+    if len(session_key) > MAX_SESSION_KEY_LENGTH or not is_storable_text(session_key):
         raise Http404("No such conversation.")
     return _chat_page(request, session_key)
 

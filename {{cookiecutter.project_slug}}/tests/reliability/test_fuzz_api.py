@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import schemathesis
 from django.conf import settings
-from django.db import connection
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import events, from_schema
 
@@ -124,8 +123,7 @@ def test_every_operation_survives_fuzzing(live_server, http):
                 "mode": "all",
                 "max-examples": EXAMPLES,
                 "database": "none",
-                # NUL characters are a known bug on PostgreSQL (see NUL_BUG in test_fuzz_forms.py).
-                "allow-x00": connection.vendor != "postgresql",
+                "allow-x00": True,
             },
             "phases": {"examples": {"enabled": False}},
             "checks": {
