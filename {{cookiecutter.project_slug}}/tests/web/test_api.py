@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
+from agentic_django import recovery
 from agentic_django.models import AgentEvent, AgentRun, AgentSession
 from tests.web.conftest import BROWSER, HTMX
 from tests.web.registry import MODEL_ERROR
@@ -272,6 +275,34 @@ def test_fragment_answers_204_while_nothing_changed(api, make_run, user):
     assert api.get(url, {"v": version}, headers=HTMX).status_code == 204
     AgentRun.objects.filter(pk=run.pk).update(status=AgentRun.Status.RUNNING)
     assert api.get(url, {"v": version}, headers=HTMX).status_code == 200
+
+
+def test_a_steady_poll_costs_three_queries(api, make_run, user, django_assert_num_queries):
+    run = make_run(user, status=AgentRun.Status.RUNNING, attempt=1)
+    AgentRun.objects.filter(pk=run.pk).update(
+        lease_expires_at=timezone.now() + timedelta(minutes=5)
+    )
+    url = reverse("agents:run-fragment", args=[run.id])
+    html = api.get(url, headers=HTMX).content.decode()
+    version = html.split('"v": "', 1)[1].split('"', 1)[0]
+
+    with django_assert_num_queries(3):  # session, user, the run with its item count
+        assert api.get(url, {"v": version}, headers=HTMX).status_code == 204
+
+
+@pytest.mark.parametrize("endpoint", ["agents:run-fragment", "agents:run-detail"])
+def test_polling_a_run_whose_worker_died_recovers_it(api, make_run, user, endpoint):
+    run = make_run(user, status=AgentRun.Status.RUNNING, attempt=1, input_payload="hi there")
+    AgentRun.objects.filter(pk=run.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    recovery.ensure_startup_recovery()  # this process started before the worker died
+
+    response = api.get(reverse(endpoint, args=[run.id]), headers=HTMX)
+
+    run.refresh_from_db()
+    assert (run.status, run.attempt) == ("completed", 2)
+    assert response.status_code in (200, 286)
 
 
 def test_fragment_of_a_completed_run_stops_polling_and_shows_the_output(api, make_run, user):
