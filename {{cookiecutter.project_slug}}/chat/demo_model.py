@@ -4,10 +4,12 @@ It reads the latest user message and, when the message asks for something a samp
 (the time, arithmetic, unit conversion, word counts), calls that tool -- or hands off to an agent
 that has it -- then answers from the tool output. Anything else gets a friendly canned reply.
 It needs no network, so a freshly generated project chats out of the box and tests run offline.
+A message starting with ``/slow N`` makes it think for N seconds first, to watch a long run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -30,6 +32,8 @@ _CONVERSION = re.compile(
 _WORD_COUNT = re.compile(r"\b(count|how many)\b.*\bwords?\b", re.IGNORECASE | re.DOTALL)
 _ARITHMETIC = re.compile(r"[-+*/^%\u00d7\u00f7().\d\s]*\d[-+*/^%\u00d7\u00f7().\d\s]*")
 _OPERATOR_BETWEEN_NUMBERS = re.compile(r"[\d)]\s*(?:\*\*|//|[-+*/^%\u00d7\u00f7])\s*[-+(]*\s*[\d(]")
+_SLOW = re.compile(r"^\s*/slow\s+(\d+(?:\.\d+)?)\s*", re.IGNORECASE)
+MAX_DELAY_SECONDS = 300.0
 _GREETING = re.compile(r"^\s*(hi|hello|hey|good (morning|afternoon|evening))\b", re.IGNORECASE)
 
 
@@ -105,6 +109,7 @@ class Transcript:
     earlier_user_messages: int
     tool_calls: dict[str, dict[str, Any]]
     tool_outputs: dict[str, str]
+    delay_seconds: float = 0.0
 
     @classmethod
     def from_input(cls, model_input: str | list[TResponseInputItem]) -> Transcript:
@@ -126,7 +131,14 @@ class Transcript:
                 outputs[item.get("call_id", "")] = (
                     output if isinstance(output, str) else json.dumps(output)
                 )
-        return cls(user_message, max(len(user_indexes) - 1, 0), calls, outputs)
+        delay = 0.0
+        slow = _SLOW.match(user_message)
+        if slow:
+            user_message = user_message[slow.end() :]
+            # Only the turn's first model call thinks slowly, not the ones after tool calls.
+            if not calls and not outputs:
+                delay = min(float(slow.group(1)), MAX_DELAY_SECONDS)
+        return cls(user_message, max(len(user_indexes) - 1, 0), calls, outputs, delay)
 
     def results_for(self, tool_names: set[str]) -> list[tuple[str, dict[str, Any], str]]:
         """(tool name, arguments, output) for this turn's completed calls of these tools."""
@@ -247,6 +259,7 @@ class DemoModel(Model):
         conversation_id: str | None,
         prompt: ResponsePromptParam | None,
     ) -> ModelResponse:
+        await asyncio.sleep(Transcript.from_input(input).delay_seconds)
         step = self._step(input, tools, handoffs)
         return ModelResponse(
             output=list(step.output), usage=step.usage, response_id=step.response_id
@@ -266,6 +279,7 @@ class DemoModel(Model):
         conversation_id: str | None,
         prompt: ResponsePromptParam | None,
     ) -> AsyncIterator[TResponseStreamEvent]:
+        await asyncio.sleep(Transcript.from_input(input).delay_seconds)
         # The SDK's scripted model turns one decided step into a faithful Responses event stream.
         scripted = ScriptedModel([self._step(input, tools, handoffs)])
         async for event in scripted.stream_response(

@@ -58,4 +58,9 @@ def build_assistant() -> Agent:
 
 def get_agent_registry() -> dict[str, Callable[[], Agent]]:
     """Map agent keys to factories; AGENTIC_DJANGO_DEFAULT_AGENT_KEY picks the default."""
-    return {"assistant": build_assistant, "toolsmith": build_toolsmith}
+    return {
+        "assistant": build_assistant,
+        "toolsmith": build_toolsmith,
+        # The key agentic_django's documentation uses in its examples.
+        "demo": build_assistant,
+    }

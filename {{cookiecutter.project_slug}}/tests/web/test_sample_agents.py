@@ -108,3 +108,18 @@ def test_the_openai_model_is_used_with_an_api_key(settings):
 
     assert isinstance(model, OpenAIResponsesModel)
     assert model.model == "gpt-test-mini"
+
+
+def test_slow_messages_think_once_then_answer_the_rest(monkeypatch):
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(seconds: float) -> None:
+        slept.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr("chat.demo_model.asyncio.sleep", record)
+    result = Runner.run_sync(get_agent_registry()["assistant"](), "/slow 7 What is 6 * 7?")
+
+    assert [s for s in slept if s] == [7.0]  # the first call of the turn only
+    assert "`6 * 7` = **42**" in result.final_output
