@@ -13,6 +13,11 @@ def _test_settings(settings):
     settings.TASKS = IMMEDIATE_TASKS
     # The default PBKDF2 hasher would dominate a suite that creates users per test.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Pages render without collectstatic whatever DEBUG the environment sets.
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from benchmarks import run_events, run_overhead, run_polling
 
 TINY = ["--runs", "1", "--block", "1", "--warmup", "0"]
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
 def _rows(report: dict) -> list[dict]:

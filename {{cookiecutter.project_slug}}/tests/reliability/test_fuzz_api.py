@@ -29,6 +29,8 @@ from schemathesis.engine import events, from_schema
 from agentic_django.models import AgentRun
 from tests.reliability.conftest import login
 
+pytestmark = pytest.mark.slow
+
 CHECKS = (
     "not_a_server_error",
     "status_code_conformance",

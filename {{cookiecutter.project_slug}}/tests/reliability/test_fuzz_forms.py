@@ -20,7 +20,7 @@ from agentic_django.openapi import ERROR_CODES
 from tests.reliability import spec
 from tests.reliability.conftest import HTMX
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 CREATE = reverse("agents:run-create")
 BROWSER = {"Accept": "text/html,application/xhtml+xml"}
