@@ -6,6 +6,12 @@ import sys
 
 SLUG = "{{ cookiecutter.project_slug }}"
 EMAIL = "{{ cookiecutter.email }}"
+# Raw strings: a stray quote or backslash must reach the check, not break this file.
+TEXT_ANSWERS = {
+    "project_name": r"""{{ cookiecutter.project_name }}""",
+    "description": r"""{{ cookiecutter.description }}""",
+    "author_name": r"""{{ cookiecutter.author_name }}""",
+}
 CHOICES = {
     "task_backend": ("{{ cookiecutter.task_backend }}", ("rq", "database", "immediate")),
     "database": ("{{ cookiecutter.database }}", ("postgres", "sqlite")),
@@ -24,6 +30,14 @@ def errors() -> list[str]:
         found.append(
             f"project_slug {SLUG!r} clashes with a package the project uses: pick another name."
         )
+    for name, value in TEXT_ANSWERS.items():
+        if not value.strip() and name == "project_name":
+            found.append("project_name is empty.")
+        if any(char in value for char in '"\\') or "\n" in value:
+            found.append(
+                f"{name} {value!r} contains a double quote, a backslash or a line break: "
+                "they would end up inside the project's TOML and Python strings."
+            )
     if "@" not in EMAIL:
         found.append(f"email {EMAIL!r} does not look like an email address.")
     for name, (value, allowed) in CHOICES.items():

@@ -150,6 +150,8 @@ def test_generated_test_suite_passes(baked, combo: Combo, request):
         ({"project_slug": "class"}, "not a valid lowercase Python identifier"),
         ({"project_slug": "agentic_django"}, "clashes with a package"),
         ({"email": "nobody"}, "does not look like an email"),
+        ({"project_name": 'The "Best" App', "project_slug": "best"}, "contains a double quote"),
+        ({"description": "C:\\agents"}, "contains a double quote, a backslash"),
     ],
 )
 def test_bad_answers_are_rejected_with_a_clear_message(tmp_path, capfd, context, message):

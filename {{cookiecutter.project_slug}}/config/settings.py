@@ -1,4 +1,4 @@
-"""Settings for {{ cookiecutter.project_name }}: one module, configured from the environment (12-factor).
+"""Project settings: one module, configured from the environment (12-factor).
 
 Local values live in `.env` (git-ignored); `.env.example` documents every variable.
 """
@@ -9,6 +9,7 @@ import environ
 from django.utils.csp import CSP
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+PROJECT_NAME = "{{ cookiecutter.project_name }}"
 
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env")
@@ -64,6 +65,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "django.template.context_processors.csp",
+                "chat.context_processors.project",
             ],
         },
     },
