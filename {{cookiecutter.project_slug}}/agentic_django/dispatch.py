@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from django.db import transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db import connection, transaction
+from django.db.models import Exists, F, Func, IntegerField, OuterRef, Q, Subquery
+from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
 from agentic_django.conf import get_config
@@ -27,6 +28,8 @@ Status = AgentRun.Status
 SLOT_STATUSES = (Status.RUNNING,)
 SESSION_BLOCKING_STATUSES = (Status.RUNNING,)
 LOCK_NAME = "runs"
+# task_id of a run a dispatcher is enqueueing, until the broker gives the task its id.
+QUEUED = "queued"
 
 
 def enqueue_on_commit(run_id: str) -> None:
@@ -34,33 +37,47 @@ def enqueue_on_commit(run_id: str) -> None:
     transaction.on_commit(lambda: dispatch_run(run_id))
 
 
-def dispatch_run(run_id: str) -> None:
-    """Enqueue the run's task if it could start now; otherwise a finishing run will do it."""
+def dispatch_run(run_id: str, *, redispatch: bool = False) -> None:
+    """Enqueue the run's task if it could start now; otherwise a finishing run will do it.
+
+    ``redispatch`` also enqueues a run that already has a task (one the broker may have lost).
+    """
     from agentic_django.recovery import ensure_startup_recovery, recover_stale_blockers
 
     ensure_startup_recovery()
-    run = AgentRun.objects.filter(pk=run_id).first()
-    if run is None:
-        logger.warning("agentic_django: run %s does not exist; nothing to enqueue", run_id)
+    # One conditional UPDATE decides and reserves: only one dispatcher enqueues the run.
+    runs = AgentRun.objects.filter(pk=run_id, status=Status.PENDING)
+    if not redispatch:
+        runs = runs.filter(task_id="")
+    if runs.filter(~Exists(_blockers()), _slot_free()).update(task_id=QUEUED):
+        _enqueue(run_id)
         return
-    if run.status != Status.PENDING:
-        return
-    if _blocked_in_session(run) or _free_slots() <= 0:
-        # A dead worker's expired lease must not hold the queue until the next restart.
-        recover_stale_blockers()
-        return
-    _enqueue(run_id)
+    # Blocked or full (or not pending): a dead worker's expired lease must not hold the queue.
+    recover_stale_blockers()
 
 
 def dispatch_next() -> int:
     """Enqueue the oldest eligible pending runs that fit in the free slots; return how many."""
-    free = _free_slots()
-    if free <= 0:
+    config = get_config()
+    # Runs with a task are skipped, unless pending longer than a lease (the task may be lost).
+    cutoff = timezone.now() - timedelta(seconds=config.lease_seconds)
+    heads = list(
+        _session_heads()
+        .filter(Q(task_id="") | Q(created_at__lt=cutoff))
+        .annotate(running=_running_count())
+        .order_by("created_at", "id")
+        .values_list("id", "running", "task_id")[: config.concurrency_limit]
+    )
+    if not heads:
         return 0
-    heads = list(_session_heads().order_by("created_at", "id").values_list("id", flat=True)[:free])
-    for run_id in heads:
-        _enqueue(str(run_id))
-    return len(heads)
+    free = config.concurrency_limit - (heads[0][1] or 0)
+    count = 0
+    for run_id, _running, task_id in heads[: max(free, 0)]:
+        reserved = AgentRun.objects.filter(pk=run_id, status=Status.PENDING, task_id=task_id)
+        if reserved.update(task_id=QUEUED):
+            _enqueue(str(run_id))
+            count += 1
+    return count
 
 
 def claim(run_id: str, *, task_id: str = "") -> AgentRun | None:
@@ -70,31 +87,59 @@ def claim(run_id: str, *, task_id: str = "") -> AgentRun | None:
     or comes first, or the concurrency limit is reached.
     """
     config = get_config()
-    with transaction.atomic():
-        # Every claim takes this lock, so counting running runs below cannot race.
-        DispatchLock.objects.select_for_update().get_or_create(name=LOCK_NAME)
-        run = AgentRun.objects.filter(pk=run_id).first()
-        if run is None or run.status != Status.PENDING:
-            return None
-        if _blocked_in_session(run):
-            return None
-        if AgentRun.objects.filter(status__in=SLOT_STATUSES).count() >= config.concurrency_limit:
-            return None
-        now = timezone.now()
-        updates = {
-            "status": Status.RUNNING,
-            "started_at": now,
-            "heartbeat_at": now,
-            "lease_expires_at": now + timedelta(seconds=config.lease_seconds),
-            "attempt": F("attempt") + 1,
-            "error": "",
-        }
-        if task_id:
-            updates["task_id"] = task_id
-        if not AgentRun.objects.filter(pk=run_id, status=Status.PENDING).update(**updates):
-            return None
-    run.refresh_from_db()
+    now = timezone.now()
+    updates = {
+        "status": Status.RUNNING,
+        "started_at": now,
+        "heartbeat_at": now,
+        "lease_expires_at": now + timedelta(seconds=config.lease_seconds),
+        "attempt": F("attempt") + 1,
+        "error": "",
+    }
+    if task_id:
+        updates["task_id"] = task_id
+    claimable = AgentRun.objects.filter(pk=run_id, status=Status.PENDING).filter(
+        ~Exists(_blockers()), _slot_free()
+    )
+    if connection.vendor == "sqlite":
+        # SQLite runs one writer at a time: a single UPDATE sees every committed claim.
+        run = _update_returning(claimable, updates)
+    else:
+        with transaction.atomic():
+            # Every claim takes this lock, so the running count in the UPDATE cannot race.
+            DispatchLock.objects.select_for_update().get_or_create(name=LOCK_NAME)
+            run = _update_returning(claimable, updates)
+    if run is None:
+        _release(run_id, task_id)
     return run
+
+
+def _update_returning(queryset, updates: dict) -> AgentRun | None:
+    """Apply ``updates`` to the (single) matched row and return it as updated, or None."""
+    if not connection.features.can_return_rows_from_update:
+        pks = list(queryset.values_list("pk", flat=True)[:1])
+        if not pks or not AgentRun.objects.filter(pk=pks[0]).filter(
+            pk__in=queryset.values("pk")
+        ).update(**updates):
+            return None
+        return AgentRun.objects.get(pk=pks[0])
+    query = queryset.query.chain(UpdateQuery)
+    query.add_update_values(updates)
+    fields = AgentRun._meta.concrete_fields
+    rows = query.get_compiler(queryset.db).execute_returning_sql(fields)
+    if not rows:
+        return None
+    return AgentRun.from_db(queryset.db, [f.attname for f in fields], rows[0])
+
+
+def _release(run_id: str, task_id: str) -> None:
+    """A pending run this task could not claim waits for a later dispatch."""
+    # Clearing the task mark makes dispatch_next pick the run up when something finishes;
+    # re-checking after the clear closes the race with a run that finished just before it.
+    if AgentRun.objects.filter(
+        pk=run_id, status=Status.PENDING, task_id__in=[t for t in (task_id, QUEUED) if t]
+    ).update(task_id=""):
+        dispatch_run(run_id)
 
 
 def cancel(run: AgentRun) -> AgentRun:
@@ -138,34 +183,39 @@ def _enqueue(run_id: str) -> None:
         if fail_pending(run_id, EnqueueFailed.message):
             dispatch_next()
         return
-    # A plain column update: never changes the status a fast worker may already have set.
-    AgentRun.objects.filter(pk=run_id, task_id="").update(task_id=result.id)
+    if result.is_finished:
+        return  # Ran in-process: the claim already stored the task id.
+    # Only replaces this dispatcher's mark: a worker that already ran or released the run wins.
+    AgentRun.objects.filter(pk=run_id, task_id=QUEUED).update(task_id=result.id)
 
 
-def _free_slots() -> int:
-    running = AgentRun.objects.filter(status__in=SLOT_STATUSES).count()
-    return get_config().concurrency_limit - running
+def _running_count():
+    """Subquery: how many runs hold a worker slot."""
+    running = AgentRun.objects.filter(status__in=SLOT_STATUSES).order_by()
+    count = Func(F("pk"), function="COUNT", output_field=IntegerField())
+    return Subquery(running.annotate(n=count).values("n")[:1], output_field=IntegerField())
 
 
-def _blocked_in_session(run: AgentRun) -> bool:
-    """True if another run of the session is active or was submitted earlier and still waits."""
-    earlier = Q(created_at__lt=run.created_at) | Q(created_at=run.created_at, id__lt=run.id)
+def _slot_free() -> Q:
+    """Condition: fewer runs hold a slot than the concurrency limit allows."""
+    limit = get_config().concurrency_limit
+    # "No limit-th running run exists", i.e. running < limit, as an indexed EXISTS.
+    nth = AgentRun.objects.filter(status__in=SLOT_STATUSES).order_by().values("pk")
+    return ~Exists(nth[limit - 1 : limit])
+
+
+def _blockers():
+    """Runs of the outer run's session that keep it from starting (active or ahead of it)."""
+    earlier = Q(created_at__lt=OuterRef("created_at")) | Q(
+        created_at=OuterRef("created_at"), id__lt=OuterRef("id")
+    )
     return (
-        AgentRun.objects.filter(session_id=run.session_id)
-        .exclude(pk=run.pk)
+        AgentRun.objects.filter(session_id=OuterRef("session_id"))
+        .exclude(pk=OuterRef("pk"))
         .filter(Q(status__in=SESSION_BLOCKING_STATUSES) | (Q(status=Status.PENDING) & earlier))
-        .exists()
     )
 
 
 def _session_heads():
     """Pending runs that are first in line on a session with nothing active."""
-    session_runs = AgentRun.objects.filter(session_id=OuterRef("session_id"))
-    earlier_pending = session_runs.filter(status=Status.PENDING).filter(
-        Q(created_at__lt=OuterRef("created_at"))
-        | Q(created_at=OuterRef("created_at"), id__lt=OuterRef("id"))
-    )
-    active = session_runs.filter(status__in=SESSION_BLOCKING_STATUSES)
-    return AgentRun.objects.filter(status=Status.PENDING).filter(
-        ~Exists(earlier_pending), ~Exists(active)
-    )
+    return AgentRun.objects.filter(status=Status.PENDING).filter(~Exists(_blockers()))

@@ -69,7 +69,12 @@ class EventRecorder:
     def record(self, event_type: str, payload: dict[str, Any]) -> AgentEvent:
         """Store one event now and notify ``agent_run_event`` receivers."""
         if self._next_sequence is None:
-            last = self.run.events.aggregate(last=Max("sequence"))["last"]
+            # A first attempt has no events yet; a retry continues after the earlier ones.
+            last = (
+                self.run.events.aggregate(last=Max("sequence"))["last"]
+                if self.run.attempt > 1
+                else 0
+            )
             self._next_sequence = (last or 0) + 1
         event = AgentEvent.objects.create(
             run=self.run,

@@ -43,6 +43,8 @@ MAX_ERROR_LENGTH = 500
 # How often a running run looks for a cancellation request or a lost claim.
 POLL_SECONDS = 1.0
 DRAIN_SECONDS = 5.0
+# Events after which the SDK starts another turn; the watcher covers the time in between.
+TURN_END_EVENTS = frozenset({"tool_output", "handoff", "mcp_approval_response"})
 
 
 def execute(run_id: str, *, task_id: str = "") -> str:
@@ -79,7 +81,8 @@ def execute_claimed_run(run: AgentRun) -> str:
     else:
         _finish(run, outcome)
     dispatch_next()
-    run.refresh_from_db()
+    if outcome.lost:
+        run.refresh_from_db()
     return run.status
 
 
@@ -122,8 +125,9 @@ async def _stream(
                     continue
                 if recorder is not None:
                     await sync_to_async(recorder.record)(*described)
-                # Checked per item: the SDK waits for us before starting the next turn.
-                await monitor.check()
+                if described[0] in TURN_END_EVENTS:
+                    # A turn's tools are done: look now, before the SDK asks the model again.
+                    await monitor.check()
     except TimeoutError:
         await _stop(result)
         seconds = config.run_timeout_seconds
@@ -234,20 +238,26 @@ class _Monitor:
 
 def _finish(run: AgentRun, outcome: Outcome) -> None:
     now = timezone.now()
-    updated = AgentRun.objects.filter(pk=run.pk, status=Status.RUNNING, attempt=run.attempt).update(
-        status=outcome.status,
-        error=outcome.error,
-        final_output=outcome.final_output,
-        last_response_id=outcome.last_response_id,
-        finished_at=now,
-        lease_expires_at=None,
-        heartbeat_at=now,
+    updates = {
+        "status": outcome.status,
+        "error": outcome.error,
+        "final_output": outcome.final_output,
+        "last_response_id": outcome.last_response_id,
+        "finished_at": now,
+        "lease_expires_at": None,
+        "heartbeat_at": now,
         **outcome.usage,
-    )
-    if not updated:
+    }
+    running = AgentRun.objects.filter(pk=run.pk, status=Status.RUNNING, attempt=run.attempt)
+    if not running.update(**updates):
         logger.warning("agentic_django: run %s changed while running; result dropped", run.pk)
+        run.refresh_from_db()
         return
-    run.refresh_from_db()
+    # Only cancel_requested_at can change under a claimed run; keep the rest from memory.
+    for name, value in updates.items():
+        setattr(run, name, value)
+    if outcome.status == Status.CANCELLED and run.cancel_requested_at is None:
+        run.refresh_from_db(fields=["cancel_requested_at"])
     signal = {
         Status.COMPLETED: agent_run_completed,
         Status.FAILED: agent_run_failed,

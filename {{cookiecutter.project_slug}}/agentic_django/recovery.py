@@ -90,7 +90,7 @@ def recover_if_stuck(run: AgentRun) -> bool:
         return False
     if not cache.add(f"agentic_django:redispatch:{run.pk}", 1, timeout=config.lease_seconds):
         return False
-    dispatch_run(str(run.pk))
+    dispatch_run(str(run.pk), redispatch=True)
     return True
 
 
@@ -167,6 +167,8 @@ def _requeue(run: AgentRun, *, stale_only: bool) -> bool:
                 "error": "",
                 "final_output": None,
                 "cancel_requested_at": None,
+                # No task exists for the new attempt yet: dispatch_next must pick it up.
+                "task_id": "",
             }
         AgentRun.objects.filter(pk=current.pk, status=current.status).update(
             lease_expires_at=None, heartbeat_at=None, **updates

@@ -2,7 +2,8 @@
 
 ``DatabaseSession(agent_session)`` can be passed straight to ``Runner.run(..., session=...)``.
 Items are stored as ``AgentSessionItem`` rows; sequence numbers are assigned while the
-``AgentSession`` row is locked, so concurrent writers never interleave or collide.
+``AgentSession`` row is locked (on SQLite, which runs one writer at a time, inside a single
+statement), so concurrent writers never interleave or collide.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from asgiref.sync import sync_to_async
-from django.db import transaction
-from django.db.models import Max
+from django.db import connection, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -67,6 +67,7 @@ class DatabaseSession:
         if isinstance(serializer, str):
             serializer = import_string(serializer)()
         self.serializer: ItemSerializer = serializer or JSONItemSerializer()
+        self._touched = False
 
     async def get_items(self, limit: int | None = None) -> list[Any]:
         """Return the history oldest first; with ``limit``, only the latest ``limit`` items."""
@@ -103,23 +104,86 @@ class DatabaseSession:
         if not items:
             return
         payloads = [self.serializer.dumps(item) for item in items]
-        with transaction.atomic():
-            self._lock_session()
-            self._check_claim()
-            last = AgentSessionItem.objects.filter(session_id=self.session_pk).aggregate(
-                last=Max("sequence")
-            )["last"]
-            start = (last or 0) + 1
-            AgentSessionItem.objects.bulk_create(
-                AgentSessionItem(
-                    session_id=self.session_pk,
-                    sequence=start + offset,
-                    payload=payload,
-                    run_id=self._run_pk,
-                )
-                for offset, payload in enumerate(payloads)
+        if connection.vendor == "sqlite":
+            # SQLite runs one writer at a time, so one INSERT ... SELECT is atomic on its own.
+            inserted = self._insert(payloads)
+            if inserted and not self._touched:
+                AgentSession.objects.filter(pk=self.session_pk).update(updated_at=timezone.now())
+                self._touched = True
+        else:
+            with transaction.atomic():
+                # Row lock (serializes writers on the session) and touch in one statement.
+                if not AgentSession.objects.filter(pk=self.session_pk).update(
+                    updated_at=timezone.now()
+                ):
+                    raise AgentSession.DoesNotExist(
+                        f"Agent session {self.session_pk} does not exist."
+                    )
+                inserted = self._insert(payloads)
+        if not inserted:
+            if not AgentSession.objects.filter(pk=self.session_pk).exists():
+                raise AgentSession.DoesNotExist(f"Agent session {self.session_pk} does not exist.")
+            self._reject()
+
+    def _insert(self, payloads: list[Any]) -> int:
+        """Append ``payloads`` after the last sequence, if the claim still holds; rows written.
+
+        Sequence, claim check and insert are one statement, so they see the same state.
+        """
+        item_meta = AgentSessionItem._meta
+        run_meta = AgentRun._meta
+        qn = connection.ops.quote_name
+
+        def column(meta: Any, name: str) -> str:
+            return qn(meta.get_field(name).column)
+
+        payload_field = item_meta.get_field("payload")
+        rows = " UNION ALL ".join(
+            f"SELECT {offset} AS k, %s AS payload" for offset in range(1, len(payloads) + 1)
+        )
+        item_table = qn(item_meta.db_table)
+        session_table = qn(AgentSession._meta.db_table)
+        item_session, sequence = column(item_meta, "session"), column(item_meta, "sequence")
+        columns = ", ".join(
+            column(item_meta, name)
+            for name in ("session", "sequence", "payload", "run", "created_at")
+        )
+        session_pk = column(AgentSession._meta, "id")
+        # Only quoted model names and placeholders are interpolated; every value is a parameter.
+        sql = (
+            f"INSERT INTO {item_table} ({columns}) "  # noqa: S608
+            f"SELECT %s, base.last + v.k, v.payload, %s, %s FROM ({rows}) v, "
+            f"(SELECT COALESCE(MAX({sequence}), 0) AS last FROM {item_table} "
+            f"WHERE {item_session} = %s) base "
+            f"WHERE EXISTS (SELECT 1 FROM {session_table} WHERE {session_pk} = %s)"
+        )
+        params: list[Any] = [
+            self.session_pk,
+            item_meta.get_field("run").get_db_prep_value(self._run_pk, connection),
+            item_meta.get_field("created_at").get_db_prep_value(timezone.now(), connection),
+            *(payload_field.get_db_prep_value(payload, connection) for payload in payloads),
+            self.session_pk,
+            self.session_pk,
+        ]
+        if self._run_pk is not None:
+            sql += (
+                f" AND EXISTS (SELECT 1 FROM {qn(run_meta.db_table)} "  # noqa: S608
+                f"WHERE {column(run_meta, 'id')} = %s AND {column(run_meta, 'status')} = %s "
+                f"AND {column(run_meta, 'attempt')} = %s)"
             )
-            AgentSession.objects.filter(pk=self.session_pk).update(updated_at=timezone.now())
+            params += [
+                run_meta.pk.get_db_prep_value(self._run_pk, connection),
+                AgentRun.Status.RUNNING,
+                self._run_attempt,
+            ]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.rowcount
+
+    def _reject(self) -> None:
+        raise SessionWriteRejected(
+            f"Run {self._run_pk} no longer holds its claim; its session write was dropped."
+        )
 
     def pop_item_sync(self) -> Any | None:
         """Synchronous ``pop_item``."""
@@ -155,9 +219,7 @@ class DatabaseSession:
             pk=self._run_pk, status=AgentRun.Status.RUNNING, attempt=self._run_attempt
         ).exists()
         if not still_owned:
-            raise SessionWriteRejected(
-                f"Run {self._run_pk} no longer holds its claim; its session write was dropped."
-            )
+            self._reject()
 
 
 def session_for_run(run: AgentRun) -> DatabaseSession:
