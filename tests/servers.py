@@ -71,6 +71,28 @@ class Server:
                 self.process.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def restart(self, stop_signal: int = signal.SIGTERM, down_for: float = 0.0) -> None:
+        """Stop the server with `stop_signal`, wait `down_for` seconds, start it again on the
+        same port with the same data."""
+        if self.process.poll() is None:
+            # The server itself: `runuser` (PostgreSQL as root) does not pass SIGINT on.
+            pidfile = self.extra.get("pidfile")
+            pid = int(pidfile.read_text().split()[0]) if pidfile else self.process.pid
+            os.kill(pid, stop_signal)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        time.sleep(down_for)
+        log = open(self.extra["log"], "ab")  # noqa: SIM115 - kept open for the server's life
+        self.process = subprocess.Popen(
+            self.extra["argv"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        wait_for_port(self.port)
+        if "psql" in self.extra:
+            _wait_for_sql(self.extra["psql"], self.port, "SELECT 1")
+
 
 def start_postgres(port: int | None = None) -> Server:
     """A fresh cluster with trust auth on 127.0.0.1; the URL names database `app` owned by `app`."""
@@ -98,10 +120,11 @@ def start_postgres(port: int | None = None) -> Server:
     )  # fmt: skip
     log = open(workdir / "postgres.log", "wb")  # noqa: SIM115 - kept open for the server's life
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(url="", port=port, process=process, workdir=workdir)
+    server = Server(url="", port=port, process=process, workdir=workdir, extra={"argv": argv})
+    server.extra.update(log=workdir / "postgres.log", pidfile=data / "postmaster.pid")
     try:
         wait_for_port(port)
-        psql = _postgres_bin("psql")
+        psql = server.extra["psql"] = _postgres_bin("psql")
         _wait_for_sql(psql, port, "CREATE ROLE app LOGIN SUPERUSER PASSWORD 'app'")
         _wait_for_sql(psql, port, "CREATE DATABASE app OWNER app")
     except Exception:
@@ -127,8 +150,8 @@ def _wait_for_sql(psql: str, port: int, sql: str, timeout: float = 30.0) -> None
         time.sleep(0.2)
 
 
-def start_redis(port: int | None = None) -> Server:
-    """A throwaway Redis with no persistence on 127.0.0.1."""
+def start_redis(port: int | None = None, *, appendonly: bool = False) -> Server:
+    """A throwaway Redis on 127.0.0.1; no persistence unless `appendonly` (as in compose)."""
     binary = shutil.which("redis-server")
     if not binary:
         raise ServerUnavailable("redis-server not found: apt-get install redis-server")
@@ -139,12 +162,18 @@ def start_redis(port: int | None = None) -> Server:
         "--bind", "127.0.0.1",
         "--port", str(port),
         "--save", "",
-        "--appendonly", "no",
+        "--appendonly", "yes" if appendonly else "no",
         "--dir", str(workdir),
     ]  # fmt: skip
     log = open(workdir / "redis.log", "wb")  # noqa: SIM115 - kept open for the server's life
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(url=f"redis://127.0.0.1:{port}/0", port=port, process=process, workdir=workdir)
+    server = Server(
+        url=f"redis://127.0.0.1:{port}/0",
+        port=port,
+        process=process,
+        workdir=workdir,
+        extra={"argv": argv, "log": workdir / "redis.log"},
+    )
     try:
         wait_for_port(port)
     except Exception:
