@@ -425,3 +425,60 @@ def test_database_backend_worker_and_web_killed(database_stack: Deployment, tmp_
         database_stack, load, tmp_path, allowed_retries=len(database_stack.workers())
     )
     assert result.ok, result.problems
+
+
+# --- the audit itself ---------------------------------------------------------------------
+
+
+def test_audit_reports_every_broken_rule(rq_stack: Deployment, tmp_path: Path):
+    """The audit is only worth its pass if it fails: break each rule in the database after a
+    clean load and check that each break is reported."""
+    users = [f"audit-user-{number}" for number in range(2)]
+    rq_stack.create_users(users)
+    config = LoadConfig(
+        base_url=rq_stack.base_url,
+        users=[(name, LOAD_PASSWORD) for name in users],
+        seconds=4,
+        tag="audit",
+    )
+    report = BackgroundLoad(config).join()
+    assert wait_until_settled(rq_stack.database_url, users, timeout=SETTLE_SECONDS) == []
+    clean = audit(rq_stack.database_url, users, client_runs=report["runs"])
+    assert clean.ok, clean.problems
+    assert clean.runs >= 4
+
+    seen = [run for run in report["runs"] if run["id"]]
+    with psycopg.connect(rq_stack.database_url, autocommit=True) as connection:
+        sql = connection.execute
+        # A user message stored twice (as a retry that kept the dead attempt's items would).
+        sql(
+            "INSERT INTO agentic_django_agentsessionitem"
+            " (session_id, sequence, payload, run_id, created_at)"
+            " SELECT session_id, sequence + 1000, payload, run_id, created_at"
+            " FROM agentic_django_agentsessionitem WHERE run_id = %s ORDER BY sequence LIMIT 1",
+            (seen[0]["id"],),
+        )
+        # A run left behind; a run executed twice; a hole in an event log.
+        sql("UPDATE agentic_django_agentrun SET status = 'pending' WHERE id = %s", (seen[1]["id"],))
+        sql("UPDATE agentic_django_agentrun SET attempt = 2 WHERE id = %s", (seen[2]["id"],))
+        sql(
+            "DELETE FROM agentic_django_agentevent WHERE run_id = %s AND sequence = 1",
+            (seen[3]["id"],),
+        )
+        # A run that ended again after its client saw it end.
+        sql(
+            "UPDATE agentic_django_agentrun SET finished_at = finished_at + interval '1 second'"
+            " WHERE id = %s",
+            (seen[3]["id"],),
+        )
+    problems = "\n".join(audit(rq_stack.database_url, users, client_runs=report["runs"]).problems)
+    expected = [
+        f"run {seen[0]['id']}: 2 user messages",
+        "stored 2x",
+        f"run {seen[1]['id']} is still pending",
+        "1 extra attempt(s), but the faults explain 0",
+        f"run {seen[3]['id']}: event sequences",
+        f"run {seen[3]['id']}: a client saw it end",
+    ]
+    for text in expected:
+        assert text in problems, f"{text!r} not reported in:\n{problems}"
