@@ -415,16 +415,30 @@ def test_web_sigkill_loses_no_run(rq_stack: Deployment, tmp_path: Path):
 
 
 def test_database_backend_worker_and_web_killed(database_stack: Deployment, tmp_path: Path):
-    """The database backend (`db_worker`): both workers and the web are SIGKILLed mid-load
-    and restarted; every run ends once, at most one retry per killed worker."""
+    """The database backend (`db_worker`): both workers and the web are SIGKILLed mid-load,
+    one of them in the middle of a slow run, and restarted; the slow run is requeued and
+    completes on attempt 2, every run ends once, at most one retry per killed worker."""
+    if not has_slow_path(database_stack.stack.project):
+        pytest.skip("the demo model has no slow path ('/slow N') to kill a db_worker mid-run")
     load = start_load(database_stack, "dbkill")
+    client, slow = submit_slow_run(database_stack, "victim")
     for name in database_stack.workers():
         database_stack.kill(name)
     database_stack.kill("web")
+    database_stack.wait_healthy()
+    # Its user waits for the answer.
+    done = client.wait_for(slow, lambda run: run["is_terminal"], "terminal")
     _, result = finish(
-        database_stack, load, tmp_path, allowed_retries=len(database_stack.workers())
+        database_stack,
+        load,
+        tmp_path,
+        allowed_retries=len(database_stack.workers()),
+        extra_users=(USERNAME,),
+        extra_runs=(slow,),
     )
     assert result.ok, result.problems
+    assert done["status"] == "completed"
+    assert final_run(database_stack, slow)["attempt"] == 2
 
 
 # --- the audit itself ---------------------------------------------------------------------
