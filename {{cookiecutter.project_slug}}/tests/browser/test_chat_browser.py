@@ -10,7 +10,7 @@ from django.db import connections
 from playwright.sync_api import expect
 
 from agentic_django.models import AgentRun
-from agentic_django.services import enqueue_agent_run
+from agentic_django.tasks import execute_agent_run
 from tests.browser.conftest import screenshot
 from tests.web.registry import MODEL_ERROR
 
@@ -50,7 +50,7 @@ def run_in_background(run_id: str, settings, server) -> None:
         if shared is not None:
             connections["default"] = shared
         try:
-            enqueue_agent_run(run_id)
+            execute_agent_run.enqueue(run_id)  # the queued task reaches a worker
         except BaseException as exc:
             error.append(exc)
         finally:
