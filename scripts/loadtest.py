@@ -85,6 +85,7 @@ class RunRecord:
     finished_at: str | None = None
     error: str = ""
     seconds_to_terminal: float | None = None
+    terminal: bool = False
     started: float = 0.0
 
 
@@ -203,9 +204,9 @@ class LoadUser:
             if record is None:
                 await asyncio.sleep(0.5)
                 continue
-            if record.id is not None and not record.status.startswith("terminal:"):
+            if record.id is not None and not record.terminal:
                 await self._poll(record)
-            if record.status == "terminal:failed":
+            if record.terminal and record.status == "failed":
                 # A person reads the error before sending the next message.
                 await asyncio.sleep(FAILED_PAUSE_SECONDS)
 
@@ -268,9 +269,9 @@ class LoadUser:
         record.finished_at = body.get("finished_at")
         record.error = (body.get("error") or "")[:200]
         record.seconds_to_terminal = time.perf_counter() - started
+        record.terminal = True
         self.stats.terminal[body["status"]] += 1
         self.stats.run_latencies.append(record.seconds_to_terminal)
-        record.status = f"terminal:{body['status']}"
 
 
 class LoadTest:
@@ -308,16 +309,13 @@ class LoadTest:
         return self.report()
 
     def report(self) -> dict:
-        """Figures and the runs seen (`status` "terminal:<status>" once a client saw it end)."""
+        """Figures, and every run as its client last saw it (`terminal` once it saw it end)."""
         stats = self.stats
         elapsed = (self.finished or time.monotonic()) - self.started
         runs = [asdict(run) for run in stats.runs]
         for run in runs:
             del run["started"]
-            run["status"] = run["status"].removeprefix("terminal:")
-        unfinished = [
-            run for run in stats.runs if run.id and not run.status.startswith("terminal:")
-        ]
+        unfinished = [run for run in stats.runs if run.id and not run.terminal]
 
         def summary(values: list[float]) -> dict:
             return {

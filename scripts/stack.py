@@ -193,44 +193,12 @@ class Deployment:
         """Signal every process of the slot at once (`docker kill`); the supervisor restarts it."""
         kill_tree(self.process(name), sig)
 
-    def graceful_restart(self, name: str, timeout: float = 60.0) -> float:
-        """`docker compose restart`: SIGTERM to the main process only, wait, start again.
-
-        Returns how many seconds the process took to exit.
-        """
-        with self.held(name):
-            process = self.process(name)
-            sent = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                # compose's stop_grace_period is over: the container gets SIGKILL.
-                kill_tree(process, signal.SIGKILL)
-            took = time.monotonic() - sent
-            self.start_slot(name, self.slots[name].service)
-        return took
-
     def wait_healthy(self, timeout: float = 90.0) -> None:
         stop = time.monotonic() + timeout
         while not self.stack.healthy():
             if time.monotonic() > stop:
                 raise RuntimeError(f"web never became healthy:\n{self.log('web')[-4000:]}")
             time.sleep(0.3)
-
-    def manage(self, *args: str) -> str:
-        """`manage.py` with the web service's environment (as `docker compose exec web`)."""
-        result = subprocess.run(
-            ["python", "manage.py", *args],
-            cwd=self.stack.project,
-            env=self.stack.env_for("web"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"manage.py {args} failed:\n{result.stderr}")
-        return result.stdout
 
     def create_users(self, names: list[str], password: str = LOAD_PASSWORD) -> None:
         create_users(
@@ -534,15 +502,6 @@ def audit(
 # --- the load command --------------------------------------------------------------------
 
 
-def load_users(count: int, tag: str) -> list[str]:
-    return [f"{tag}-user-{number}" for number in range(count)]
-
-
-def run_load(config: LoadConfig) -> dict:
-    """Run the load test to its end against the deployment (in this thread)."""
-    return asyncio.run(LoadTest(config).run())
-
-
 def ambiguous_creates(report: dict) -> int:
     """Create requests whose outcome the client could not know (no answer, or a 5xx)."""
     failed = sum(1 for run in report["runs"] if run["create_status"] == "no response")
@@ -567,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="agentic-stack-"))
     workdir.mkdir(parents=True, exist_ok=True)
     tag = f"load{uuid.uuid4().hex[:6]}"
-    users = load_users(args.users, tag)
+    users = [f"{tag}-user-{number}" for number in range(args.users)]
     started = time.monotonic()
     built = build_project(workdir, combo)
     with native_stack(
@@ -582,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             max_requests=args.max_requests,
             tag=tag,
         )
-        report = run_load(config)
+        report = asyncio.run(LoadTest(config).run())
         left = wait_until_settled(deployment.database_url, users, timeout=LEASE_SECONDS * 5)
         result = audit(
             deployment.database_url,
