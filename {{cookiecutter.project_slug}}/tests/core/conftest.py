@@ -34,8 +34,6 @@ def _core_settings(settings: Any) -> Iterator[None]:
     settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = 4
     settings.AGENTIC_DJANGO_STARTUP_RECOVERY = "requeue"
     settings.AGENTIC_DJANGO_RUN_TIMEOUT = 60
-    # The default hasher costs ~0.4 s per test user on this suite's hot path.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     # Each test starts like a fresh process: startup recovery has not run yet.
     recovery.reset_startup_recovery()
     yield

@@ -28,8 +28,6 @@ def _reliability_settings(settings):
     # Fuzzing creates many runs; the limit itself is tested in tests/web/test_ratelimit.py.
     settings.AGENTIC_DJANGO_RATE_LIMIT = None
     settings.AGENTIC_DJANGO_ENABLE_EVENTS = True
-    # Users are created per test; the default PBKDF2 would dominate the run time.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture
