@@ -86,32 +86,36 @@ def claim(run_id: str, *, task_id: str = "") -> AgentRun | None:
     Returns the claimed run, or None if it is not pending, another run of its session runs
     or comes first, or the concurrency limit is reached.
     """
-    config = get_config()
-    now = timezone.now()
-    updates = {
-        "status": Status.RUNNING,
-        "started_at": now,
-        "heartbeat_at": now,
-        "lease_expires_at": now + timedelta(seconds=config.lease_seconds),
-        "attempt": F("attempt") + 1,
-        "error": "",
-    }
-    if task_id:
-        updates["task_id"] = task_id
     claimable = AgentRun.objects.filter(pk=run_id, status=Status.PENDING).filter(
         ~Exists(_blockers()), _slot_free()
     )
     if connection.vendor == "sqlite":
         # SQLite runs one writer at a time: a single UPDATE sees every committed claim.
-        run = _update_returning(claimable, updates)
+        run = _update_returning(claimable, _claim_updates(task_id))
     else:
         with transaction.atomic():
             # Every claim takes this lock, so the running count in the UPDATE cannot race.
             DispatchLock.objects.select_for_update().get_or_create(name=LOCK_NAME)
-            run = _update_returning(claimable, updates)
+            # Stamped once the lock is held: a run that finished while we waited came first.
+            run = _update_returning(claimable, _claim_updates(task_id))
     if run is None:
         _release(run_id, task_id)
     return run
+
+
+def _claim_updates(task_id: str) -> dict:
+    now = timezone.now()
+    updates = {
+        "status": Status.RUNNING,
+        "started_at": now,
+        "heartbeat_at": now,
+        "lease_expires_at": now + timedelta(seconds=get_config().lease_seconds),
+        "attempt": F("attempt") + 1,
+        "error": "",
+    }
+    if task_id:
+        updates["task_id"] = task_id
+    return updates
 
 
 def _update_returning(queryset, updates: dict) -> AgentRun | None:
