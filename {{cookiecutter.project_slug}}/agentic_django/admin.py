@@ -75,7 +75,7 @@ class SessionItemInline(ReadOnlyInline):
 class RunEventInline(ReadOnlyInline):
     model = AgentEvent
     formset = EventFormSet
-    fields = ("sequence", "event_type", "payload_preview", "created_at")
+    fields = ("sequence", "attempt", "event_type", "payload_preview", "created_at")
     readonly_fields = fields
     verbose_name_plural = f"events (latest {INLINE_LIMIT})"
 
@@ -127,6 +127,7 @@ class AgentRunAdmin(admin.ModelAdmin):
         "input_payload",
         "final_output",
         "error",
+        "error_detail",
         "requests",
         "input_tokens",
         "output_tokens",
@@ -135,6 +136,7 @@ class AgentRunAdmin(admin.ModelAdmin):
         "started_at",
         "finished_at",
         "task_id",
+        "dispatched_at",
         "attempt",
         "lease_expires_at",
         "heartbeat_at",
@@ -181,12 +183,12 @@ class AgentRunAdmin(admin.ModelAdmin):
 
 @admin.register(AgentEvent)
 class AgentEventAdmin(admin.ModelAdmin):
-    list_display = ("run", "sequence", "event_type", "created_at")
+    list_display = ("run", "sequence", "attempt", "event_type", "created_at")
     list_filter = ("event_type", "created_at")
     search_fields = ("=run__id", "event_type")
     raw_id_fields = ("run",)
     list_select_related = ("run",)
-    readonly_fields = ("run", "sequence", "event_type", "payload", "created_at")
+    readonly_fields = ("run", "sequence", "attempt", "event_type", "payload", "created_at")
     show_full_result_count = False
 
     def has_add_permission(self, request: HttpRequest) -> bool:

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-from importlib.util import find_spec
 from typing import Any
 
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
 
 from agentic_django.conf import load_config
 
 
+def _importable(path: str, setting: str, hint: str, check_id: str) -> list[checks.CheckMessage]:
+    try:
+        import_string(path)
+    except Exception as exc:  # a module that fails to import at all must be reported too
+        return [
+            checks.Error(f"{setting} {path!r} cannot be imported: {exc}", hint=hint, id=check_id)
+        ]
+    return []
+
+
 @checks.register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """Validate every setting and that the agent registry module exists (without importing it)."""
+    """Validate every setting and import the registry and serializer they name.
+
+    Importing the registry imports the Agents SDK: a process that runs the checks (web
+    server, worker) pays that once at start instead of on its first request or task.
+    """
     try:
         config = load_config()
     except ImproperlyConfigured as exc:
@@ -29,18 +43,19 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             )
         )
     else:
-        module_path = config.agent_registry.rpartition(".")[0]
-        try:
-            found = find_spec(module_path) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            messages.append(
-                checks.Error(
-                    f"AGENTIC_DJANGO_AGENT_REGISTRY module {module_path!r} cannot be found.",
-                    id="agentic_django.E003",
-                )
-            )
+        messages += _importable(
+            config.agent_registry,
+            "AGENTIC_DJANGO_AGENT_REGISTRY",
+            "Point it at a callable returning {agent_key: factory}.",
+            "agentic_django.E003",
+        )
+    if config.session_serializer:
+        messages += _importable(
+            config.session_serializer,
+            "AGENTIC_DJANGO_SESSION_SERIALIZER",
+            "Point it at a class with dumps(item) and loads(payload) methods.",
+            "agentic_django.E005",
+        )
     if "default" not in getattr(settings, "TASKS", {"default": None}):
         messages.append(
             checks.Error(

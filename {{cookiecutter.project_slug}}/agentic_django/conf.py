@@ -25,18 +25,12 @@ RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 
 _RATE_UNITS = {
-    "s": 1,
-    "sec": 1,
-    "second": 1,
-    "m": 60,
-    "min": 60,
-    "minute": 60,
-    "h": 3600,
-    "hour": 3600,
-    "d": 86400,
-    "day": 86400,
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600),
+    **dict.fromkeys(("d", "day", "days"), 86400),
 }
-_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?\s*$")
+_RATE_RE = re.compile(r"^(\d+)/(\d*)([a-z]+)$")
 
 DEFAULTS: dict[str, Any] = {
     "AGENT_REGISTRY": None,
@@ -92,11 +86,13 @@ class AgenticConfig:
     agent_registry: str | None
     default_agent_key: str
     default_run_options: dict[str, Any]
+    # This process's view; the limit in force is the one the latest worker recorded in the
+    # database (lifecycle.record_concurrency_limit), this value only until one has.
     concurrency_limit: int
     enable_events: bool
     rate_limit: RateLimit | None
-    max_input_bytes: int
-    max_input_items: int
+    max_input_bytes: int | None
+    max_input_items: int | None
     max_turns: int
     startup_recovery: str
     cleanup_policy: CleanupPolicy
@@ -127,15 +123,16 @@ def parse_rate_limit(value: Any) -> RateLimit | None:
     """Parse ``"20/m"``, ``"100/h"``, ``"5/10s"`` or ``None`` (no limit) into a ``RateLimit``."""
     if value in (None, ""):
         return None
-    match = _RATE_RE.match(str(value).lower()) if isinstance(value, str) else None
+    text = "".join(value.lower().split()) if isinstance(value, str) else ""
+    match = _RATE_RE.match(text)
     unit = _RATE_UNITS.get(match.group(3)) if match else None
-    if match is None or unit is None or int(match.group(1)) < 1:
+    multiplier = int(match.group(2) or 1) if match else 0
+    if match is None or unit is None or int(match.group(1)) < 1 or multiplier < 1:
         raise ImproperlyConfigured(
-            f"{PREFIX}RATE_LIMIT must look like '20/m' (count per s, m, h or d) or be None, "
-            f"got {value!r}."
+            f"{PREFIX}RATE_LIMIT must look like '20/m', '100/h' or '5/10s' (a count per "
+            f"second, minute, hour or day) or be None, got {value!r}."
         )
-    multiplier = int(match.group(2) or 1)
-    return RateLimit(count=int(match.group(1)), seconds=unit * max(multiplier, 1))
+    return RateLimit(count=int(match.group(1)), seconds=unit * multiplier)
 
 
 def validate_run_options(options: Any, *, max_turns: int, source: str) -> dict[str, Any]:
@@ -239,8 +236,12 @@ def load_config() -> AgenticConfig:
         concurrency_limit=limit or os.cpu_count() or 1,
         enable_events=enable_events,
         rate_limit=parse_rate_limit(_setting("RATE_LIMIT")),
-        max_input_bytes=_positive_int(f"{PREFIX}MAX_INPUT_BYTES", _setting("MAX_INPUT_BYTES")),
-        max_input_items=_positive_int(f"{PREFIX}MAX_INPUT_ITEMS", _setting("MAX_INPUT_ITEMS")),
+        max_input_bytes=_optional_positive_int(
+            f"{PREFIX}MAX_INPUT_BYTES", _setting("MAX_INPUT_BYTES")
+        ),
+        max_input_items=_optional_positive_int(
+            f"{PREFIX}MAX_INPUT_ITEMS", _setting("MAX_INPUT_ITEMS")
+        ),
         max_turns=max_turns,
         startup_recovery=recovery,
         cleanup_policy=_cleanup_policy(_setting("CLEANUP_POLICY")),

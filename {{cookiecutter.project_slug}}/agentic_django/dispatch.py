@@ -1,35 +1,34 @@
-"""Queueing of runs: enqueue on commit, atomic claims under the concurrency limit, one running
-run per session in submission order, and dispatch of the next run when one finishes.
+"""Queueing of runs: enqueue on commit, one task per run, and dispatch of waiting runs.
 
-A task is only a wake-up call: the run's row decides whether it may start. Duplicate or late
-tasks are harmless because claiming is an atomic conditional update made under a lock row.
+A task is only a wake-up call: the run's row decides whether it may start (see
+``lifecycle.claim``). Duplicate or late tasks are harmless; a task the broker lost is replaced
+once it is older than a lease (``dispatched_at``), so a run gets O(1) tasks, not one per
+finishing run.
+
+When the broker refuses a task, only that run is affected: a new run (dispatched from the
+request that created it) fails at once with a clear error its user sees; a waiting run
+(dispatched because another run finished) stays pending without a task, and the next sweep
+(``recovery.sweep``, run periodically by every worker) enqueues it once the broker is back.
+Dispatching is a loop, never a recursion, however many runs wait.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+import threading
 
-from django.db import connection, transaction
-from django.db.models import Exists, F, Func, IntegerField, OuterRef, Q, Subquery
-from django.db.models.sql import UpdateQuery
-from django.utils import timezone
+from django.db import transaction
 
-from agentic_django.conf import get_config
-from agentic_django.exceptions import EnqueueFailed, RunNotCancellable
-from agentic_django.models import AgentRun, DispatchLock
-from agentic_django.signals import agent_run_cancelled, agent_run_failed, send_safely
+from agentic_django import lifecycle
+from agentic_django.exceptions import EnqueueFailed
+from agentic_django.models import AgentRun
 
 logger = logging.getLogger(__name__)
 
-Status = AgentRun.Status
-# Statuses that occupy a worker slot and block later runs of their session. Future paused
-# states (e.g. awaiting approval) would block the session without using a slot.
-SLOT_STATUSES = (Status.RUNNING,)
-SESSION_BLOCKING_STATUSES = (Status.RUNNING,)
-LOCK_NAME = "runs"
-# task_id of a run a dispatcher is enqueueing, until the broker gives the task its id.
-QUEUED = "queued"
+# Waiting runs looked at per round of dispatch_next (rounds repeat while they dispatch).
+BATCH = 100
+
+_local = threading.local()
 
 
 def enqueue_on_commit(run_id: str) -> None:
@@ -37,189 +36,90 @@ def enqueue_on_commit(run_id: str) -> None:
     transaction.on_commit(lambda: dispatch_run(run_id))
 
 
-def dispatch_run(run_id: str, *, redispatch: bool = False) -> None:
-    """Enqueue the run's task if it could start now; otherwise a finishing run will do it.
+def dispatch_run(run_id: str) -> None:
+    """Enqueue a new run's task if it can start now; otherwise a finishing run will do it.
 
-    ``redispatch`` also enqueues a run that already has a task (one the broker may have lost).
+    A run that already has a recent task is left alone (one task per run).
     """
     from agentic_django.recovery import ensure_startup_recovery, recover_stale_blockers
 
     ensure_startup_recovery()
-    # One conditional UPDATE decides and reserves: only one dispatcher enqueues the run.
-    runs = AgentRun.objects.filter(pk=run_id, status=Status.PENDING)
-    if not redispatch:
-        runs = runs.filter(task_id="")
-    if runs.filter(~Exists(_blockers()), _slot_free()).update(task_id=QUEUED):
-        _enqueue(run_id)
+    if lifecycle.reserve(run_id):
+        _enqueue(run_id, fail_on_error=True)
         return
     # Blocked or full (or not pending): a dead worker's expired lease must not hold the queue.
     recover_stale_blockers()
 
 
 def dispatch_next() -> int:
-    """Enqueue the oldest eligible pending runs that fit in the free slots; return how many."""
-    config = get_config()
-    # Runs with a task are skipped, unless pending longer than a lease (the task may be lost).
-    cutoff = timezone.now() - timedelta(seconds=config.lease_seconds)
-    heads = list(
-        _session_heads()
-        .filter(Q(task_id="") | Q(created_at__lt=cutoff))
-        .annotate(running=_running_count())
-        .order_by("created_at", "id")
-        .values_list("id", "running", "task_id")[: config.concurrency_limit]
-    )
-    if not heads:
-        return 0
-    free = config.concurrency_limit - (heads[0][1] or 0)
-    count = 0
-    for run_id, _running, task_id in heads[: max(free, 0)]:
-        reserved = AgentRun.objects.filter(pk=run_id, status=Status.PENDING, task_id=task_id)
-        if reserved.update(task_id=QUEUED):
-            _enqueue(str(run_id))
-            count += 1
-    return count
+    """Enqueue waiting runs that can start now (oldest first, within free slots); how many.
 
-
-def claim(run_id: str, *, task_id: str = "") -> AgentRun | None:
-    """Atomically move a pending run to running with a fresh lease, if the rules allow it.
-
-    Returns the claimed run, or None if it is not pending, another run of its session runs
-    or comes first, or the concurrency limit is reached.
+    Re-entrant calls (a run executed in-process finishing while this loop enqueues) only ask
+    the running loop for another round, so the stack stays flat whatever the queue length.
     """
-    claimable = AgentRun.objects.filter(pk=run_id, status=Status.PENDING).filter(
-        ~Exists(_blockers()), _slot_free()
+    if getattr(_local, "active", False):
+        _local.again = True
+        return 0
+    _local.active = True
+    total = 0
+    try:
+        while True:
+            _local.again = False
+            dispatched, broker_ok = _dispatch_round()
+            total += dispatched
+            if not broker_ok or not (dispatched or _local.again):
+                return total
+    finally:
+        _local.active = False
+
+
+def _dispatch_round() -> tuple[int, bool]:
+    heads = list(
+        lifecycle.startable()
+        .filter(lifecycle.needs_task())
+        .order_by("created_at", "id")
+        .values_list("id", flat=True)[:BATCH]
     )
-    if connection.vendor == "sqlite":
-        # SQLite runs one writer at a time: a single UPDATE sees every committed claim.
-        run = _update_returning(claimable, _claim_updates(task_id))
-    else:
-        with transaction.atomic():
-            # Every claim takes this lock, so the running count in the UPDATE cannot race.
-            DispatchLock.objects.select_for_update().get_or_create(name=LOCK_NAME)
-            # Stamped once the lock is held: a run that finished while we waited came first.
-            run = _update_returning(claimable, _claim_updates(task_id))
-    if run is None:
-        _release(run_id, task_id)
-    return run
+    count = 0
+    for run_id in heads:
+        # Each reservation re-checks the slot and the session order in the database.
+        if not lifecycle.reserve(run_id):
+            continue
+        if not _enqueue(str(run_id), fail_on_error=False):
+            return count, False
+        count += 1
+    return count, True
 
 
-def _claim_updates(task_id: str) -> dict:
-    now = timezone.now()
-    updates = {
-        "status": Status.RUNNING,
-        "started_at": now,
-        "heartbeat_at": now,
-        "lease_expires_at": now + timedelta(seconds=get_config().lease_seconds),
-        "attempt": F("attempt") + 1,
-        "error": "",
-    }
-    if task_id:
-        updates["task_id"] = task_id
-    return updates
-
-
-def _update_returning(queryset, updates: dict) -> AgentRun | None:
-    """Apply ``updates`` to the (single) matched row and return it as updated, or None."""
-    if not connection.features.can_return_rows_from_update:
-        pks = list(queryset.values_list("pk", flat=True)[:1])
-        if not pks or not AgentRun.objects.filter(pk=pks[0]).filter(
-            pk__in=queryset.values("pk")
-        ).update(**updates):
-            return None
-        return AgentRun.objects.get(pk=pks[0])
-    query = queryset.query.chain(UpdateQuery)
-    query.add_update_values(updates)
-    fields = AgentRun._meta.concrete_fields
-    rows = query.get_compiler(queryset.db).execute_returning_sql(fields)
-    if not rows:
-        return None
-    return AgentRun.from_db(queryset.db, [f.attname for f in fields], rows[0])
-
-
-def _release(run_id: str, task_id: str) -> None:
-    """A pending run this task could not claim waits for a later dispatch."""
-    # Clearing the task mark makes dispatch_next pick the run up when something finishes;
-    # re-checking after the clear closes the race with a run that finished just before it.
-    if AgentRun.objects.filter(
-        pk=run_id, status=Status.PENDING, task_id__in=[t for t in (task_id, QUEUED) if t]
-    ).update(task_id=""):
+def release_unclaimed(run_id: str, task_id: str) -> None:
+    """A task could not claim its pending run: leave the run to the next dispatch."""
+    # Re-dispatching after the release closes the race with a blocker that finished meanwhile.
+    if lifecycle.release(run_id, task_id):
         dispatch_run(run_id)
 
 
-def cancel(run: AgentRun) -> AgentRun:
-    """Cancel a pending run now; flag a running one so it stops after its current turn."""
-    now = timezone.now()
-    cancelled = AgentRun.objects.filter(pk=run.pk, status=Status.PENDING).update(
-        status=Status.CANCELLED, cancel_requested_at=now, finished_at=now, lease_expires_at=None
-    )
-    if cancelled:
-        run.refresh_from_db()
-        send_safely(agent_run_cancelled, AgentRun, run=run)
-        transaction.on_commit(dispatch_next)
-        return run
-    AgentRun.objects.filter(
-        pk=run.pk, status=Status.RUNNING, cancel_requested_at__isnull=True
-    ).update(cancel_requested_at=now)
-    run.refresh_from_db()
-    if run.is_terminal:
-        raise RunNotCancellable()
-    return run
-
-
-def fail_pending(run_id: str, message: str) -> bool:
-    """Mark a pending run failed with ``message``; False if it was no longer pending."""
-    updated = AgentRun.objects.filter(pk=run_id, status=Status.PENDING).update(
-        status=Status.FAILED, error=message, finished_at=timezone.now(), lease_expires_at=None
-    )
-    if updated:
-        send_safely(agent_run_failed, AgentRun, run=AgentRun.objects.get(pk=run_id))
-    return bool(updated)
-
-
-def _enqueue(run_id: str) -> None:
+def _enqueue(run_id: str, *, fail_on_error: bool) -> bool:
+    """Enqueue the reserved run's task; False if the broker refused it."""
     from agentic_django.tasks import execute_agent_run
 
     try:
         result = execute_agent_run.enqueue(run_id)
     except Exception:
         logger.exception("agentic_django: could not enqueue run %s", run_id)
-        # A run whose task never reached the queue must not wait forever.
-        if fail_pending(run_id, EnqueueFailed.message):
-            dispatch_next()
-        return
-    if result.is_finished:
-        return  # Ran in-process: the claim already stored the task id.
-    # Only replaces this dispatcher's mark: a worker that already ran or released the run wins.
-    AgentRun.objects.filter(pk=run_id, task_id=QUEUED).update(task_id=result.id)
+        if fail_on_error:
+            lifecycle.fail_pending(run_id, EnqueueFailed.message)
+        else:
+            lifecycle.release(run_id)
+        return False
+    if not result.is_finished:
+        # Ran in-process otherwise: the claim already stored the task id.
+        lifecycle.record_task_id(run_id, str(result.id))
+    return True
 
 
-def _running_count():
-    """Subquery: how many runs hold a worker slot."""
-    running = AgentRun.objects.filter(status__in=SLOT_STATUSES).order_by()
-    count = Func(F("pk"), function="COUNT", output_field=IntegerField())
-    return Subquery(running.annotate(n=count).values("n")[:1], output_field=IntegerField())
-
-
-def _slot_free() -> Q:
-    """Condition: fewer runs hold a slot than the concurrency limit allows."""
-    limit = get_config().concurrency_limit
-    # "No limit-th running run exists", i.e. running < limit, as an indexed EXISTS.
-    nth = AgentRun.objects.filter(status__in=SLOT_STATUSES).order_by().values("pk")
-    return ~Exists(nth[limit - 1 : limit])
-
-
-def _blockers():
-    """Runs of the outer run's session that keep it from starting (active or ahead of it)."""
-    earlier = Q(created_at__lt=OuterRef("created_at")) | Q(
-        created_at=OuterRef("created_at"), id__lt=OuterRef("id")
-    )
-    return (
-        AgentRun.objects.filter(session_id=OuterRef("session_id"))
-        .exclude(pk=OuterRef("pk"))
-        .filter(Q(status__in=SESSION_BLOCKING_STATUSES) | (Q(status=Status.PENDING) & earlier))
-    )
-
-
-def _session_heads():
-    """Pending runs that are first in line on a session with nothing active."""
-    return AgentRun.objects.filter(status=Status.PENDING).filter(~Exists(_blockers()))
+def cancel(run: AgentRun) -> bool:
+    """Cancel ``run`` (see ``lifecycle.cancel``); a freed session lets its next run start."""
+    cancelled = lifecycle.cancel(run)
+    if cancelled:
+        transaction.on_commit(dispatch_next)
+    return cancelled

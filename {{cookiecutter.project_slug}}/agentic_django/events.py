@@ -1,5 +1,6 @@
 """Run events: semantic SDK stream events (tool calls and outputs, messages, handoffs, agent
-changes; never raw token deltas) stored one by one as they happen, with a per-run sequence.
+changes; never raw token deltas) stored one by one as they happen, with a per-run sequence,
+each fenced by the claim of the attempt that writes it (see ``lifecycle``).
 
 ``agent_run_event`` is sent after each event is stored, from synchronous code, so receivers
 can use the ORM; a receiver that raises is logged and ignored.
@@ -7,13 +8,23 @@ can use the ORM; a receiver that raises is logged and ignored.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from django.db.models import Max
+from django.db import IntegrityError, connection
+from django.db.models import QuerySet
+from django.utils import timezone
 
+from agentic_django.lifecycle import Fence
 from agentic_django.models import AgentEvent, AgentRun
 from agentic_django.serializers import json_safe
 from agentic_django.signals import agent_run_event, send_safely
+from agentic_django.validation import storable_copy
+
+logger = logging.getLogger(__name__)
+
+# Attempts at an event insert that collides with a lost attempt's insert.
+COLLISION_RETRIES = 3
 
 # SDK item event name -> our event type.
 ITEM_EVENT_TYPES = {
@@ -60,31 +71,105 @@ def describe(event: Any) -> tuple[str, dict[str, Any]] | None:
 
 
 class EventRecorder:
-    """Stores the events of one run attempt; sequences continue after earlier attempts."""
+    """Stores the events of one run attempt, fenced by its claim.
+
+    Sequences are per run and keep growing across attempts; each event records the attempt
+    that wrote it. An attempt that lost its run writes nothing (``record`` returns None).
+    """
 
     def __init__(self, run: AgentRun) -> None:
         self.run = run
-        self._next_sequence: int | None = None
+        self.fence = Fence.of(run)
 
-    def record(self, event_type: str, payload: dict[str, Any]) -> AgentEvent:
-        """Store one event now and notify ``agent_run_event`` receivers."""
-        if self._next_sequence is None:
-            # A first attempt has no events yet; a retry continues after the earlier ones.
-            last = (
-                self.run.events.aggregate(last=Max("sequence"))["last"]
-                if self.run.attempt > 1
-                else 0
+    def record(self, event_type: str, payload: dict[str, Any]) -> AgentEvent | None:
+        """Store one event now and notify ``agent_run_event`` receivers; None if dropped."""
+        # An event log must never fail a run: text the database cannot store is replaced.
+        payload = storable_copy(json_safe(payload))
+        for _ in range(COLLISION_RETRIES):
+            try:
+                event = _insert(self.fence, event_type, payload)
+            except IntegrityError:
+                # A lost attempt took the same sequence a moment ago; the next one is free.
+                continue
+            break
+        else:
+            event = None
+        if event is None:
+            logger.info(
+                "agentic_django: dropped a %s event of run %s attempt %s (claim lost)",
+                event_type,
+                self.fence.run_id,
+                self.fence.attempt,
             )
-            self._next_sequence = (last or 0) + 1
-        event = AgentEvent.objects.create(
-            run=self.run,
-            sequence=self._next_sequence,
-            event_type=event_type,
-            payload=json_safe(payload),
-        )
-        self._next_sequence += 1
+            return None
         send_safely(agent_run_event, AgentEvent, run=self.run, event=event)
         return event
+
+
+def visible_events(run: AgentRun) -> QuerySet[AgentEvent]:
+    """The events clients see: those of the run's current attempt (none while it waits).
+
+    Earlier attempts' events stay stored for the admin, so a retried run shows no duplicates.
+    """
+    if run.status == AgentRun.Status.PENDING:
+        return AgentEvent.objects.none()
+    return run.events.filter(attempt=run.attempt)
+
+
+def _insert(fence: Fence, event_type: str, payload: dict[str, Any]) -> AgentEvent | None:
+    """Insert the run's next event in one statement, if the fence holds; None otherwise."""
+    meta = AgentEvent._meta
+    qn = connection.ops.quote_name
+    names = ("run", "sequence", "attempt", "event_type", "payload", "created_at")
+    columns = ", ".join(qn(meta.get_field(name).column) for name in names)
+    table, run_column = qn(meta.db_table), qn(meta.get_field("run").column)
+    sequence = qn(meta.get_field("sequence").column)
+    fence_sql, fence_params = fence.exists_sql()
+    now = timezone.now()
+    returning = ""
+    if connection.features.can_return_columns_from_insert:
+        returning = f" RETURNING {qn(meta.pk.column)}, {sequence}"
+    # Only quoted model names are interpolated; every value is a parameter.
+    sql = (
+        f"INSERT INTO {table} ({columns}) "  # noqa: S608
+        f"SELECT %s, base.last + 1, %s, %s, %s, %s FROM "
+        f"(SELECT COALESCE(MAX({sequence}), 0) AS last FROM {table} WHERE {run_column} = %s) base "
+        f"WHERE {fence_sql}{returning}"
+    )
+    run_id = meta.get_field("run").get_db_prep_value(fence.run_id, connection)
+    params = [
+        run_id,
+        fence.attempt,
+        event_type,
+        meta.get_field("payload").get_db_prep_value(payload, connection),
+        meta.get_field("created_at").get_db_prep_value(now, connection),
+        run_id,
+        *fence_params,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        if returning:
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            pk, number = row
+        elif cursor.rowcount:
+            pk, number = (
+                AgentEvent.objects.filter(run_id=fence.run_id, attempt=fence.attempt)
+                .order_by("-sequence")
+                .values_list("pk", "sequence")[0]
+            )
+        else:
+            return None
+    return AgentEvent(
+        pk=pk,
+        run_id=fence.run_id,
+        sequence=number,
+        attempt=fence.attempt,
+        event_type=event_type,
+        payload=payload,
+        created_at=now,
+    )
 
 
 def _raw_dict(raw: Any) -> dict[str, Any]:

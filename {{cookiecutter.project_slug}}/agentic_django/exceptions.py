@@ -73,3 +73,13 @@ class EnqueueFailed(AgenticDjangoError):
 
     message = "The run could not be queued: the task queue is unavailable. Try again shortly."
     status_code = 503
+
+
+class UnstorableContent(AgenticDjangoError):
+    """The agent produced text the database cannot store (e.g. a NUL character)."""
+
+    message = (
+        "The agent produced text the database cannot store (a NUL character or an invalid "
+        "Unicode code point), so the run was stopped."
+    )
+    status_code = 500

@@ -1,28 +1,42 @@
 """Execution of one run in a worker: claim it, build the agent, stream it with the database
 session, and record exactly one terminal state.
 
-While the agent runs, a monitor renews the lease, notices cancellation requests (the run then
-stops after its current turn, so the history stays consistent) and notices a lost claim.
+While the agent runs:
+
+- a ``LeaseKeeper`` thread renews the lease (a starved or blocked event loop cannot lose a live
+  run; a transient database error is retried until the lease would run out) and enforces the
+  run timeout even if the agent's event loop is stuck;
+- a watcher on the event loop turns a cancellation request into an after-turn stop, so the
+  history stays consistent;
+- an attempt that lost its run (its lease expired and recovery took it over) stops at once;
+  every write it would still make is dropped by the fence (see ``lifecycle``).
+
+A sync function tool still running when the run times out is abandoned in its (daemon)
+thread: the run ends ``failed`` at once and frees its slot, and whatever the tool does
+afterwards cannot reach the run, its session or its events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
-import traceback
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
-from django.conf import settings
-from django.utils import timezone
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 
+from agentic_django import failures, lifecycle
 from agentic_django.conf import get_config, validate_run_options
-from agentic_django.dispatch import claim, dispatch_next
+from agentic_django.dispatch import dispatch_next, release_unclaimed
 from agentic_django.events import EventRecorder, describe
 from agentic_django.exceptions import AgenticDjangoError
+from agentic_django.lifecycle import Fence
 from agentic_django.models import AgentRun
 from agentic_django.recovery import ensure_startup_recovery
 from agentic_django.registry import build_agent
@@ -35,23 +49,33 @@ from agentic_django.signals import (
     agent_run_started,
     send_safely,
 )
+from agentic_django.validation import is_storable
 
 logger = logging.getLogger(__name__)
 
 Status = AgentRun.Status
-MAX_ERROR_LENGTH = 500
-# How often a running run looks for a cancellation request or a lost claim.
+# How often a running run looks for a cancellation request (on its event loop).
 POLL_SECONDS = 1.0
+# Time a cancelled stream gets to wind down before the attempt stops waiting for it.
 DRAIN_SECONDS = 5.0
+# Past the run timeout, how long the lease keeper waits for the attempt to end by itself
+# before it records the timeout on its own (the agent's event loop is blocked).
+TIMEOUT_GRACE_SECONDS = DRAIN_SECONDS + 5.0
 # Events after which the SDK starts another turn; the watcher covers the time in between.
 TURN_END_EVENTS = frozenset({"tool_output", "handoff", "mcp_approval_response"})
+UNSTORABLE_OUTPUT = (
+    "The agent's answer contains text the database cannot store (a NUL character or an "
+    "invalid Unicode code point), so it was not saved."
+)
+TRANSIENT_DATABASE_ERRORS = (OperationalError, InterfaceError)
 
 
 def execute(run_id: str, *, task_id: str = "") -> str:
     """Claim and execute a run (the body of the background task); "skipped" if not claimable."""
     ensure_startup_recovery()
-    run = claim(run_id, task_id=task_id)
+    run = lifecycle.claim(run_id, task_id=task_id)
     if run is None:
+        release_unclaimed(run_id, task_id)
         return "skipped"
     return execute_claimed_run(run)
 
@@ -62,31 +86,50 @@ class Outcome:
 
     status: str
     error: str = ""
+    error_detail: str = ""
     final_output: Any = None
     usage: dict[str, int] = field(default_factory=dict)
     last_response_id: str = ""
     lost: bool = False
 
+    @classmethod
+    def failure(cls, exc: BaseException, **fields: Any) -> Outcome:
+        described = failures.describe(exc)
+        return cls(Status.FAILED, error=described.message, error_detail=described.detail, **fields)
+
 
 def execute_claimed_run(run: AgentRun) -> str:
     """Run a claimed (running) run to its terminal state, then dispatch the next runs."""
-    send_safely(agent_run_started, AgentRun, run=run)
+    config = get_config()
+    fence = Fence.of(run)
+    keeper = LeaseKeeper(
+        fence,
+        lease_seconds=config.lease_seconds,
+        timeout_seconds=config.run_timeout_seconds + TIMEOUT_GRACE_SECONDS,
+    )
+    keeper.start()
     try:
-        outcome = _execute(run)
-    except Exception as exc:
-        logger.exception("agentic_django: run %s crashed", run.pk)
-        outcome = Outcome(Status.FAILED, error=_error_text(exc))
-    if outcome.lost:
-        logger.warning("agentic_django: run %s lost its claim; result dropped", run.pk)
-    else:
-        _finish(run, outcome)
-    dispatch_next()
-    if outcome.lost:
-        run.refresh_from_db()
-    return run.status
+        send_safely(agent_run_started, AgentRun, run=run)
+        try:
+            outcome = _execute(run, keeper)
+        except Exception as exc:
+            logger.exception("agentic_django: run %s crashed", run.pk)
+            outcome = Outcome.failure(exc)
+        finished = None if outcome.lost else finish(fence, outcome, keeper)
+    finally:
+        keeper.stop()
+    if finished is None:
+        logger.warning(
+            "agentic_django: attempt %s of run %s no longer holds the run; result dropped",
+            fence.attempt,
+            run.pk,
+        )
+    dispatch_next_safely()
+    current = finished or AgentRun.objects.filter(pk=run.pk).first()
+    return current.status if current else "skipped"
 
 
-def _execute(run: AgentRun) -> Outcome:
+def _execute(run: AgentRun, keeper: LeaseKeeper) -> Outcome:
     config = get_config()
     try:
         options = validate_run_options(
@@ -101,37 +144,45 @@ def _execute(run: AgentRun) -> Outcome:
     except AgenticDjangoError as exc:
         return Outcome(Status.FAILED, error=exc.message)
     recorder = EventRecorder(run) if config.enable_events else None
-    return async_to_sync(_stream)(run, agent, options, recorder)
+    return async_to_sync(_stream)(run, agent, options, recorder, keeper)
 
 
 async def _stream(
-    run: AgentRun, agent: Any, options: dict[str, Any], recorder: EventRecorder | None
+    run: AgentRun,
+    agent: Any,
+    options: dict[str, Any],
+    recorder: EventRecorder | None,
+    keeper: LeaseKeeper,
 ) -> Outcome:
     from agents import Runner
     from agents.exceptions import MaxTurnsExceeded
 
     config = get_config()
+    loop = asyncio.get_running_loop()
+    # Sync tools run in daemon threads that the attempt never waits for once it is over.
+    loop.set_default_executor(DaemonThreadExecutor())
     max_turns = options.get("max_turns", config.max_turns)
     result = Runner.run_streamed(
         agent, run.input_payload, session=session_for_run(run), max_turns=max_turns
     )
-    monitor = _Monitor(run, result)
-    watcher = asyncio.create_task(monitor.watch())
+    watch = _CancelWatch(Fence.of(run), result)
+    keeper.on_lost(lambda: loop.call_soon_threadsafe(watch.lose))
+    watcher = asyncio.create_task(watch.run())
     try:
         async with asyncio.timeout(config.run_timeout_seconds):
             async for event in result.stream_events():
                 described = describe(event)
                 if described is None:
                     continue
-                if recorder is not None:
-                    await sync_to_async(recorder.record)(*described)
+                if recorder is not None and not await sync_to_async(recorder.record)(*described):
+                    watch.lose()  # the event was dropped: this attempt no longer holds the run
                 if described[0] in TURN_END_EVENTS:
                     # A turn's tools are done: look now, before the SDK asks the model again.
-                    await monitor.check()
+                    await watch.check()
     except TimeoutError:
         await _stop(result)
         seconds = config.run_timeout_seconds
-        return _outcome(result, Status.FAILED, f"The run took longer than {seconds}s and stopped.")
+        return _outcome(result, Status.FAILED, timeout_message(seconds))
     except SessionWriteRejected:
         return Outcome(Status.FAILED, lost=True)
     except MaxTurnsExceeded:
@@ -139,17 +190,24 @@ async def _stream(
             result, Status.FAILED, f"The agent used all {max_turns} turns without finishing."
         )
     except Exception as exc:
+        if watch.lost:
+            return Outcome(Status.FAILED, lost=True)
         logger.exception("agentic_django: run %s failed", run.pk)
-        return _outcome(result, Status.FAILED, _error_text(exc))
+        described = failures.describe(exc)
+        return _outcome(result, Status.FAILED, described.message, detail=described.detail)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-    if monitor.lost:
+    if watch.lost:
         return Outcome(Status.FAILED, lost=True)
-    if monitor.cancel_requested and result.final_output is None:
+    if watch.cancel_requested and result.final_output is None:
         return _outcome(result, Status.CANCELLED)
     return _outcome(result, Status.COMPLETED, final_output=json_safe(result.final_output))
+
+
+def timeout_message(seconds: int) -> str:
+    return f"The run took longer than {seconds} s and was stopped."
 
 
 async def _stop(result: Any) -> None:
@@ -160,7 +218,9 @@ async def _stop(result: Any) -> None:
                 pass
 
 
-def _outcome(result: Any, status: str, error: str = "", final_output: Any = None) -> Outcome:
+def _outcome(
+    result: Any, status: str, error: str = "", final_output: Any = None, detail: str = ""
+) -> Outcome:
     usage = result.context_wrapper.usage
     try:
         last_response_id = result.last_response_id or ""
@@ -169,6 +229,7 @@ def _outcome(result: Any, status: str, error: str = "", final_output: Any = None
     return Outcome(
         status,
         error=error,
+        error_detail=detail,
         final_output=final_output,
         usage={
             "requests": usage.requests,
@@ -180,96 +241,247 @@ def _outcome(result: Any, status: str, error: str = "", final_output: Any = None
     )
 
 
-class _Monitor:
-    """Renews the lease and turns a cancellation request into an after-turn stop."""
+class _CancelWatch:
+    """Polls the run on the event loop: a cancellation request stops it after its turn."""
 
-    def __init__(self, run: AgentRun, result: Any) -> None:
-        self.run_pk = run.pk
-        self.attempt = run.attempt
+    def __init__(self, fence: Fence, result: Any) -> None:
+        self.fence = fence
         self.result = result
-        self.lease = timedelta(seconds=get_config().lease_seconds)
-        self.renew_every = self.lease.total_seconds() / 3
         self.cancel_requested = False
         self.lost = False
 
-    async def watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        last_renewal = loop.time()
-        while True:
-            await asyncio.sleep(min(POLL_SECONDS, self.renew_every))
-            if loop.time() - last_renewal >= self.renew_every:
-                if not await sync_to_async(self._renew)():
-                    self.lost = True
-                    self.result.cancel()
-                    return
-                last_renewal = loop.time()
+    async def run(self) -> None:
+        while not self.lost:
+            await asyncio.sleep(POLL_SECONDS)
             await self.check()
 
     async def check(self) -> None:
         if self.cancel_requested or self.lost:
             return
-        state = await sync_to_async(self._state)()
+        state = await sync_to_async(self.fence.state)()
         if state is None:
-            self.lost = True
-            self.result.cancel()
+            self.lose()
         elif state:
             self.cancel_requested = True
             self.result.cancel(mode="after_turn")
 
-    def _state(self) -> bool | None:
-        """None if the claim is lost, else whether cancellation was requested."""
-        rows = list(
-            AgentRun.objects.filter(
-                pk=self.run_pk, attempt=self.attempt, status=Status.RUNNING
-            ).values_list("cancel_requested_at", flat=True)[:1]
+    def lose(self) -> None:
+        """The attempt lost its run: stop at once, nothing more it does is kept."""
+        if not self.lost:
+            self.lost = True
+            self.result.cancel()
+
+
+class DaemonThreadExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Runs each call in its own daemon thread; ``shutdown`` never waits for one.
+
+    The event loop's default executor during a run, so a sync tool that hangs past the run
+    timeout is abandoned instead of holding the worker (``asyncio.run`` would join it).
+    A ``ThreadPoolExecutor`` only because asyncio accepts nothing else; it keeps no pool.
+    """
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+            finally:
+                connections.close_all()  # this thread's connections, if the tool used the ORM
+
+        threading.Thread(target=run, name="agentic-django-tool", daemon=True).start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        return None
+
+
+class LeaseKeeper:
+    """Keeps an attempt's lease alive from its own thread and enforces the run's deadline.
+
+    Renews every third of a lease. A renewal that fails on a database error is retried until
+    the lease would run out; then -- or when a renewal finds the run taken over -- the attempt
+    is told it lost its run. If the attempt is still running ``timeout_seconds`` after it
+    started (its event loop is blocked), the keeper records the timeout itself.
+    """
+
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, fence: Fence, *, lease_seconds: float, timeout_seconds: float) -> None:
+        self.fence = fence
+        self.lease_seconds = lease_seconds
+        self.renew_every = lease_seconds / 3
+        started = time.monotonic()
+        self.deadline = started + timeout_seconds
+        self.lease_until = started + lease_seconds
+        self.next_renewal = started + self.renew_every
+        self.lost = False
+        self.timed_out = False
+        self._callbacks: list[Callable[[], object]] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"agentic-django-lease-{fence.run_id}", daemon=True
         )
-        if not rows:
-            return None
-        return rows[0] is not None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def on_lost(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` (from the keeper's thread) when the attempt loses its run."""
+        self._callbacks.append(callback)
+        if self.lost:
+            callback()
+
+    def lease_left(self) -> float:
+        """Seconds until the lease runs out, as far as this process knows."""
+        return self.lease_until - time.monotonic()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.wait(
+                max(0.0, min(self.next_renewal, self.deadline) - time.monotonic())
+            ):
+                if time.monotonic() >= self.deadline:
+                    self._time_out()
+                    return
+                if not self._renew():
+                    return
+        finally:
+            connections.close_all()
 
     def _renew(self) -> bool:
-        now = timezone.now()
-        return bool(
-            AgentRun.objects.filter(
-                pk=self.run_pk, attempt=self.attempt, status=Status.RUNNING
-            ).update(heartbeat_at=now, lease_expires_at=now + self.lease)
+        """One renewal; False once the attempt lost its run."""
+        sent = time.monotonic()
+        try:
+            held = lifecycle.renew(self.fence)
+        except DatabaseError:
+            logger.warning(
+                "agentic_django: could not renew the lease of run %s; retrying",
+                self.fence.run_id,
+                exc_info=True,
+            )
+            connection.close()  # reconnect on the next try
+            if self.lease_left() <= self.RETRY_SECONDS:
+                self._lose("its lease could not be renewed before it ran out")
+                return False
+            self.next_renewal = time.monotonic() + self.RETRY_SECONDS
+            return True
+        if not held:
+            self._lose("the run was taken over")
+            return False
+        self.lease_until = sent + self.lease_seconds
+        self.next_renewal = sent + self.renew_every
+        return True
+
+    def _lose(self, why: str) -> None:
+        if self._stopped.is_set():
+            return  # the attempt already ended (its terminal state ends the claim too)
+        logger.warning(
+            "agentic_django: attempt %s of run %s stops: %s",
+            self.fence.attempt,
+            self.fence.run_id,
+            why,
         )
+        self.lost = True
+        for callback in self._callbacks:
+            with contextlib.suppress(Exception):
+                callback()
+
+    def _time_out(self) -> None:
+        """The attempt is still running long past its timeout: end the run from here."""
+        self.timed_out = True
+        seconds = get_config().run_timeout_seconds
+        outcome = Outcome(
+            Status.FAILED,
+            error=timeout_message(seconds),
+            error_detail="The agent's event loop did not stop at the run timeout; the lease "
+            "keeper ended the run.",
+        )
+        finished = finish(self.fence, outcome, self)
+        self._lose("it ran past its timeout")
+        if finished is not None:
+            dispatch_next_safely()
 
 
-def _finish(run: AgentRun, outcome: Outcome) -> None:
-    now = timezone.now()
-    updates = {
-        "status": outcome.status,
-        "error": outcome.error,
-        "final_output": outcome.final_output,
-        "last_response_id": outcome.last_response_id,
-        "finished_at": now,
-        "lease_expires_at": None,
-        "heartbeat_at": now,
-        **outcome.usage,
-    }
-    running = AgentRun.objects.filter(pk=run.pk, status=Status.RUNNING, attempt=run.attempt)
-    if not running.update(**updates):
-        logger.warning("agentic_django: run %s changed while running; result dropped", run.pk)
-        run.refresh_from_db()
-        return
-    # Only cancel_requested_at can change under a claimed run; keep the rest from memory.
-    for name, value in updates.items():
-        setattr(run, name, value)
-    if outcome.status == Status.CANCELLED and run.cancel_requested_at is None:
-        run.refresh_from_db(fields=["cancel_requested_at"])
+def finish(fence: Fence, outcome: Outcome, keeper: LeaseKeeper) -> AgentRun | None:
+    """Record ``outcome`` under the fence, retrying transient database errors while the lease
+    lasts; output the database cannot store fails the run instead. None if the fence is lost.
+    """
+    outcome = _storable(outcome)
+    delay = 0.2
+    while True:
+        try:
+            run = lifecycle.finish(
+                fence,
+                status=outcome.status,
+                error=outcome.error,
+                error_detail=outcome.error_detail,
+                final_output=outcome.final_output,
+                last_response_id=outcome.last_response_id,
+                usage=outcome.usage,
+            )
+        except TRANSIENT_DATABASE_ERRORS:
+            logger.warning(
+                "agentic_django: could not finish run %s; retrying", fence.run_id, exc_info=True
+            )
+            if keeper.lost or keeper.lease_left() <= delay:
+                return None
+            if not connection.in_atomic_block:
+                connection.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        except DatabaseError as exc:
+            if outcome.error == failures.STORE_FAILED:
+                # Not even a fixed message can be written: leave the run to lease recovery.
+                logger.exception("agentic_django: run %s cannot be finished", fence.run_id)
+                return None
+            logger.exception("agentic_django: the outcome of run %s cannot be stored", fence.run_id)
+            outcome = Outcome(
+                Status.FAILED,
+                error=failures.STORE_FAILED,
+                error_detail=failures.describe(exc).detail,
+                usage=outcome.usage,
+            )
+            continue
+        if run is not None:
+            _announce(run)
+        return run
+
+
+def _storable(outcome: Outcome) -> Outcome:
+    if is_storable(outcome.final_output) and is_storable(outcome.error):
+        return outcome
+    return Outcome(
+        Status.FAILED,
+        error=UNSTORABLE_OUTPUT,
+        error_detail=outcome.error_detail.replace("\x00", "\\x00"),
+        usage=outcome.usage,
+        last_response_id=outcome.last_response_id,
+    )
+
+
+def _announce(run: AgentRun) -> None:
     signal = {
         Status.COMPLETED: agent_run_completed,
         Status.FAILED: agent_run_failed,
         Status.CANCELLED: agent_run_cancelled,
-    }[outcome.status]
+    }[run.status]
     send_safely(signal, AgentRun, run=run)
 
 
-def _error_text(exc: BaseException) -> str:
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    text = text[:MAX_ERROR_LENGTH]
-    if settings.DEBUG:
-        text += "\n\n" + "".join(traceback.format_exception(exc))
-    return text
+def dispatch_next_safely() -> None:
+    """Dispatch the waiting runs; a failure here is left to the next sweep, never raised."""
+    try:
+        dispatch_next()
+    except Exception:
+        logger.exception("agentic_django: dispatching the next runs failed; the next sweep will")

@@ -86,7 +86,10 @@ class AgentRun(models.Model):
     input_payload = models.JSONField(encoder=DjangoJSONEncoder)
     run_options = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     final_output = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
+    # What users see: short, never a traceback or a provider's own words.
     error = models.TextField(blank=True)
+    # The full story (exception, traceback) for the admin and the logs only.
+    error_detail = models.TextField(blank=True)
 
     requests = models.PositiveIntegerField(default=0)
     input_tokens = models.PositiveBigIntegerField(default=0)
@@ -98,6 +101,10 @@ class AgentRun(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
 
     task_id = models.CharField(max_length=255, blank=True)
+    # When the current task was handed to the queue (database clock); a pending run whose
+    # task is older than a lease may have lost it and is dispatched again.
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    # The fence: each claim increments it, and every write an attempt makes names it.
     attempt = models.PositiveIntegerField(default=0)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
@@ -130,6 +137,8 @@ class AgentEvent(models.Model):
 
     run = models.ForeignKey(AgentRun, on_delete=models.CASCADE, related_name="events")
     sequence = models.PositiveIntegerField()
+    # The attempt that wrote it: a retried run shows only its latest attempt's events.
+    attempt = models.PositiveIntegerField(default=1)
     event_type = models.CharField(max_length=64)
     payload = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -146,9 +155,14 @@ class AgentEvent(models.Model):
 
 
 class DispatchLock(models.Model):
-    """A single row locked while claiming a run, so the concurrency limit holds across workers."""
+    """A single row locked while claiming a run, so the concurrency limit holds across workers.
+
+    It also holds the concurrency limit in force for the whole deployment, recorded by the
+    most recently started worker (see ``lifecycle.record_concurrency_limit``).
+    """
 
     name = models.CharField(max_length=32, primary_key=True)
+    concurrency_limit = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         verbose_name = "dispatch lock"

@@ -121,9 +121,11 @@ def _schemas() -> dict[str, Any]:
             }
         ),
         "RunInput": {
-            "description": (
-                "Text, or a list of Agents SDK input items. At most "
-                f"{config.max_input_bytes} bytes as JSON (else 413)."
+            "description": "Text, or a list of Agents SDK input items."
+            + (
+                f" At most {config.max_input_bytes} bytes as JSON (else 413)."
+                if config.max_input_bytes is not None
+                else ""
             ),
             "anyOf": [
                 {"type": "string", "minLength": 1, "pattern": r"\S"},
@@ -131,7 +133,11 @@ def _schemas() -> dict[str, Any]:
                     "type": "array",
                     "items": {"type": "object"},
                     "minItems": 1,
-                    "maxItems": config.max_input_items,
+                    **(
+                        {"maxItems": config.max_input_items}
+                        if config.max_input_items is not None
+                        else {}
+                    ),
                 },
             ],
         },
@@ -150,6 +156,11 @@ def _schemas() -> dict[str, Any]:
                 "started_at": _nullable(_timestamp()),
                 "finished_at": _nullable(_timestamp()),
                 "cancel_requested": {"type": "boolean"},
+                "attempt": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "How many times a worker started the run (retries add one).",
+                },
                 "last_response_id": _nullable({"type": "string"}),
             }
         ),
@@ -205,6 +216,12 @@ def _schemas() -> dict[str, Any]:
         "Event": _obj(
             {
                 "sequence": {"type": "integer", "minimum": 1},
+                "attempt": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "The attempt that wrote it; only the run's current "
+                    "attempt's events are listed.",
+                },
                 "type": {"type": "string"},
                 "payload": {"description": "Event details (any JSON)."},
                 "created_at": _timestamp(),

@@ -77,6 +77,7 @@ def run_to_dict(run: AgentRun) -> dict[str, Any]:
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
         "cancel_requested": run.cancel_requested_at is not None,
+        "attempt": run.attempt,
         "last_response_id": run.last_response_id or None,
     }
 
@@ -85,6 +86,7 @@ def event_to_dict(event: AgentEvent) -> dict[str, Any]:
     """One persisted run event."""
     return {
         "sequence": event.sequence,
+        "attempt": event.attempt,
         "type": event.event_type,
         "payload": event.payload,
         "created_at": _iso(event.created_at),

@@ -1,7 +1,8 @@
 """Public facade of agentic_django: create, enqueue and cancel runs.
 
-The work happens in ``dispatch`` (queueing, concurrency), ``execution`` (claim, run, finish)
-and ``recovery``; this module only composes them for callers such as views.
+The work happens in ``lifecycle`` (every status change), ``dispatch`` (queueing),
+``execution`` (claim, run, finish) and ``recovery``; this module only composes them for
+callers such as views.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 from django.db import transaction
 
 from agentic_django import dispatch
+from agentic_django.exceptions import RunNotCancellable
 from agentic_django.models import AgentRun, AgentSession
 from agentic_django.registry import resolve_agent_key
 from agentic_django.signals import agent_session_created, send_safely
@@ -66,7 +68,9 @@ def cancel_run(run: AgentRun) -> AgentRun:
 
     Raises ``RunNotCancellable`` if the run already finished. Returns the refreshed run.
     """
-    return dispatch.cancel(run)
+    if not dispatch.cancel(run) and run.is_terminal:
+        raise RunNotCancellable()
+    return run
 
 
 def requeue_run(run: AgentRun) -> bool:

@@ -8,6 +8,8 @@ statement), so concurrent writers never interleave or collide.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from asgiref.sync import sync_to_async
@@ -16,8 +18,11 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from agentic_django.conf import get_config
+from agentic_django.exceptions import UnstorableContent
+from agentic_django.lifecycle import Fence
 from agentic_django.models import AgentRun, AgentSession, AgentSessionItem
 from agentic_django.serializers import json_safe
+from agentic_django.validation import is_storable
 
 
 class ItemSerializer(Protocol):
@@ -42,11 +47,30 @@ class SessionWriteRejected(RuntimeError):
     """The run that owns this session handle lost its claim (recovered or finished)."""
 
 
+async def _until_done[T](awaitable: Awaitable[T]) -> T:
+    """Await a mutation to its end even if the caller is cancelled meanwhile.
+
+    The write runs in a thread that cancellation cannot stop; returning early would let the
+    caller believe it did not happen. A cancellation is re-raised once the write is over.
+    """
+    task = asyncio.ensure_future(awaitable)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError as exc:
+            cancelled = cancelled or exc
+    if cancelled is not None:
+        raise cancelled
+    return task.result()
+
+
 class DatabaseSession:
     """SDK session storing its history in ``AgentSessionItem`` rows of one ``AgentSession``.
 
     ``run`` (optional) tags written items with the run that wrote them and rejects writes once
     that run no longer holds its claim, so a stale worker cannot append to a requeued run.
+    Mutations are cancellation-safe: a cancelled caller still waits for the write to end.
     """
 
     session_settings: Any = None
@@ -63,7 +87,7 @@ class DatabaseSession:
         self.session_id = str(self.session_pk)
         self.session_settings = session_settings
         self._run_pk = run.pk if run is not None else None
-        self._run_attempt = run.attempt if run is not None else None
+        self._fence = Fence.of(run) if run is not None else None
         if isinstance(serializer, str):
             serializer = import_string(serializer)()
         self.serializer: ItemSerializer = serializer or JSONItemSerializer()
@@ -77,15 +101,15 @@ class DatabaseSession:
 
     async def add_items(self, items: list[Any]) -> None:
         """Append ``items`` at the end of the history."""
-        await sync_to_async(self.add_items_sync)(items)
+        await _until_done(sync_to_async(self.add_items_sync)(items))
 
     async def pop_item(self) -> Any | None:
         """Remove and return the latest item, or None if the history is empty."""
-        return await sync_to_async(self.pop_item_sync)()
+        return await _until_done(sync_to_async(self.pop_item_sync)())
 
     async def clear_session(self) -> None:
         """Delete the whole history."""
-        await sync_to_async(self.clear_session_sync)()
+        await _until_done(sync_to_async(self.clear_session_sync)())
 
     def get_items_sync(self, limit: int | None = None) -> list[Any]:
         """Synchronous ``get_items`` for code outside an event loop."""
@@ -104,6 +128,8 @@ class DatabaseSession:
         if not items:
             return
         payloads = [self.serializer.dumps(item) for item in items]
+        if not is_storable(payloads):
+            raise UnstorableContent()
         if connection.vendor == "sqlite":
             # SQLite runs one writer at a time, so one INSERT ... SELECT is atomic on its own.
             inserted = self._insert(payloads)
@@ -131,7 +157,6 @@ class DatabaseSession:
         Sequence, claim check and insert are one statement, so they see the same state.
         """
         item_meta = AgentSessionItem._meta
-        run_meta = AgentRun._meta
         qn = connection.ops.quote_name
 
         def column(meta: Any, name: str) -> str:
@@ -165,17 +190,10 @@ class DatabaseSession:
             self.session_pk,
             self.session_pk,
         ]
-        if self._run_pk is not None:
-            sql += (
-                f" AND EXISTS (SELECT 1 FROM {qn(run_meta.db_table)} "  # noqa: S608
-                f"WHERE {column(run_meta, 'id')} = %s AND {column(run_meta, 'status')} = %s "
-                f"AND {column(run_meta, 'attempt')} = %s)"
-            )
-            params += [
-                run_meta.pk.get_db_prep_value(self._run_pk, connection),
-                AgentRun.Status.RUNNING,
-                self._run_attempt,
-            ]
+        if self._fence is not None:
+            fence_sql, fence_params = self._fence.exists_sql()
+            sql += f" AND {fence_sql}"
+            params += fence_params
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.rowcount
@@ -204,6 +222,7 @@ class DatabaseSession:
         """Synchronous ``clear_session``."""
         with transaction.atomic():
             self._lock_session()
+            self._check_claim()
             AgentSessionItem.objects.filter(session_id=self.session_pk).delete()
 
     def _lock_session(self) -> None:
@@ -213,12 +232,8 @@ class DatabaseSession:
             raise AgentSession.DoesNotExist(f"Agent session {self.session_pk} does not exist.")
 
     def _check_claim(self) -> None:
-        if self._run_pk is None:
-            return
-        still_owned = AgentRun.objects.filter(
-            pk=self._run_pk, status=AgentRun.Status.RUNNING, attempt=self._run_attempt
-        ).exists()
-        if not still_owned:
+        # Under the session lock: recovery takes it too before it changes the run's claim.
+        if self._fence is not None and not self._fence.runs().exists():
             self._reject()
 
 

@@ -27,14 +27,29 @@ def is_storable_text(text: str) -> bool:
     return True
 
 
-def _storable(value: Any) -> bool:
+def is_storable(value: Any) -> bool:
+    """Whether every string in a JSON-safe ``value`` (keys included) is storable text."""
     if isinstance(value, str):
         return is_storable_text(value)
     if isinstance(value, dict):
-        return all(_storable(key) and _storable(item) for key, item in value.items())
+        return all(is_storable(key) and is_storable(item) for key, item in value.items())
     if isinstance(value, list):
-        return all(_storable(item) for item in value)
+        return all(is_storable(item) for item in value)
     return True
+
+
+def storable_copy(value: Any) -> Any:
+    """``value`` (JSON-safe) with NUL and lone surrogates replaced by U+FFFD, for logs."""
+    if isinstance(value, str):
+        if is_storable_text(value):
+            return value
+        text = value.replace("\x00", "\ufffd")
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {storable_copy(key): storable_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [storable_copy(item) for item in value]
+    return value
 
 
 def validate_session_key(session_key: Any) -> str:
@@ -57,7 +72,7 @@ def validate_input_payload(payload: Any) -> str | list[dict[str, Any]]:
     elif isinstance(payload, list):
         if not payload:
             raise InvalidRunInput("The input is empty.")
-        if len(payload) > config.max_input_items:
+        if config.max_input_items is not None and len(payload) > config.max_input_items:
             raise TooManyInputItems(
                 f"The input has {len(payload)} items; at most {config.max_input_items} allowed."
             )
@@ -65,13 +80,13 @@ def validate_input_payload(payload: Any) -> str | list[dict[str, Any]]:
             raise InvalidRunInput("Each input item must be an object.")
     else:
         raise InvalidRunInput("The input must be text or a list of items.")
-    if not _storable(payload):
+    if not is_storable(payload):
         raise InvalidRunInput("The input contains a NUL or an invalid character.")
     try:
         size = len(json.dumps(payload, ensure_ascii=False).encode())
     except (TypeError, ValueError) as exc:
         raise InvalidRunInput("The input must be JSON-serializable.") from exc
-    if size > config.max_input_bytes:
+    if config.max_input_bytes is not None and size > config.max_input_bytes:
         raise InputTooLarge(
             f"The input is {size} bytes; at most {config.max_input_bytes} bytes allowed."
         )

@@ -10,6 +10,7 @@ import json
 import uuid
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
@@ -20,6 +21,7 @@ from django_htmx.http import HttpResponseStopPolling, trigger_client_event
 
 from agentic_django import services
 from agentic_django.conf import get_config
+from agentic_django.events import visible_events
 from agentic_django.exceptions import RunNotCancellable
 from agentic_django.http import ApiError, api_view, is_htmx, parse_page, safe_next_url
 from agentic_django.models import AgentRun, AgentSession
@@ -68,13 +70,21 @@ def _run_fragment(
 
 
 def _read_create_request(request: HttpRequest) -> dict[str, Any]:
-    limit = get_config().max_input_bytes * 4 + BODY_OVERHEAD_BYTES
+    max_bytes = get_config().max_input_bytes
     try:
         length = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
         raise ApiError(400, "invalid_request", "The Content-Length header is not valid.") from None
-    if length > limit:
+    if max_bytes is not None and length > max_bytes * 4 + BODY_OVERHEAD_BYTES:
         raise ApiError(413, "input_too_large", "The request body is too large.")
+    try:
+        return _parse_create_request(request)
+    except RequestDataTooBig:
+        # Django's own cap (DATA_UPLOAD_MAX_MEMORY_SIZE) still applies without ours.
+        raise ApiError(413, "input_too_large", "The request body is too large.") from None
+
+
+def _parse_create_request(request: HttpRequest) -> dict[str, Any]:
     if request.content_type == "application/json":
         try:
             data = json.loads(request.body or b"null")
@@ -166,7 +176,7 @@ def run_events(request: HttpRequest, run_id: str) -> HttpResponse:
     """Events of the run after the ``after`` sequence, at most ``limit`` (capped) per page."""
     run = _owned_run(request, run_id)
     after, limit = parse_page(request)
-    events = list(run.events.filter(sequence__gt=after).order_by("sequence")[: limit + 1])
+    events = list(visible_events(run).filter(sequence__gt=after).order_by("sequence")[: limit + 1])
     page = events[:limit]
     return JsonResponse(
         {

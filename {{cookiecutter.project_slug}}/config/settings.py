@@ -48,6 +48,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Database unreachable: 503 with Retry-After (JSON, htmx fragment or page), not 500.
+    "agentic_django.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -118,8 +120,9 @@ REDIS_URL = env("REDIS_URL", default="redis://localhost:6379/0")
 {%- if cookiecutter.task_backend == "rq" %}
 TASKS = {"default": {"BACKEND": "django_tasks_rq.RQBackend", "QUEUES": ["default"]}}
 RQ_QUEUES = {"default": {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 900}}
-# Imports the Agents SDK once in the parent, not in every forked job (see config/worker.py).
-RQ = {"WORKER_CLASS": "config.worker.PreloadingWorker"}
+# Preloads the Agents SDK in the parent and sweeps for dead runs (agentic_django.workers.rq);
+# `manage.py agentic_django_worker` uses it, so does a plain `rqworker`.
+RQ = {"WORKER_CLASS": "agentic_django.workers.rq.RQWorker"}
 {%- elif cookiecutter.task_backend == "database" %}
 TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]}}
 {%- else %}

@@ -4,6 +4,9 @@ from django.urls import include, path
 
 from config.health import healthz
 
+# A 503 (not a 500) when the database is unreachable, even if other middleware hit it first.
+handler500 = "agentic_django.middleware.server_error"
+
 urlpatterns = [
     path("", include("chat.urls")),
     path("agents/", include("agentic_django.urls")),

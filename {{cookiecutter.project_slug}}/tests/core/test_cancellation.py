@@ -6,7 +6,7 @@ import pytest
 from agents import function_tool
 from asgiref.sync import sync_to_async
 
-from agentic_django import signals
+from agentic_django import recovery, signals
 from agentic_django.exceptions import RunNotCancellable
 from agentic_django.models import AgentRun, AgentSession
 from agentic_django.services import cancel_run, create_run, enqueue_agent_run
@@ -78,6 +78,8 @@ def test_finished_runs_cannot_be_cancelled(user):
 
 def test_cancelling_a_pending_run_lets_the_next_run_of_the_session_start(user, scripted_agent):
     agent = scripted_agent([text("second answered")])
+    # A process that already swept at its start (a sweep would dispatch the first run).
+    recovery.ensure_startup_recovery()
     session = AgentSession.objects.create(owner=user, session_key="k")
     first = AgentRun.objects.create(
         session=session, owner=user, agent_key=agent.key, input_payload="one"

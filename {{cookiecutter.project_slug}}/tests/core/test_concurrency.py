@@ -1,4 +1,5 @@
-"""Concurrency rules under real parallelism: worker threads racing on PostgreSQL.
+"""Concurrency rules under real parallelism: worker threads racing on the database
+(PostgreSQL, or SQLite in a file as the project uses it).
 
 Each thread plays a worker process: it executes the task (ImmediateBackend runs it inline)
 on its own database connection, so claims race exactly as they would across workers.
@@ -23,7 +24,7 @@ from agentic_django.tasks import execute_agent_run
 from tests.core import registry
 from tests.core.conftest import echo_steps, text
 
-pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def race(targets: list[Callable[[], object]]) -> None:

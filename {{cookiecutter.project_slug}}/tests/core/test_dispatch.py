@@ -6,12 +6,13 @@ import pytest
 from django.db import transaction
 
 from agentic_django.models import AgentRun, AgentSession
-from agentic_django.recovery import recover_runs
+from agentic_django.recovery import recover_runs, sweep
 from agentic_django.services import create_run, enqueue_agent_run
 from tests.core.conftest import echo_steps, running_elsewhere, text, worker_died
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+IMMEDIATE_TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
 BROKEN_TASKS = {"default": {"BACKEND": "tests.core.backends.UnavailableBackend"}}
 
 
@@ -81,7 +82,7 @@ def test_a_broker_error_fails_the_run_with_a_clear_message(user, settings):
     assert run.finished_at is not None
 
 
-def test_a_broker_error_does_not_strand_the_runs_queued_behind(user, settings):
+def test_a_broker_error_defers_the_runs_queued_behind_until_a_sweep(user, settings):
     session = AgentSession.objects.create(owner=user, session_key="k")
     blocker = running_elsewhere(session)
     behind = create_run(owner=user, session_key="k", input_payload="waiting")
@@ -91,8 +92,13 @@ def test_a_broker_error_does_not_strand_the_runs_queued_behind(user, settings):
     blocker.refresh_from_db()
     behind.refresh_from_db()
     assert blocker.status == "failed"
-    assert behind.status == "failed"
-    assert "task queue is unavailable" in behind.error
+    # Not failed for an outage it had no part in: it waits, without a task, for the broker.
+    assert (behind.status, behind.task_id, behind.dispatched_at) == ("pending", "", None)
+
+    settings.TASKS = IMMEDIATE_TASKS
+    assert sweep().dispatched == 1
+    behind.refresh_from_db()
+    assert behind.status == "completed"
 
 
 def test_task_id_is_recorded_by_the_worker_that_ran_the_run(user):

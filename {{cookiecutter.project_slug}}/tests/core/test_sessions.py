@@ -121,7 +121,7 @@ def test_runs_use_the_configured_serializer(user, settings):
     assert all(set(p) == {"v", "item"} for p in payloads)
 
 
-@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
 def test_concurrent_writers_never_interleave_a_batch(agent_session):
     writers, batch = 8, 5
     barrier = threading.Barrier(writers)

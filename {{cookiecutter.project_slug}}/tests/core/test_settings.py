@@ -41,11 +41,30 @@ def test_concurrency_none_means_cpu_count(settings):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("20/m", RateLimit(20, 60)), ("100/h", RateLimit(100, 3600)), ("5/10s", RateLimit(5, 10))],
+    [
+        ("20/m", RateLimit(20, 60)),
+        ("100/h", RateLimit(100, 3600)),
+        ("5/10s", RateLimit(5, 10)),
+        ("3 / 2 minutes", RateLimit(3, 120)),
+        ("1000/day", RateLimit(1000, 86400)),
+    ],
 )
 def test_rate_limit_parsing(value, expected):
     assert parse_rate_limit(value) == expected
     assert parse_rate_limit(None) is None
+
+
+@pytest.mark.parametrize("value", ["20/ms", "5/0s", "0/m", "20/mm", "20/", "/m", "20/week", 20])
+def test_rate_limits_are_parsed_strictly(value):
+    with pytest.raises(ImproperlyConfigured, match="must look like '20/m'"):
+        parse_rate_limit(value)
+
+
+def test_none_disables_the_input_limits(settings):
+    settings.AGENTIC_DJANGO_MAX_INPUT_BYTES = None
+    settings.AGENTIC_DJANGO_MAX_INPUT_ITEMS = None
+    assert agentic_errors() == []
+    assert (get_config().max_input_bytes, get_config().max_input_items) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -78,8 +97,17 @@ def test_invalid_settings_are_reported_clearly(settings, name, value, fragment):
         get_config()
 
 
-def test_missing_registry_module_is_reported(settings):
-    settings.AGENTIC_DJANGO_AGENT_REGISTRY = "no_such_module.registry.get_agent_registry"
-    assert agentic_errors() == [
-        "AGENTIC_DJANGO_AGENT_REGISTRY module 'no_such_module.registry' cannot be found."
-    ]
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("AGENTIC_DJANGO_AGENT_REGISTRY", "no_such_module.registry.get_agent_registry"),
+        ("AGENTIC_DJANGO_AGENT_REGISTRY", "tests.core.registry.no_such_function"),
+        ("AGENTIC_DJANGO_SESSION_SERIALIZER", "agentic_django.sessions.NoSuchSerializer"),
+        ("AGENTIC_DJANGO_SESSION_SERIALIZER", "no_such_module.Serializer"),
+    ],
+)
+def test_unimportable_paths_are_reported_at_startup(settings, name, path):
+    setattr(settings, name, path)
+    errors = agentic_errors()
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{name} {path!r} cannot be imported")

@@ -13,7 +13,7 @@ from django.utils import timezone
 from agentic_django import recovery
 from agentic_django.models import AgentEvent, AgentRun, AgentSession
 from tests.web.conftest import BROWSER, HTMX
-from tests.web.registry import MODEL_ERROR
+from tests.web.registry import MODEL_ERROR, PROVIDER_TEXT
 
 # Transactional: runs are enqueued on commit, as in production.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -192,7 +192,8 @@ def test_a_failing_model_gives_a_failed_run_with_its_error(api):
     assert response.status_code == 201
     body = response.json()
     assert body["status"] == "failed"
-    assert MODEL_ERROR in body["error"]
+    assert body["error"] == MODEL_ERROR
+    assert PROVIDER_TEXT not in response.content.decode()
 
 
 # --- anonymous clients ---------------------------------------------------------------------
@@ -355,6 +356,8 @@ def _events(run, count):
         AgentEvent(run=run, sequence=i, event_type="tool_called", payload={"i": i})
         for i in range(1, count + 1)
     )
+    # Events belong to a worker's attempt: the run is claimed.
+    AgentRun.objects.filter(pk=run.pk).update(status="running", attempt=1)
 
 
 def test_events_page_with_a_cursor(api, make_run, user):

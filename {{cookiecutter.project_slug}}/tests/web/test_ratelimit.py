@@ -56,11 +56,6 @@ def test_the_limit_is_per_user(api, settings, other_user):
 
 @pytest.mark.django_db(transaction=True)
 def test_the_limit_holds_under_concurrent_requests(user, settings):
-    if connection.vendor == "sqlite" and connection.is_in_memory_db():
-        pytest.skip(
-            "in-memory SQLite test databases cannot serve concurrent connections (shared-cache "
-            "table locks); this runs on PostgreSQL or a file-backed SQLite test database"
-        )
     settings.AGENTIC_DJANGO_RATE_LIMIT = "3/m"
     # Keep runs pending: the point is how many get created, not executing them.
     settings.TASKS = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}

@@ -1,0 +1,363 @@
+"""The run lifecycle: the only module that changes an ``AgentRun``'s status.
+
+::
+
+    pending ──reserve──► pending with a task ──claim──► running ──finish──► completed
+       ▲  │                                              │  │                failed
+       │  └──────────────── cancel ──────────────────────┼──┼──────────────► cancelled
+       └──────────── requeue (lease expired) ────────────┘  └─ fail (lease expired)
+
+Every transition is one conditional UPDATE: nothing is read first and trusted afterwards, so
+two processes racing for the same run cannot both win. Timestamps come from the database
+clock (``Now()``), never from the clock of the process that happens to make the change.
+
+A claimed attempt holds a ``Fence``: the run is RUNNING with that attempt number. Every write
+the attempt makes -- lease renewals, session items, events, its terminal state -- is
+conditional on the fence, so an attempt whose lease expired and whose run was taken over can
+no longer change anything; its writes are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.db import connection, transaction
+from django.db.models import (
+    DateTimeField,
+    Exists,
+    ExpressionWrapper,
+    F,
+    Func,
+    IntegerField,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+)
+from django.db.models.functions import Coalesce, Now
+from django.db.models.lookups import GreaterThan
+from django.db.models.sql import UpdateQuery
+
+from agentic_django.conf import get_config
+from agentic_django.models import AgentRun, AgentSession, AgentSessionItem, DispatchLock
+from agentic_django.signals import agent_run_cancelled, agent_run_failed, send_safely
+
+logger = logging.getLogger(__name__)
+
+Status = AgentRun.Status
+# Statuses that occupy a worker slot, and statuses that keep later runs of their session
+# waiting. A paused state (awaiting approval) would block its session without a slot.
+SLOT_STATUSES = (Status.RUNNING,)
+SESSION_BLOCKING_STATUSES = (Status.RUNNING,)
+LOCK_NAME = "runs"
+# task_id of a run a dispatcher is enqueueing, until the broker gives the task its id.
+QUEUED = "queued"
+LEASE_EXPIRED_ERROR = "The worker running this run stopped before it finished."
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The claim an attempt holds: run ``run_id`` is RUNNING with attempt number ``attempt``."""
+
+    run_id: Any
+    attempt: int
+
+    @classmethod
+    def of(cls, run: AgentRun) -> Fence:
+        return cls(run.pk, run.attempt)
+
+    def runs(self) -> QuerySet[AgentRun]:
+        """The run, as long as this attempt still holds it (an empty queryset otherwise)."""
+        return AgentRun.objects.filter(pk=self.run_id, attempt=self.attempt, status=Status.RUNNING)
+
+    def exists_sql(self) -> tuple[str, tuple[Any, ...]]:
+        """``EXISTS (...)`` SQL and parameters, true while the fence holds (for raw writes)."""
+        sql, params = self.runs().values("pk").query.sql_with_params()
+        return f"EXISTS ({sql})", tuple(params)
+
+    def state(self) -> bool | None:
+        """None if the claim is lost; otherwise whether cancellation was requested."""
+        rows = list(self.runs().values_list("cancel_requested_at", flat=True)[:1])
+        return None if not rows else rows[0] is not None
+
+
+def lease_end() -> ExpressionWrapper:
+    """Database time one lease from now."""
+    lease = timedelta(seconds=get_config().lease_seconds)
+    return ExpressionWrapper(Now() + Value(lease), output_field=DateTimeField())
+
+
+def lease_ago() -> ExpressionWrapper:
+    """Database time one lease ago."""
+    lease = timedelta(seconds=get_config().lease_seconds)
+    return ExpressionWrapper(Now() - Value(lease), output_field=DateTimeField())
+
+
+# --- Conditions ------------------------------------------------------------------------------
+
+
+def blockers() -> QuerySet[AgentRun]:
+    """Runs of the outer run's session that keep it from starting (active or ahead of it)."""
+    earlier = Q(created_at__lt=OuterRef("created_at")) | Q(
+        created_at=OuterRef("created_at"), id__lt=OuterRef("id")
+    )
+    return (
+        AgentRun.objects.filter(session_id=OuterRef("session_id"))
+        .exclude(pk=OuterRef("pk"))
+        .filter(Q(status__in=SESSION_BLOCKING_STATUSES) | (Q(status=Status.PENDING) & earlier))
+    )
+
+
+def running_count() -> Subquery:
+    """Subquery: how many runs hold a worker slot."""
+    running = AgentRun.objects.filter(status__in=SLOT_STATUSES).order_by()
+    count = Func(F("pk"), function="COUNT", output_field=IntegerField())
+    return Subquery(running.annotate(n=count).values("n")[:1], output_field=IntegerField())
+
+
+def concurrency_limit() -> Coalesce:
+    """The deployment's concurrency limit: the recorded one, else this process's setting."""
+    recorded = DispatchLock.objects.filter(name=LOCK_NAME).values("concurrency_limit")[:1]
+    return Coalesce(
+        Subquery(recorded),
+        Value(get_config().concurrency_limit),
+        output_field=IntegerField(),
+    )
+
+
+def slot_free() -> GreaterThan:
+    """Condition: fewer runs hold a slot than the concurrency limit allows."""
+    return GreaterThan(concurrency_limit(), running_count())
+
+
+def needs_task() -> Q:
+    """Condition: the pending run has no task, or its task may be lost (older than a lease)."""
+    return Q(task_id="") | Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=lease_ago())
+
+
+def startable() -> QuerySet[AgentRun]:
+    """Pending runs that may start now: first in their session, with a free slot."""
+    return AgentRun.objects.filter(status=Status.PENDING).filter(~Exists(blockers()), slot_free())
+
+
+def stale_runs() -> QuerySet[AgentRun]:
+    """Running runs whose lease expired (database clock): their worker stopped renewing it."""
+    return AgentRun.objects.filter(status=Status.RUNNING, lease_expires_at__lt=Now())
+
+
+def record_concurrency_limit(limit: int) -> None:
+    """Make ``limit`` the concurrency limit of every process of the deployment."""
+    DispatchLock.objects.update_or_create(name=LOCK_NAME, defaults={"concurrency_limit": limit})
+
+
+# --- Dispatch --------------------------------------------------------------------------------
+
+
+def reserve(run_id: Any) -> bool:
+    """Mark a startable run that needs a task as being enqueued; True if this caller won it."""
+    runs = startable().filter(pk=run_id).filter(needs_task())
+    return bool(runs.update(task_id=QUEUED, dispatched_at=Now()))
+
+
+def record_task_id(run_id: Any, task_id: str) -> None:
+    """Store the broker's id of the task just enqueued (unless a worker already took it)."""
+    AgentRun.objects.filter(pk=run_id, task_id=QUEUED).update(task_id=task_id[:255])
+
+
+def release(run_id: Any, task_id: str = "") -> bool:
+    """Forget the task of a pending run (its enqueue failed, or it could not claim the run)."""
+    tasks = [t for t in (task_id, QUEUED) if t]
+    released = AgentRun.objects.filter(pk=run_id, status=Status.PENDING, task_id__in=tasks)
+    return bool(released.update(task_id="", dispatched_at=None))
+
+
+def fail_pending(run_id: Any, message: str) -> bool:
+    """Fail a pending run with ``message`` (its task could not be queued)."""
+    failed = AgentRun.objects.filter(pk=run_id, status=Status.PENDING).update(
+        status=Status.FAILED, error=message, finished_at=Now(), lease_expires_at=None
+    )
+    if failed:
+        send_safely(agent_run_failed, AgentRun, run=AgentRun.objects.get(pk=run_id))
+    return bool(failed)
+
+
+# --- An attempt ------------------------------------------------------------------------------
+
+
+def claim(run_id: Any, *, task_id: str = "") -> AgentRun | None:
+    """Move a startable run to RUNNING with a fresh lease and the next attempt number.
+
+    Returns the claimed run (its ``attempt`` is the fence), or None if it is not pending,
+    another run of its session runs or comes first, or every slot is taken.
+    """
+    claimable = startable().filter(pk=run_id)
+    updates: dict[str, Any] = {
+        "status": Status.RUNNING,
+        "started_at": Now(),
+        "heartbeat_at": Now(),
+        "lease_expires_at": lease_end(),
+        "attempt": F("attempt") + 1,
+        "error": "",
+        "error_detail": "",
+    }
+    if task_id:
+        updates["task_id"] = task_id[:255]
+    if connection.vendor == "sqlite":
+        # SQLite runs one writer at a time: a single UPDATE sees every committed claim.
+        return _update_returning(claimable, updates)
+    with transaction.atomic():
+        # Every claim takes this lock, so the running count in the UPDATE cannot race; the
+        # timestamps are taken once it is held (a run that finished meanwhile came first).
+        DispatchLock.objects.select_for_update().get_or_create(name=LOCK_NAME)
+        return _update_returning(claimable, updates)
+
+
+def renew(fence: Fence) -> bool:
+    """Extend the attempt's lease; False if the attempt no longer holds its run."""
+    return bool(fence.runs().update(heartbeat_at=Now(), lease_expires_at=lease_end()))
+
+
+def finish(
+    fence: Fence,
+    *,
+    status: str,
+    error: str = "",
+    error_detail: str = "",
+    final_output: Any = None,
+    last_response_id: str = "",
+    usage: dict[str, int] | None = None,
+) -> AgentRun | None:
+    """Record the attempt's terminal state; None (nothing written) if the fence was lost."""
+    if status not in AgentRun.TERMINAL_STATUSES:
+        raise ValueError(f"{status!r} is not a terminal status")
+    updates = {
+        "status": status,
+        "error": error,
+        "error_detail": error_detail,
+        "final_output": final_output,
+        "last_response_id": last_response_id,
+        "finished_at": Now(),
+        "heartbeat_at": Now(),
+        "lease_expires_at": None,
+        **(usage or {}),
+    }
+    return _update_returning(fence.runs(), updates)
+
+
+# --- Cancellation and recovery ---------------------------------------------------------------
+
+
+def cancel(run: AgentRun) -> bool:
+    """Cancel a pending run now (True), or flag a running one to stop after its turn (False).
+
+    ``run`` is refreshed; callers check ``run.is_terminal`` for runs that already finished.
+    """
+    cancelled = AgentRun.objects.filter(pk=run.pk, status=Status.PENDING).update(
+        status=Status.CANCELLED,
+        cancel_requested_at=Now(),
+        finished_at=Now(),
+        lease_expires_at=None,
+    )
+    if not cancelled:
+        AgentRun.objects.filter(
+            pk=run.pk, status=Status.RUNNING, cancel_requested_at__isnull=True
+        ).update(cancel_requested_at=Now())
+    run.refresh_from_db()
+    if cancelled:
+        send_safely(agent_run_cancelled, AgentRun, run=run)
+    return bool(cancelled)
+
+
+def fail_stale(run: AgentRun) -> bool:
+    """Fail ``run`` if its lease expired in the attempt it had when read."""
+    failed = (
+        stale_runs()
+        .filter(pk=run.pk, attempt=run.attempt)
+        .update(
+            status=Status.FAILED,
+            error=LEASE_EXPIRED_ERROR,
+            finished_at=Now(),
+            lease_expires_at=None,
+        )
+    )
+    if failed:
+        run.refresh_from_db()
+        send_safely(agent_run_failed, AgentRun, run=run)
+    return bool(failed)
+
+
+def requeue(run: AgentRun, *, stale_only: bool) -> bool:
+    """Put a stale run (or, unless ``stale_only``, a failed one) back to pending.
+
+    The items its attempt wrote are deleted in the same transaction, and only if the run
+    really changed, so a run that finished meanwhile keeps its history. A stale run whose
+    cancellation was requested is cancelled instead. A failed run is requeued only while no
+    later run of its session exists, so the history stays in order. True if the run changed.
+    """
+    later = AgentRun.objects.filter(
+        session_id=OuterRef("session_id"), created_at__gt=OuterRef("created_at")
+    )
+    stale = Q(status=Status.RUNNING, attempt=run.attempt, lease_expires_at__lt=Now())
+    retryable = stale & Q(cancel_requested_at__isnull=True)
+    if not stale_only:
+        retryable |= Q(status=Status.FAILED) & ~Exists(later)
+    this_run = AgentRun.objects.filter(pk=run.pk)
+    with transaction.atomic():
+        # Session writers take this lock first too: no item lands between UPDATE and DELETE.
+        list(AgentSession.objects.select_for_update().filter(pk=run.session_id).values("pk"))
+        cancelled = this_run.filter(stale, cancel_requested_at__isnull=False).update(
+            status=Status.CANCELLED, finished_at=Now(), lease_expires_at=None, heartbeat_at=None
+        )
+        requeued = (
+            0
+            if cancelled
+            else this_run.filter(retryable).update(
+                status=Status.PENDING,
+                started_at=None,
+                finished_at=None,
+                error="",
+                error_detail="",
+                final_output=None,
+                cancel_requested_at=None,
+                # No task exists for the next attempt yet: a dispatcher must enqueue one.
+                task_id="",
+                dispatched_at=None,
+                lease_expires_at=None,
+                heartbeat_at=None,
+            )
+        )
+        if cancelled or requeued:
+            AgentSessionItem.objects.filter(run_id=run.pk).delete()
+    if not (cancelled or requeued):
+        return False
+    run.refresh_from_db()
+    if cancelled:
+        send_safely(agent_run_cancelled, AgentRun, run=run)
+    return True
+
+
+# --- Helpers ---------------------------------------------------------------------------------
+
+
+def _update_returning(queryset: QuerySet[AgentRun], updates: dict[str, Any]) -> AgentRun | None:
+    """Apply ``updates`` to the (single) matched row and return it as updated, or None.
+
+    One ``UPDATE ... RETURNING`` statement (Django's query compiler, which this project pins),
+    so what is returned is exactly what the update wrote.
+    """
+    if not connection.features.can_return_rows_from_update:
+        pks = list(queryset.values_list("pk", flat=True)[:1])
+        if not pks or not queryset.filter(pk=pks[0]).update(**updates):
+            return None
+        return AgentRun.objects.get(pk=pks[0])
+    query = queryset.query.chain(UpdateQuery)
+    query.add_update_values(updates)
+    fields = AgentRun._meta.concrete_fields
+    rows = query.get_compiler(queryset.db).execute_returning_sql(fields)
+    if not rows:
+        return None
+    return AgentRun.from_db(queryset.db, [f.attname for f in fields], rows[0])

@@ -1,0 +1,75 @@
+"""Run the background worker of the configured task backend, ready for agent runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.tasks import task_backends
+from django.utils.module_loading import import_string
+
+RQ_BACKEND = "django_tasks_rq.RQBackend"
+DATABASE_BACKEND = "django_tasks_db.DatabaseBackend"
+
+
+def _backend_path() -> str:
+    """The dotted path of the 'default' backend's class, as settings name it."""
+    backend = task_backends["default"]
+    for path in (DATABASE_BACKEND, RQ_BACKEND):
+        try:
+            backend_class = import_string(path)
+        except ImportError:
+            continue
+        if isinstance(backend, backend_class):
+            return path
+    return f"{type(backend).__module__}.{type(backend).__qualname__}"
+
+
+class Command(BaseCommand):
+    help = (
+        "Run the worker of the 'default' task backend (django-tasks-db or RQ) with the Agents "
+        "SDK preloaded and a recovery sweep every half lease (see agentic_django.workers)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--queue", default="default", help="Queue to work on (default: default)."
+        )
+        parser.add_argument(
+            "--burst",
+            action="store_true",
+            help="Run the queued tasks, then exit (for scripts and tests).",
+        )
+
+    def handle(self, *args: Any, queue: str, burst: bool, **options: Any) -> None:
+        backend = _backend_path()
+        if backend == DATABASE_BACKEND:
+            from django.utils.crypto import get_random_string
+
+            from agentic_django.workers.database import run_database_worker
+
+            run_database_worker(
+                queue_names=[queue],
+                interval=1.0,
+                batch=burst,
+                backend_name="default",
+                startup_delay=False,
+                max_tasks=None,
+                worker_id=get_random_string(32),
+                excluded_queue_names=[],
+            )
+        elif backend == RQ_BACKEND:
+            call_command(
+                "rqworker",
+                queue,
+                job_class="django_tasks_rq.Job",
+                worker_class="agentic_django.workers.rq.RQWorker",
+                burst=burst,
+                verbosity=options["verbosity"],
+            )
+        else:
+            raise CommandError(
+                f"The 'default' task backend ({backend}) runs tasks without a worker; "
+                f"agentic_django_worker serves {DATABASE_BACKEND} and {RQ_BACKEND}."
+            )
