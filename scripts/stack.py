@@ -10,7 +10,9 @@ The long load run (figures in docs/reliability.md):
 
     .venv/bin/python scripts/stack.py load --users 20 --seconds 60 --workers 2
 
-`tests/test_faults.py` uses the same pieces (`native_stack`, `audit`) for its fault tests.
+`tests/test_faults.py` uses the same pieces (`native_stack`, `audit`) for its fault tests; the
+baking, the build steps and the servers are shared with tests/test_stack.py
+(scripts/native_stack.py).
 """
 
 from __future__ import annotations
@@ -39,17 +41,16 @@ if str(REPO) not in sys.path:
 
 import psycopg  # noqa: E402
 
+from scripts.bake import Combo  # noqa: E402
 from scripts.loadtest import LoadConfig, LoadTest, create_users, print_summary  # noqa: E402
-from tests.conftest import Combo, bake  # noqa: E402
-from tests.servers import Server, free_port, start_postgres, start_redis  # noqa: E402
-from tests.stack_support import compose_config  # noqa: E402
-from tests.test_stack import (  # noqa: E402
+from scripts.native_stack import (  # noqa: E402
+    BuiltProject,
     Stack,
-    image_env,
+    build_project,
     kill_tree,
-    production_dotenv,
-    run_build_steps,
+    running_servers,
 )
+from scripts.servers import Server  # noqa: E402
 
 RQ_POSTGRES = Combo("rq", "postgres", "none")
 DATABASE_POSTGRES = Combo("database", "postgres", "none")
@@ -211,40 +212,11 @@ class Deployment:
         )
 
     def shutdown(self) -> None:
+        """Stop restarting processes, then stop them all."""
         self._stop.set()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
-        for process in self.stack.processes.values():
-            if process.poll() is None:
-                kill_tree(process, signal.SIGTERM)
-
-
-@dataclass(frozen=True)
-class BuiltProject:
-    """A baked project after the image build steps, with compose's view of its services."""
-
-    combo: Combo
-    project: Path
-    services: dict
-    base_env: dict[str, str]
-
-
-def build_project(workdir: Path, combo: Combo = RQ_POSTGRES) -> BuiltProject:
-    """Bake `combo` with production settings and run the Dockerfile's build steps natively."""
-    project = bake(workdir / "bake", **combo.context)
-    production_dotenv(project)
-    services = compose_config(project)["services"]
-    # Like .dockerignore: the processes see only what compose hands them.
-    (project / ".env").unlink()
-    venv_bin = str(Path(sys.executable).parent)
-    base_env = {
-        "PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "HOME": str(workdir),
-        "LANG": "C.UTF-8",
-        **image_env(project),
-    }
-    run_build_steps(project, {key: base_env[key] for key in ("PATH", "HOME", "LANG")})
-    return BuiltProject(combo, project, services, base_env)
+        self.stack.stop()
 
 
 @contextlib.contextmanager
@@ -265,45 +237,22 @@ def native_stack(
         logs=logs,
         web_workers=web_workers,
     )
-    servers: list[Server] = []
-    deployment: Deployment | None = None
-    try:
-        postgres = start_postgres()
-        servers.append(postgres)
-        redis = None
-        # The only differences from compose: where the servers listen, no tracing export, and
-        # the settings above.
-        stack.overrides = {
-            "DATABASE_URL": postgres.url,
-            "OPENAI_AGENTS_DISABLE_TRACING": "1",
-            **STACK_ENV,
-            **(env or {}),
-        }
-        if built.combo.task_backend == "rq":
-            # compose runs Redis with the append-only file: queued tasks survive a restart.
-            redis = start_redis(appendonly=True)
-            servers.append(redis)
-            stack.overrides["REDIS_URL"] = redis.url
-        stack.web_port = free_port()
-        deployment = Deployment(stack, built.combo, postgres, redis)
-        stack.run_once("migrate")
-        deployment.start_slot("web", "web")
-        for number in range(1, workers + 1):
-            deployment.start_slot(f"worker-{number}", "worker")
-        deployment.wait_healthy()
-        deployment.supervise()
-        yield deployment
-    finally:
-        if deployment is not None:
+    # compose runs Redis with the append-only file: queued tasks survive a restart.
+    with running_servers(
+        stack, built.combo, redis_appendonly=True, env={**STACK_ENV, **(env or {})}
+    ) as servers:
+        redis = servers[1] if len(servers) > 1 else None
+        deployment = Deployment(stack, built.combo, servers[0], redis)
+        try:
+            stack.run_once("migrate")
+            deployment.start_slot("web", "web")
+            for number in range(1, workers + 1):
+                deployment.start_slot(f"worker-{number}", "worker")
+            deployment.wait_healthy()
+            deployment.supervise()
+            yield deployment
+        finally:
             deployment.shutdown()
-        else:
-            for process in stack.processes.values():
-                if process.poll() is None:
-                    kill_tree(process, signal.SIGTERM)
-        for log in stack.log_files:
-            log.close()
-        for server in servers:
-            server.stop()
 
 
 # --- the audit ---------------------------------------------------------------------------

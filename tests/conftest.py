@@ -4,34 +4,16 @@ import itertools
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cookiecutter.main import cookiecutter
 
-from tests.servers import Server, start_postgres, start_redis
+from scripts.bake import Combo, bake
+from scripts.servers import Server, start_postgres, start_redis
 
-TEMPLATE = Path(__file__).resolve().parent.parent
 TASK_BACKENDS = ("rq", "database", "immediate")
 DATABASES = ("postgres", "sqlite")
 CIS = ("github", "none")
-
-
-@dataclass(frozen=True)
-class Combo:
-    task_backend: str
-    database: str
-    ci: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.task_backend}-{self.database}-{self.ci}"
-
-    @property
-    def context(self) -> dict[str, str]:
-        return {"task_backend": self.task_backend, "database": self.database, "ci": self.ci}
-
 
 COMBOS = [Combo(*values) for values in itertools.product(TASK_BACKENDS, DATABASES, CIS)]
 DEFAULT = Combo("rq", "postgres", "github")
@@ -40,13 +22,6 @@ DEFAULT = Combo("rq", "postgres", "github")
 def combo_params(combos: list[Combo] = COMBOS) -> list:
     """Parametrize over combinations, keeping each one on a single xdist worker (baked once)."""
     return [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.id)) for c in combos]
-
-
-def bake(output_dir: Path, **context: str) -> Path:
-    project = cookiecutter(
-        str(TEMPLATE), no_input=True, extra_context=context, output_dir=output_dir
-    )
-    return Path(project)
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ import dockerfile
 import pytest
 import yaml
 
+from scripts.native_stack import APP_SERVICES, compose, compose_config, read_dotenv
 from tests.conftest import COMBOS, Combo, combo_params, manage, run
-from tests.stack_support import APP_SERVICES, compose, compose_config, read_dotenv
 
 GITHUB_COMBOS = [c for c in COMBOS if c.ci == "github"]
 # One bake per stack shape: the ci option does not change compose.yaml or the Dockerfile.

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from cookiecutter.exceptions import FailedHookException
 
-from tests.conftest import COMBOS, DEFAULT, TEMPLATE, Combo, bake, combo_params, manage, run
+from scripts.bake import TEMPLATE
+from tests.conftest import COMBOS, DEFAULT, Combo, bake, combo_params, manage, run
 
 # These run the whole generated suite (browser tests, fuzzing, benchmark smoke runs); the
 # others skip those, which do not depend on the task backend or CI option.

@@ -8,31 +8,25 @@ plays the TLS proxy in front of the web service, sending `X-Forwarded-Proto: htt
 
 from __future__ import annotations
 
-import contextlib
 import http.cookiejar
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import dockerfile
 import psycopg
 import pytest
 
-from tests.conftest import Combo, bake, combo_params
-from tests.servers import Server, free_port, start_postgres, start_redis
-from tests.stack_support import compose_config, read_dotenv
+from scripts.native_stack import Stack, build_project, kill_tree, running_servers
+from tests.conftest import Combo, combo_params
 
 pytestmark = pytest.mark.stack
 
@@ -51,184 +45,18 @@ class BrowserCookiePolicy(http.cookiejar.DefaultCookiePolicy):
         return True
 
 
-@dataclass
-class Stack:
-    project: Path
-    services: dict
-    base_env: dict[str, str]
-    logs: Path
-    overrides: dict[str, str] = field(default_factory=dict)
-    web_port: int = 0
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    log_files: list = field(default_factory=list)
-
-    def env_for(self, service: str) -> dict[str, str]:
-        return {**self.base_env, **self.services[service]["environment"], **self.overrides}
-
-    def argv(self, service: str) -> list[str]:
-        """The compose command; web listens on loopback at a free port instead of 0.0.0.0:8000."""
-        command = list(self.services[service]["command"])
-        if service == "web":
-            command[command.index("--host") + 1] = "127.0.0.1"
-            command[command.index("--port") + 1] = str(self.web_port)
-        return command
-
-    def run_once(self, service: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            self.argv(service),
-            cwd=self.project,
-            env=self.env_for(service),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert result.returncode == 0, f"{service} failed:\n{result.stdout}\n{result.stderr}"
-        return result
-
-    def start(self, service: str, name: str | None = None) -> subprocess.Popen:
-        name = name or service
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed at teardown
-        self.log_files.append(log)
-        process = subprocess.Popen(
-            self.argv(service),
-            cwd=self.project,
-            env=self.env_for(service),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes[name] = process
-        return process
-
-    def log(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def manage(self, *args: str, env: dict[str, str] | None = None) -> None:
-        result = subprocess.run(
-            ["python", "manage.py", *args],
-            cwd=self.project,
-            env={**self.env_for("web"), **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, f"manage.py {args} failed:\n{result.stderr}"
-
-    def healthy(self) -> bool:
-        """The container's own HEALTHCHECK script, pointed at the native web server."""
-        result = subprocess.run(
-            ["python", "docker/healthcheck.py"],
-            cwd=self.project,
-            env={**self.env_for("web"), "PORT": str(self.web_port)},
-            capture_output=True,
-            timeout=30,
-        )
-        return result.returncode == 0
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (RQ work horses live in their own process group)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    tree, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        tree.append(current)
-        pending.extend(children.get(current, []))
-    return tree
-
-
-def kill_tree(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    """Signal every process of a service at once, as `docker kill` does to a container."""
-    for pid in process_tree(process.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        kill_tree(process, signal.SIGKILL)
-
-
-def image_env(project: Path) -> dict[str, str]:
-    """ENV of the Dockerfile's runtime stage, except PATH (resolved to this virtualenv)."""
-    commands = list(dockerfile.parse_file(str(project / "Dockerfile")))
-    last_from = max(i for i, c in enumerate(commands) if c.cmd == "FROM")
-    env: dict[str, str] = {}
-    for command in commands[last_from:]:
-        if command.cmd == "ENV":
-            pairs = command.value
-            env.update(zip(pairs[::2], pairs[1::2], strict=True))
-    env.pop("PATH", None)
-    return env
-
-
-def run_build_steps(project: Path, env: dict[str, str]) -> None:
-    """The build stage's post-install RUN steps (collectstatic), with this virtualenv's Python."""
-    commands = list(dockerfile.parse_file(str(project / "Dockerfile")))
-    (collect,) = [c.value[0] for c in commands if c.cmd == "RUN" and "collectstatic" in c.value[0]]
-    script = collect.replace("/opt/venv/bin/python", sys.executable)
-    result = subprocess.run(
-        ["sh", "-c", script], cwd=project, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, f"build step failed:\n{result.stdout}\n{result.stderr}"
-
-
-def production_dotenv(project: Path) -> None:
-    """What a deployment changes in the generated .env: DEBUG off, its host name, capacity."""
-    values = read_dotenv(project / ".env")
-    values.update(
-        {"DEBUG": "False", "ALLOWED_HOSTS": "127.0.0.1", "AGENTIC_DJANGO_CONCURRENCY_LIMIT": "4"}
-    )
-    (project / ".env").write_text("".join(f"{key}={value}\n" for key, value in values.items()))
-
-
 @pytest.fixture
 def stack(request, tmp_path) -> Iterator[Stack]:
-    combo: Combo = request.param
-    project = bake(tmp_path / "bake", **combo.context)
-    production_dotenv(project)
-    services = compose_config(project)["services"]
-    # Like .dockerignore: the processes see only what compose hands them.
-    (project / ".env").unlink()
-
-    venv_bin = str(Path(sys.executable).parent)
-    base_env = {
-        "PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "HOME": str(tmp_path),
-        "LANG": "C.UTF-8",
-        **image_env(project),
-    }
-    run_build_steps(project, {key: base_env[key] for key in ("PATH", "HOME", "LANG")})
+    built = build_project(tmp_path, request.param)
     logs = tmp_path / "logs"
     logs.mkdir()
-    stack = Stack(project=project, services=services, base_env=base_env, logs=logs)
-    servers: list[Server] = []
+    stack = Stack(
+        project=built.project, services=built.services, base_env=built.base_env, logs=logs
+    )
     try:
-        servers.append(start_postgres())
-        # The only differences from compose: where the servers listen, and no tracing export.
-        stack.overrides = {"DATABASE_URL": servers[0].url, "OPENAI_AGENTS_DISABLE_TRACING": "1"}
-        if combo.task_backend == "rq":
-            servers.append(start_redis())
-            stack.overrides["REDIS_URL"] = servers[1].url
-        stack.web_port = free_port()
-        yield stack
+        with running_servers(stack, request.param):
+            yield stack
     finally:
-        for process in stack.processes.values():
-            if process.poll() is None:
-                kill_tree(process, signal.SIGTERM)
-        for log in stack.log_files:
-            log.close()
-        for server in servers:
-            server.stop()
         # Shown by pytest only when the test failed.
         for name in stack.processes:
             print(f"--- {name} log (tail) ---\n{stack.log(name)[-6000:]}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEMPLATE
+from scripts.bake import TEMPLATE
 
 BIN = Path(sys.executable).parent
 SETTINGS = "config/settings.py"

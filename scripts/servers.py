@@ -1,6 +1,7 @@
-"""Start real PostgreSQL and Redis servers on loopback for the template's tests; stop them by pid.
+"""Start real PostgreSQL and Redis servers on loopback (for the template's tests, the stack runs
+and the benchmarks); stop them by pid.
 
-CI starts with nothing running; these helpers use the Debian packages `.ci/run` installs.
+Nothing needs to be running: these helpers use the Debian packages `make test` installs.
 PostgreSQL refuses to run as root, so as root the server runs as the `postgres` user.
 """
 
