@@ -9,10 +9,10 @@ DEMO_DIR := .demo
 DEMO_PROJECT := $(DEMO_DIR)/agentic_demo
 ARGS ?=
 
-.PHONY: help demo test lint clean
+.PHONY: help demo system-packages test lint clean
 
 help:  ## list the commands
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 .cache/uv/bin/uv:
 	"$(PYTHON)" -m venv .cache/uv
@@ -32,7 +32,10 @@ demo: | $(UV) $(VENV)/.installed  ## generate a project (sqlite + database backe
 	cd $(DEMO_PROJECT) && $(abspath $(UV)) run --no-sync python manage.py demo_user
 	$(MAKE) -C $(DEMO_PROJECT) dev UV="$(abspath $(UV))"
 
-test: $(VENV)/.installed  ## bake every option combination and test each project (ARGS="-k sqlite")
+system-packages:  ## install the Debian packages the tests need (as root or with sudo)
+	scripts/system-packages
+
+test: system-packages $(VENV)/.installed  ## bake every option combination and test each project (ARGS="-k sqlite")
 	$(VENV)/bin/pytest tests $(ARGS)
 
 lint: $(VENV)/.installed  ## lint the hooks and the template's tests

@@ -28,3 +28,12 @@ def user(django_user_model):
 @pytest.fixture
 def other_user(django_user_model):
     return django_user_model.objects.create_user(username="mallory", password="correct-horse-43")
+
+
+def pytest_report_header(config):
+    """Say up front which tests this machine leaves out, and what they need."""
+    from django.db import connection
+
+    from tests.needs import missing
+
+    return missing(connection.vendor)

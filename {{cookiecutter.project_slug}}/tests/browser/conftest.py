@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-SYSTEM_CHROMIUM = "/usr/bin/chromium"
+from tests.needs import INSTALL_CHROMIUM, chromium_executable
+
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -36,13 +37,6 @@ document.addEventListener("securitypolicyviolation", (event) => {
 """
 
 
-def _chromium_executable() -> str | None:
-    for candidate in (os.environ.get("CHROMIUM_PATH"), SYSTEM_CHROMIUM):
-        if candidate and Path(candidate).exists():
-            return candidate
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     """Chromium for one test module; Playwright's event loop must not outlive these tests."""
@@ -53,12 +47,9 @@ def browser() -> Iterator[object]:
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     try:
         with sync_playwright() as playwright:
-            executable = _chromium_executable()
+            executable = chromium_executable()
             if executable is None and not Path(playwright.chromium.executable_path).exists():
-                pytest.skip(
-                    f"no Chromium: install it at {SYSTEM_CHROMIUM} (apt-get install chromium), "
-                    "set CHROMIUM_PATH, or run `playwright install chromium`"
-                )
+                pytest.skip(f"no Chromium ({INSTALL_CHROMIUM})")
             instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
             yield instance
             instance.close()
