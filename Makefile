@@ -9,7 +9,7 @@ DEMO_DIR := .demo
 DEMO_PROJECT := $(DEMO_DIR)/agentic_demo
 ARGS ?=
 
-.PHONY: help demo system-packages test lint clean
+.PHONY: help demo system-packages test bench lint clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -38,9 +38,12 @@ system-packages:  ## install the Debian packages the tests need (as root or with
 test: system-packages $(VENV)/.installed  ## bake every option combination and test each project (ARGS="-k sqlite")
 	$(VENV)/bin/pytest tests $(ARGS)
 
-lint: $(VENV)/.installed  ## lint the hooks and the template's tests
-	$(VENV)/bin/ruff check hooks tests
-	$(VENV)/bin/ruff format --check hooks tests
+bench: system-packages $(VENV)/.installed  ## bake a project and measure the engine in it (ARGS="--quick"; docs/benchmarks.md)
+	$(VENV)/bin/python -m benchmarks $(ARGS)
+
+lint: $(VENV)/.installed  ## lint the hooks, tests, scripts and benchmarks
+	$(VENV)/bin/ruff check hooks tests scripts benchmarks
+	$(VENV)/bin/ruff format --check hooks tests scripts benchmarks
 
 clean:  ## remove the test environment and the demo project
 	rm -rf $(VENV) .cache $(DEMO_DIR)

@@ -16,9 +16,17 @@ from cookiecutter.exceptions import FailedHookException
 from scripts.bake import TEMPLATE
 from tests.conftest import COMBOS, DEFAULT, Combo, bake, combo_params, manage, run
 
-# These run the whole generated suite (browser tests, fuzzing, benchmark smoke runs); the
-# others skip those, which do not depend on the task backend or CI option.
+# These run the whole generated suite (browser tests, fuzzing); the others skip those, which
+# do not depend on the task backend or CI option.
 FULL_SUITE_COMBOS = {DEFAULT, Combo("database", "sqlite", "none")}
+# The top of a generated project: what its owner works with, nothing that measures the template.
+TOP_LEVEL = {
+    ".cruft.json", ".dockerignore", ".env", ".env.example", ".gitignore", "Dockerfile",
+    "Makefile", "README.md", "agentic_django", "chat", "compose.yaml", "config", "docker",
+    "docs", "manage.py", "pyproject.toml", "scripts", "templates", "tests",
+}  # fmt: skip
+# What running the project's commands and tests leaves behind (all git-ignored).
+RUNTIME_OUTPUT = {"__pycache__", ".pytest_cache", ".ruff_cache", "test-artifacts", "staticfiles"}
 TEXT_SUFFIXES = {".py", ".toml", ".yaml", ".yml", ".md", ".txt", ".cfg", ".ini", ".example", ""}
 
 
@@ -59,6 +67,18 @@ def test_bakes_with_the_files_the_options_need(baked, combo: Combo):
         "immediate": "django.tasks.backends.immediate.ImmediateBackend",
     }[combo.task_backend]
     assert f'"BACKEND": "{backend}"' in settings
+
+
+@pytest.mark.parametrize("combo", combo_params())
+def test_the_tree_holds_only_what_its_owner_keeps(baked, combo: Combo):
+    project = baked(combo)
+    top = {path.name for path in project.iterdir()} - RUNTIME_OUTPUT
+    assert {name for name in top if not name.startswith("db.sqlite3")} == TOP_LEVEL | (
+        {".github"} if combo.ci == "github" else set()
+    )
+    assert [path.name for path in (project / "docs").iterdir()] == ["guarantees.md"]
+    measuring = [path for path in project.rglob("*bench*") if "__pycache__" not in path.parts]
+    assert measuring == [], "benchmarks belong to the template repository"
 
 
 def test_each_bake_gets_its_own_secret(tmp_path):

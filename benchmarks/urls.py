@@ -42,7 +42,8 @@ def run_status_sql(request: HttpRequest, run_id: uuid.UUID) -> JsonResponse:
 
     meta = AgentRun._meta
     pk = meta.pk.get_db_prep_value(run_id, connection)
-    sql = f"SELECT status FROM {meta.db_table} WHERE id = %s AND owner_id = %s"  # noqa: S608 - table name from the model
+    # The table name comes from the model.
+    sql = f"SELECT status FROM {meta.db_table} WHERE id = %s AND owner_id = %s"
     with connection.cursor() as cursor:
         cursor.execute(sql, [pk, request.user.pk])
         row = cursor.fetchone()

@@ -1,8 +1,7 @@
 """Settings every benchmark runs with, on top of the project's own settings.
 
-Kept free of Django imports so ``benchmarks.settings`` (worker subprocesses) and
-``override_settings`` (benchmarks started inside an already configured process, e.g. the smoke
-test) apply the same values.
+Kept free of Django imports: ``benchmarks.settings`` applies them in every benchmark process
+and its workers, and ``run_workers`` reads the task backends before Django is set up.
 """
 
 from __future__ import annotations

@@ -187,31 +187,17 @@ def profile(variants: list[Variant], pattern: str | None, *, runs: int) -> list[
 
 @contextlib.contextmanager
 def environment(*, task_backend: str = "immediate") -> Iterator[dict[str, Any]]:
-    """Run the benchmark with the benchmark settings and a fresh database.
+    """Configure Django with ``benchmarks.settings`` and create a throwaway test database (an
+    SQLite file, or ``test_<name>`` on the server ``DATABASE_URL`` names); drop it after.
 
-    Standalone: configure Django with ``benchmarks.settings`` and create a throwaway test
-    database (an SQLite file, or ``test_<name>`` on the server ``DATABASE_URL`` names).
-    Inside an already configured process (the smoke test): apply the same overrides in place
-    and use the database that process set up.
+    A benchmark is a process of its own, started in the baked project (``python -m benchmarks``).
     """
-    from django.apps import apps
-
     # Whitenoise warns that STATIC_ROOT was never collected; benchmarks serve no static files.
     warnings.filterwarnings("ignore", message="No directory at", category=UserWarning)
     workdir = Path(tempfile.mkdtemp(prefix="agentic-bench-"))
     try:
-        if apps.ready:
-            from django.conf import settings
-            from django.test.utils import override_settings
-
-            from benchmarks.overrides import overrides
-
-            base = {"ALLOWED_HOSTS": settings.ALLOWED_HOSTS, "STORAGES": settings.STORAGES}
-            with override_settings(**overrides(base, task_backend=task_backend)):
-                yield {"standalone": False, "database": None, "workdir": workdir}
-        else:
-            with _standalone(task_backend, workdir) as database:
-                yield {"standalone": True, "database": database, "workdir": workdir}
+        with _standalone(task_backend, workdir) as database:
+            yield {"database": database, "workdir": workdir}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
