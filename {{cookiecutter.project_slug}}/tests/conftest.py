@@ -30,6 +30,24 @@ def other_user(django_user_model):
     return django_user_model.objects.create_user(username="mallory", password="correct-horse-43")
 
 
+@pytest.fixture
+def make_run(db):
+    """A run stored directly, without enqueueing it (so it stays as created); `with_event`
+    also stores its first event."""
+    from agentic_django.models import AgentEvent, AgentRun, AgentSession
+
+    def make(owner, *, session_key="s1", with_event=False, **fields):
+        session, _ = AgentSession.objects.get_or_create(owner=owner, session_key=session_key)
+        fields.setdefault("agent_key", "assistant")
+        fields.setdefault("input_payload", "hello")
+        run = AgentRun.objects.create(session=session, owner=owner, **fields)
+        if with_event:
+            AgentEvent.objects.create(run=run, sequence=1, event_type="run_started", payload={})
+        return run
+
+    return make
+
+
 def pytest_report_header(config):
     """Say up front which tests this machine leaves out, and what they need."""
     from django.db import connection

@@ -24,7 +24,6 @@ DEFERRED = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
 @pytest.fixture(autouse=True)
 def _browser_settings(settings):
     settings.AGENTIC_DJANGO_AGENT_REGISTRY = "tests.web.registry.get_agent_registry"
-    settings.AGENTIC_DJANGO_DEFAULT_AGENT_KEY = "assistant"
     settings.AGENTIC_DJANGO_RATE_LIMIT = None
     settings.TASKS = IMMEDIATE
 

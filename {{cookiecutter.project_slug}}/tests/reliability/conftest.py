@@ -3,13 +3,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 from django.conf import settings
-
-from agentic_django.models import AgentEvent, AgentRun, AgentSession
 
 # Hypothesis' caches go with the other test output (git- and docker-ignored), not the project root.
 os.environ.setdefault(
@@ -23,27 +20,10 @@ PASSWORD = "correct-horse-42"
 
 @pytest.fixture(autouse=True)
 def _reliability_settings(settings):
-    settings.AGENTIC_DJANGO_AGENT_REGISTRY = "chat.registry.get_agent_registry"
-    settings.AGENTIC_DJANGO_DEFAULT_AGENT_KEY = "assistant"
+    """The project's own agents (config/settings.py), events on, no rate limit."""
     # Fuzzing creates many runs; the limit itself is tested in tests/web/test_ratelimit.py.
     settings.AGENTIC_DJANGO_RATE_LIMIT = None
     settings.AGENTIC_DJANGO_ENABLE_EVENTS = True
-
-
-@pytest.fixture
-def make_run(db):
-    """A run stored directly, without enqueueing it (so it stays as created)."""
-
-    def make(owner: Any, *, session_key: str = "s1", **fields: Any) -> AgentRun:
-        session, _ = AgentSession.objects.get_or_create(owner=owner, session_key=session_key)
-        fields.setdefault("agent_key", "assistant")
-        fields.setdefault("input_payload", "hello")
-        run = AgentRun.objects.create(session=session, owner=owner, **fields)
-        if fields.get("status") == AgentRun.Status.COMPLETED:
-            AgentEvent.objects.create(run=run, sequence=1, event_type="run_started", payload={})
-        return run
-
-    return make
 
 
 def login(base_url: str, username: str, password: str = PASSWORD) -> requests.Session:

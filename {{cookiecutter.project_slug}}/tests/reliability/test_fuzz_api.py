@@ -104,7 +104,7 @@ def run_schemathesis(schema: Any) -> FuzzReport:
 def http(live_server, django_user_model, make_run):
     """A requests session logged in as a user who already has a finished run."""
     user = django_user_model.objects.create_user(username="fuzzer", password="correct-horse-42")
-    make_run(user, session_key="fuzz", status=AgentRun.Status.COMPLETED)
+    make_run(user, session_key="fuzz", status=AgentRun.Status.COMPLETED, with_event=True)
     session = login(live_server.url, "fuzzer")
     yield session
     # A kept-alive socket pins a live-server thread and its database connection.

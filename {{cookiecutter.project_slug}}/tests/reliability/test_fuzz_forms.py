@@ -137,7 +137,7 @@ def test_a_next_value_that_looks_like_a_view_name_is_not_followed(api, next_url)
 
 @pytest.fixture
 def finished(user, make_run):
-    return make_run(user, session_key="chat", status=AgentRun.Status.COMPLETED)
+    return make_run(user, session_key="chat", status=AgentRun.Status.COMPLETED, with_event=True)
 
 
 @FUZZ
