@@ -75,13 +75,15 @@ def dispatch_next() -> int:
 
 def _dispatch_round() -> tuple[int, bool]:
     heads = list(
-        lifecycle.startable()
+        lifecycle.session_heads()
         .filter(lifecycle.needs_task())
+        .annotate(free=lifecycle.free_slots())
         .order_by("created_at", "id")
-        .values_list("id", flat=True)[:BATCH]
+        .values_list("id", "free")[:BATCH]
     )
+    free = heads[0][1] if heads else 0
     count = 0
-    for run_id in heads:
+    for run_id, _free in heads[: max(free, 0)]:
         # Each reservation re-checks the slot and the session order in the database.
         if not lifecycle.reserve(run_id):
             continue

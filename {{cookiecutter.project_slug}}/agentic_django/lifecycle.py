@@ -112,11 +112,20 @@ def blockers() -> QuerySet[AgentRun]:
     )
 
 
+def _count(runs: QuerySet[AgentRun]) -> Subquery:
+    count = Func(F("pk"), function="COUNT", output_field=IntegerField())
+    return Subquery(runs.order_by().annotate(n=count).values("n")[:1], output_field=IntegerField())
+
+
 def running_count() -> Subquery:
     """Subquery: how many runs hold a worker slot."""
-    running = AgentRun.objects.filter(status__in=SLOT_STATUSES).order_by()
-    count = Func(F("pk"), function="COUNT", output_field=IntegerField())
-    return Subquery(running.annotate(n=count).values("n")[:1], output_field=IntegerField())
+    return _count(AgentRun.objects.filter(status__in=SLOT_STATUSES))
+
+
+def occupied_count() -> Subquery:
+    """Subquery: runs holding a slot plus runs whose task is on its way to claim one."""
+    on_the_way = Q(status=Status.PENDING) & ~needs_task()
+    return _count(AgentRun.objects.filter(Q(status__in=SLOT_STATUSES) | on_the_way))
 
 
 def concurrency_limit() -> Coalesce:
@@ -134,6 +143,11 @@ def slot_free() -> GreaterThan:
     return GreaterThan(concurrency_limit(), running_count())
 
 
+def free_slots() -> ExpressionWrapper:
+    """Slots neither held nor promised to a queued task (may be negative)."""
+    return ExpressionWrapper(concurrency_limit() - occupied_count(), output_field=IntegerField())
+
+
 def needs_task() -> Q:
     """Condition: the pending run has no task, or its task may be lost (older than a lease)."""
     return Q(task_id="") | Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=lease_ago())
@@ -142,6 +156,11 @@ def needs_task() -> Q:
 def startable() -> QuerySet[AgentRun]:
     """Pending runs that may start now: first in their session, with a free slot."""
     return AgentRun.objects.filter(status=Status.PENDING).filter(~Exists(blockers()), slot_free())
+
+
+def session_heads() -> QuerySet[AgentRun]:
+    """Pending runs first in line in their session (whatever the slots)."""
+    return AgentRun.objects.filter(status=Status.PENDING).filter(~Exists(blockers()))
 
 
 def stale_runs() -> QuerySet[AgentRun]:
@@ -158,8 +177,12 @@ def record_concurrency_limit(limit: int) -> None:
 
 
 def reserve(run_id: Any) -> bool:
-    """Mark a startable run that needs a task as being enqueued; True if this caller won it."""
-    runs = startable().filter(pk=run_id).filter(needs_task())
+    """Mark a run that may start and needs a task as being enqueued; True if this caller won.
+
+    Only as many runs as there are free slots get a task: a slot is counted as taken from the
+    moment a run's task is queued, so waiting runs do not pile up tasks that cannot claim.
+    """
+    runs = session_heads().filter(pk=run_id).filter(needs_task(), GreaterThan(free_slots(), 0))
     return bool(runs.update(task_id=QUEUED, dispatched_at=Now()))
 
 

@@ -13,7 +13,7 @@ from tests.core.conftest import echo_steps, running_elsewhere, text, worker_died
 pytestmark = pytest.mark.django_db(transaction=True)
 
 IMMEDIATE_TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
-BROKEN_TASKS = {"default": {"BACKEND": "tests.core.backends.UnavailableBackend"}}
+BROKEN_TASKS = {"default": {"BACKEND": "tests.core.faults.UnavailableBackend"}}
 
 
 def test_runs_of_one_session_run_in_order_and_see_earlier_history(user, scripted_agent):

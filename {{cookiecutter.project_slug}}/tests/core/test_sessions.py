@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -12,9 +13,12 @@ from agents.testing import ScriptedModel, assistant_message
 from asgiref.sync import async_to_sync
 from django.db import connection
 
+from agentic_django import lifecycle
 from agentic_django.models import AgentSession, AgentSessionItem
 from agentic_django.services import create_run
-from agentic_django.sessions import DatabaseSession
+from agentic_django.sessions import DatabaseSession, SessionWriteRejected, session_for_run
+from tests.core.conftest import running_elsewhere, worker_died
+from tests.core.faults import ITEM_INSERT, database_faults
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -150,3 +154,53 @@ def test_concurrent_writers_never_interleave_a_batch(agent_session):
         chunk = contents[start : start + batch]
         writer = chunk[0].split("-")[0]
         assert chunk == [f"{writer}-{n}" for n in range(batch)]
+
+
+def test_a_cancelled_caller_returns_only_once_its_write_is_done(agent_session):
+    """Like the SDK's own sessions: cancelling the awaiting task never leaves a write behind."""
+    session = DatabaseSession(agent_session)
+    write_started, caller_returned = threading.Event(), threading.Event()
+    seen: dict[str, int] = {}
+
+    def stored() -> int:
+        try:
+            return AgentSessionItem.objects.filter(session=agent_session).count()
+        finally:
+            connection.close()
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(session.add_items([user_item("kept")]))
+        assert await asyncio.to_thread(write_started.wait, 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        seen["when_cancelled"] = await asyncio.to_thread(stored)
+        caller_returned.set()
+
+    with database_faults() as faults:
+        # The INSERT is slow: it waits until the caller has returned (at most 2 s).
+        faults.before(ITEM_INSERT, lambda: (write_started.set(), caller_returned.wait(2)))
+        async_to_sync(scenario)()
+    assert seen["when_cancelled"] == 1
+
+
+def test_a_handle_whose_run_was_taken_over_can_neither_add_pop_nor_clear(user, agent_session):
+    run = running_elsewhere(agent_session)
+    stale = session_for_run(run)
+    stale.add_items_sync([user_item("from attempt 1")])
+    # The worker died; recovery requeues the run and another worker claims it (attempt 2).
+    worker_died(run)
+    assert lifecycle.requeue(run, stale_only=True)
+    current = lifecycle.claim(run.pk)
+    assert current is not None and current.attempt == 2
+    session_for_run(current).add_items_sync([user_item("from attempt 2")])
+
+    for write in (
+        lambda: stale.add_items_sync([user_item("late")]),
+        stale.pop_item_sync,
+        stale.clear_session_sync,
+    ):
+        with pytest.raises(SessionWriteRejected):
+            write()
+    contents = [p["content"] for p in agent_session.items.values_list("payload", flat=True)]
+    assert contents == ["from attempt 2"]

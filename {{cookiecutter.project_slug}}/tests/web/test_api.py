@@ -545,3 +545,16 @@ def test_a_misconfigured_registry_is_a_500_without_internals(api, settings):
 
     assert_json_error(response, 500, "agent_registry_error")
     assert "tests.web" not in response.json()["error"]["message"]
+
+
+def test_none_lifts_the_input_size_limits(api, settings):
+    settings.AGENTIC_DJANGO_MAX_INPUT_BYTES = None
+    settings.AGENTIC_DJANGO_MAX_INPUT_ITEMS = None
+    settings.TASKS = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
+    big = "x" * 200_000
+    assert post_json(api, {"input": big}).status_code == 201
+    items = [{"role": "user", "content": "hi"}] * 100
+    assert post_json(api, {"input": items}).status_code == 201
+    # Django's own cap on request bodies still answers, as a JSON 413.
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    assert_json_error(post_json(api, {"input": big}), 413, "input_too_large")
