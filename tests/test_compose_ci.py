@@ -23,15 +23,7 @@ GITHUB_COMBOS = [c for c in COMBOS if c.ci == "github"]
 NO_CI_COMBOS = [c for c in COMBOS if c.ci == "none"]
 SQLITE_NO_CI_COMBOS = [c for c in NO_CI_COMBOS if c.database == "sqlite"]
 POSTGRES_NO_CI_COMBOS = [c for c in NO_CI_COMBOS if c.database == "postgres"]
-WORKER_COMMANDS = {
-    "rq": [
-        "python", "manage.py", "rqworker",
-        "--job-class", "django_tasks_rq.Job",
-        "--worker-class", "config.worker.PreloadingWorker",
-        "default",
-    ],
-    "database": ["python", "manage.py", "db_worker", "--queue-name", "default", "--no-reload"],
-}  # fmt: skip
+WORKER_COMMAND = ["python", "manage.py", "agentic_django_worker"]
 WEB_COMMAND = [
     "uvicorn", "config.asgi:application",
     "--host", "0.0.0.0", "--port", "8000", "--lifespan", "off",
@@ -140,9 +132,8 @@ def test_commands_and_health_checks(baked, combo: Combo):
     if combo.task_backend == "immediate":
         assert "worker" not in services
     else:
-        assert services["worker"]["command"] == WORKER_COMMANDS[combo.task_backend]
+        assert services["worker"]["command"] == WORKER_COMMAND
         assert services["worker"]["healthcheck"] == {"disable": True}
-    assert (project / "config/worker.py").exists() == (combo.task_backend == "rq")
     if "postgres" in services:
         assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     if "redis" in services:
@@ -282,11 +273,9 @@ def test_compose_migrate_and_worker_commands_run_natively(baked, combo: Combo, r
     if combo.task_backend == "immediate":
         return
     # The same command, told to stop once the queue is empty.
-    stop_when_idle = {"rq": "--burst", "database": "--batch"}[combo.task_backend]
-    argv = [sys.executable, *services["worker"]["command"][1:], stop_when_idle]
+    argv = [sys.executable, *services["worker"]["command"][1:], "--burst"]
     result = run(argv, cwd=project, env=env, timeout=120)
-    if combo.task_backend == "rq":
-        assert "Preloaded the Agents SDK" in result.stdout + result.stderr
+    assert "Preloaded the Agents SDK" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("combo", combo_params())

@@ -224,8 +224,6 @@ def claim(run_id: Any, *, task_id: str = "") -> AgentRun | None:
         "heartbeat_at": Now(),
         "lease_expires_at": lease_end(),
         "attempt": F("attempt") + 1,
-        "error": "",
-        "error_detail": "",
     }
     if task_id:
         updates["task_id"] = task_id[:255]
@@ -248,15 +246,13 @@ def finish(
     fence: Fence,
     *,
     status: str,
-    error: str = "",
-    error_detail: str = "",
-    final_output: Any = None,
-    last_response_id: str = "",
-    usage: dict[str, int] | None = None,
+    error: str,
+    error_detail: str,
+    final_output: Any,
+    last_response_id: str,
+    usage: dict[str, int],
 ) -> AgentRun | None:
     """Record the attempt's terminal state; None (nothing written) if the fence was lost."""
-    if status not in AgentRun.TERMINAL_STATUSES:
-        raise ValueError(f"{status!r} is not a terminal status")
     updates = {
         "status": status,
         "error": error,
@@ -266,7 +262,7 @@ def finish(
         "finished_at": Now(),
         "heartbeat_at": Now(),
         "lease_expires_at": None,
-        **(usage or {}),
+        **usage,
     }
     return _update_returning(fence.runs(), updates)
 

@@ -7,6 +7,19 @@ os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
 IMMEDIATE_TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
 
 
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, tmp_path_factory):
+    """SQLite tests use a file, as the project does: threads and processes then share it
+    (WAL, busy timeout) the way workers do, instead of an in-memory database's table locks."""
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        path = tmp_path_factory.mktemp("sqlite") / f"test-{worker}.sqlite3"
+        database.setdefault("TEST", {})["NAME"] = str(path)
+
+
 @pytest.fixture(autouse=True)
 def _test_settings(settings):
     """Run tasks in-process (the template's stack tests exercise the real workers)."""
@@ -40,6 +53,8 @@ def make_run(db):
         session, _ = AgentSession.objects.get_or_create(owner=owner, session_key=session_key)
         fields.setdefault("agent_key", "assistant")
         fields.setdefault("input_payload", "hello")
+        if fields.get("status", "pending") != "pending":
+            fields.setdefault("attempt", 1)  # a worker claimed it
         run = AgentRun.objects.create(session=session, owner=owner, **fields)
         if with_event:
             AgentEvent.objects.create(run=run, sequence=1, event_type="run_started", payload={})

@@ -12,7 +12,7 @@ from playwright.sync_api import expect
 from agentic_django.models import AgentRun
 from agentic_django.tasks import execute_agent_run
 from tests.browser.conftest import screenshot
-from tests.web.registry import MODEL_ERROR
+from tests.web.registry import MODEL_ERROR, PROVIDER_TEXT
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -159,6 +159,7 @@ def test_a_model_error_is_shown_in_place(chat, settings):
     alert = run.get_by_role("alert")
     assert "The agent could not answer." in alert.inner_text()
     assert MODEL_ERROR in alert.inner_text()
+    assert PROVIDER_TEXT not in page.content()
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
     page.locator("#conversation-list a", has_text="hello?").wait_for()
     screenshot(page, "chat-model-error")

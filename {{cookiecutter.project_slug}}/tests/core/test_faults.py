@@ -131,6 +131,36 @@ def test_a_transient_error_while_renewing_the_lease_is_retried(user, settings):
     assert len(model.calls) == 1
 
 
+def test_a_live_run_whose_event_loop_is_blocked_keeps_its_lease(user, settings):
+    """A model call that holds the event loop (CPU-bound, or a blocking call) longer than a
+    whole lease: the lease keeper renews from its own thread, so recovery leaves it alone."""
+    settings.AGENTIC_DJANGO_LEASE_SECONDS = 5
+    release = threading.Event()
+    recovered: list[int] = []
+
+    async def hogs_the_loop(model_call: Any) -> Any:
+        release.wait(PATIENCE)  # blocks the event loop, as a busy or blocking call would
+        return [assistant_message("still mine")]
+
+    register("hog", [ModelStep.respond(hogs_the_loop)])
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    run = pending(session, "hog")
+    worker = in_thread(lambda: enqueue_agent_run(str(run.pk)))
+    wait_for(lambda: AgentRun.objects.get(pk=run.pk).status == "running", "the claim")
+    started = AgentRun.objects.get(pk=run.pk).lease_expires_at
+    # Wait past the first lease, then let recovery look: the run is alive.
+    wait_for(
+        lambda: AgentRun.objects.get(pk=run.pk).heartbeat_at > started,
+        "the lease to be renewed past its first expiry",
+    )
+    recovered.append(recovery.recover_runs(mode="requeue"))
+    release.set()
+    worker.join(PATIENCE)
+    run.refresh_from_db()
+    assert recovered == [0]
+    assert (run.status, run.attempt, run.final_output) == ("completed", 1, "still mine")
+
+
 def test_an_attempt_that_cannot_renew_its_lease_stops_and_the_run_is_retried_once(user, settings):
     settings.AGENTIC_DJANGO_LEASE_SECONDS = 5
     settings.TASKS = QUEUE
