@@ -3,24 +3,22 @@
     DATABASE_URL=postgres://... REDIS_URL=redis://... python -m benchmarks.run_workers --runs 100
 
 Workers are started as users start them, with the benchmark settings and database:
-``database`` (``manage.py db_worker``), ``rq`` (``manage.py rqworker --job-class
-django_tasks_rq.Job default``: rq forks a work horse per job), ``rq-preload`` (the same with
-the project's ``config.worker.PreloadingWorker``, as compose.yaml runs it) and ``rq-simple``
-(rq's non-forking ``SimpleWorker``, a reference). After a warm-up batch (which also waits out
-each worker's start), M chat runs are created through the public path in one transaction, and
+``database`` and ``rq-preload`` (``manage.py agentic_django_worker`` on the database and the
+RQ backend, as compose.yaml runs it: the Agents SDK preloaded), ``rq`` (plain ``manage.py
+rqworker --job-class django_tasks_rq.Job default``: each forked work horse imports the SDK)
+and ``rq-simple`` (rq's non-forking ``SimpleWorker``, a reference). After a warm-up batch
+(which also waits out each worker's start), M chat runs are created through the public path in one transaction, and
 the clock stops when all are finished. The per-job overhead is the wall time per run with one
 worker minus the median time of the same run executed in-process (immediate backend), measured
 in this process just before. The plain ``rq`` worker, which takes seconds per job, drains
 only 10 runs per worker so the benchmark stays short.
 
 Use throwaway servers: the benchmark creates a ``test_*`` database on the Postgres server and
-uses the ``default`` queue of the Redis at ``REDIS_URL``. ``db_worker`` runs with
-``--interval 0.1 --no-startup-delay`` so an idle worker notices the batch within 0.1 s.
+uses the ``default`` queue of the Redis at ``REDIS_URL``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import statistics
@@ -38,7 +36,7 @@ from benchmarks.overrides import TASK_BACKENDS, available_backends
 
 OVERHEAD_LIMIT_MS = 50.0
 RQ_WORKER = ["rqworker", "--job-class", "django_tasks_rq.Job"]
-PRELOADING_WORKER = "config.worker.PreloadingWorker"
+PROJECT_WORKER = ("agentic_django_worker",)
 
 
 @dataclass(frozen=True)
@@ -59,21 +57,21 @@ WORKER_KINDS = {
         WorkerKind(
             "database",
             "database",
-            ("db_worker", "--queue-name", "default", "--interval", "0.1", "--no-startup-delay"),
-            "manage.py db_worker",
+            PROJECT_WORKER,
+            "manage.py agentic_django_worker (database backend)",
         ),
         WorkerKind(
             "rq",
             "rq",
-            (*RQ_WORKER, "default"),
+            (*RQ_WORKER, "--worker-class", "rq.worker.Worker", "default"),
             "rqworker, rq's forking Worker (10 runs per worker: each job imports the SDK)",
             max_runs_per_worker=10,
         ),
         WorkerKind(
             "rq-preload",
             "rq",
-            (*RQ_WORKER, "--worker-class", PRELOADING_WORKER, "default"),
-            "rqworker with the project's PreloadingWorker (compose.yaml)",
+            PROJECT_WORKER,
+            "manage.py agentic_django_worker (RQ backend, compose.yaml)",
         ),
         WorkerKind(
             "rq-simple",
@@ -88,10 +86,7 @@ WORKER_KINDS = {
 def available_kinds() -> list[str]:
     """Worker kinds this environment can run (packages installed, project worker present)."""
     backends = available_backends()
-    kinds = [kind.name for kind in WORKER_KINDS.values() if kind.backend in backends]
-    if "rq-preload" in kinds and importlib.util.find_spec("config.worker") is None:
-        kinds.remove("rq-preload")
-    return kinds
+    return [kind.name for kind in WORKER_KINDS.values() if kind.backend in backends]
 
 
 @contextmanager

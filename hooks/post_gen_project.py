@@ -38,8 +38,6 @@ def prune() -> None:
     for pattern in ("__pycache__", ".ruff_cache", ".pytest_cache", "test-artifacts"):
         for path in sorted(PROJECT.rglob(pattern), reverse=True):
             remove(str(path.relative_to(PROJECT)))
-    if TASK_BACKEND != "rq":
-        remove("config/worker.py")
 
 
 def write_env() -> None:
