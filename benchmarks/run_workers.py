@@ -2,16 +2,16 @@
 
     DATABASE_URL=postgres://... REDIS_URL=redis://... python -m benchmarks.run_workers --runs 100
 
-Workers are started as users start them, with the benchmark settings and database:
-``database`` and ``rq-preload`` (``manage.py agentic_django_worker`` on the database and the
-RQ backend, as compose.yaml runs it: the Agents SDK preloaded), ``rq`` (plain ``manage.py
-rqworker --job-class django_tasks_rq.Job default``: each forked work horse imports the SDK)
-and ``rq-simple`` (rq's non-forking ``SimpleWorker``, a reference). After a warm-up batch
-(which also waits out each worker's start), M chat runs are created through the public path in one transaction, and
-the clock stops when all are finished. The per-job overhead is the wall time per run with one
+Workers are started as users start them, with the benchmark settings and database: ``database``
+and ``rq-preload`` (``manage.py agentic_django_worker`` on the database and the RQ backend, as
+compose.yaml runs it: the Agents SDK preloaded), ``rq`` (plain ``manage.py rqworker --job-class
+django_tasks_rq.Job default``: each forked work horse imports the SDK) and ``rq-simple`` (rq's
+non-forking ``SimpleWorker``, a reference). After a warm-up batch (which also waits out each
+worker's start), M chat runs are created through the public path in one transaction, and the
+clock stops when all are finished. The per-job overhead is the wall time per run with one
 worker minus the median time of the same run executed in-process (immediate backend), measured
-in this process just before. The plain ``rq`` worker, which takes seconds per job, drains
-only 10 runs per worker so the benchmark stays short.
+in this process just before. The plain ``rq`` worker, which takes seconds per job, drains only
+10 runs per worker so the benchmark stays short.
 
 Use throwaway servers: the benchmark creates a ``test_*`` database on the Postgres server and
 uses the ``default`` queue of the Redis at ``REDIS_URL``.
