@@ -4,3 +4,6 @@ from django.apps import AppConfig
 class ChatConfig(AppConfig):
     name = "chat"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from chat import checks  # noqa: F401  (registers the provider settings check)

@@ -2,28 +2,19 @@
 
 `AGENTIC_DJANGO_AGENT_REGISTRY` points at `get_agent_registry`, which maps an agent key (what
 runs store and API clients send as `agent_key`) to a factory building a fresh `Agent` per run.
-Without `OPENAI_API_KEY` every agent talks to the offline `DemoModel`; with a key set, to the
-OpenAI model named by `OPENAI_MODEL`.
+Every sample agent gets its model from `build_model()` (chat/providers.py): the offline
+`DemoModel` until `.env` sets `OPENAI_API_KEY` or `OPENAI_BASE_URL`, then `OPENAI_MODEL` on
+OpenAI or on any OpenAI-compatible server.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from agents import Agent, Model, OpenAIResponsesModel
-from django.conf import settings
-from openai import AsyncOpenAI
+from agents import Agent
 
-from chat.demo_model import DemoModel
+from chat.providers import build_model
 from chat.tools import TOOLS
-
-
-def build_model() -> Model:
-    """The model every sample agent uses: OpenAI when a key is configured, else the demo."""
-    if settings.OPENAI_API_KEY:
-        client = AsyncOpenAI(api_key=settings.OPENAI_API_KEY)
-        return OpenAIResponsesModel(model=settings.OPENAI_MODEL, openai_client=client)
-    return DemoModel()
 
 
 def build_toolsmith() -> Agent:

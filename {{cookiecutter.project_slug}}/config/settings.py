@@ -130,9 +130,18 @@ TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["d
 TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
 {%- endif %}
 
-# Agents (see chat/registry.py). Unset OPENAI_API_KEY: the offline demo model answers.
+# Agents (see chat/registry.py) and their model (chat/providers.py). Neither OPENAI_API_KEY nor
+# OPENAI_BASE_URL set: the offline demo model answers.
 OPENAI_API_KEY = env("OPENAI_API_KEY", default="")
+# Any OpenAI-compatible server, e.g. http://localhost:11434/v1 (Ollama); it may need no key.
+OPENAI_BASE_URL = env("OPENAI_BASE_URL", default="")
+OPENAI_API_MODE = env("OPENAI_API_MODE", default="responses")  # or chat_completions
 OPENAI_MODEL = env("OPENAI_MODEL", default="gpt-4.1-mini")
+# Seconds to wait for the server: for an answer, and between two chunks of a stream.
+OPENAI_TIMEOUT = env.float("OPENAI_TIMEOUT", default=60.0)
+OPENAI_MAX_RETRIES = env.int("OPENAI_MAX_RETRIES", default=2)  # on 429, 5xx and timeouts
+# Send traces of runs to OpenAI's dashboard; unset: only when talking to OpenAI itself.
+OPENAI_TRACING = env.bool("OPENAI_TRACING", default=None)
 AGENTIC_DJANGO_AGENT_REGISTRY = "chat.registry.get_agent_registry"
 AGENTIC_DJANGO_DEFAULT_AGENT_KEY = "assistant"
 AGENTIC_DJANGO_DEFAULT_RUN_OPTIONS = {"max_turns": 6}
@@ -143,7 +152,9 @@ AGENTIC_DJANGO_MAX_INPUT_BYTES = 20_000
 AGENTIC_DJANGO_MAX_INPUT_ITEMS = 20
 AGENTIC_DJANGO_STARTUP_RECOVERY = env("AGENTIC_DJANGO_STARTUP_RECOVERY", default="requeue")
 AGENTIC_DJANGO_MAX_TURNS = 20  # cap on the max_turns a caller may request
-AGENTIC_DJANGO_RUN_TIMEOUT = 600  # seconds; keep below the task backend's own job timeout
+# Seconds a run may take in all (model calls, tools, retries) before it fails and frees its
+# worker; keep it below the task backend's own job timeout.
+AGENTIC_DJANGO_RUN_TIMEOUT = env.int("AGENTIC_DJANGO_RUN_TIMEOUT", default=300)
 # A run whose worker stops renewing its lease this long is recoverable.
 AGENTIC_DJANGO_LEASE_SECONDS = env.int("AGENTIC_DJANGO_LEASE_SECONDS", default=60)
 AGENTIC_DJANGO_CLEANUP_POLICY = {

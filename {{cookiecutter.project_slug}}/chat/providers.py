@@ -1,0 +1,120 @@
+"""The model behind the sample agents, chosen by settings (config/settings.py, from `.env`).
+
+- No `OPENAI_API_KEY` and no `OPENAI_BASE_URL`: the offline `DemoModel`.
+- Otherwise `OPENAI_MODEL` through the `openai` client: OpenAI itself, or any OpenAI-compatible
+  server at `OPENAI_BASE_URL` (Ollama, vLLM, LiteLLM, ...), which may need no key. The server
+  is spoken to with the Responses API or, for servers without it, Chat Completions
+  (`OPENAI_API_MODE`). `OPENAI_TIMEOUT` bounds each wait for the server (for a stream: the
+  silence between two chunks) and `OPENAI_MAX_RETRIES` retries 429s, 5xx and timeouts.
+- Traces of runs go to OpenAI's dashboard only when talking to OpenAI itself with a key,
+  unless `OPENAI_TRACING` says otherwise: a prompt sent to your own server stays there.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import httpx2
+from agents import (
+    Model,
+    OpenAIChatCompletionsModel,
+    OpenAIResponsesModel,
+    set_tracing_disabled,
+    set_tracing_export_api_key,
+)
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from openai import AsyncOpenAI, DefaultAsyncHttpxClient, Timeout
+
+from chat.demo_model import DemoModel
+
+API_MODES = ("responses", "chat_completions")
+OPENAI_URL = "https://api.openai.com/v1"
+# The openai client will not start without a key; servers that need none ignore this one.
+NO_KEY = "no-key-needed"
+CONNECT_TIMEOUT = 5.0
+
+
+def uses_demo_model() -> bool:
+    """True when no provider is configured: the agents answer offline."""
+    return not (settings.OPENAI_API_KEY or settings.OPENAI_BASE_URL)
+
+
+def talks_to_openai() -> bool:
+    """True when requests go to OpenAI itself (no base URL, or OpenAI's own)."""
+    base_url = settings.OPENAI_BASE_URL
+    return not base_url or urlsplit(base_url).hostname == urlsplit(OPENAI_URL).hostname
+
+
+def exports_traces() -> bool:
+    """Whether traces of runs are sent to OpenAI: OPENAI_TRACING, by default only to OpenAI."""
+    if uses_demo_model() or not settings.OPENAI_API_KEY:
+        return False  # nothing to trace, or no key to export with
+    if settings.OPENAI_TRACING is not None:
+        return settings.OPENAI_TRACING
+    return talks_to_openai()
+
+
+def configure_tracing() -> None:
+    """Apply `exports_traces()` to the Agents SDK (process-wide)."""
+    if exports_traces():
+        # The SDK's own switch, OPENAI_AGENTS_DISABLE_TRACING, still turns it off.
+        set_tracing_export_api_key(settings.OPENAI_API_KEY)
+    else:
+        set_tracing_disabled(True)
+
+
+def problems() -> list[str]:
+    """What is wrong with the provider settings (shown by `manage.py check`)."""
+    found = []
+    if settings.OPENAI_API_MODE not in API_MODES:
+        found.append(
+            f"OPENAI_API_MODE must be one of {', '.join(API_MODES)}, "
+            f"got {settings.OPENAI_API_MODE!r}."
+        )
+    base_url = settings.OPENAI_BASE_URL
+    if base_url and (urlsplit(base_url).scheme not in ("http", "https") or "://" not in base_url):
+        found.append(
+            f"OPENAI_BASE_URL must be an http(s) URL such as http://localhost:11434/v1, "
+            f"got {base_url!r}."
+        )
+    if not settings.OPENAI_TIMEOUT > 0:
+        found.append(f"OPENAI_TIMEOUT must be a positive number, got {settings.OPENAI_TIMEOUT!r}.")
+    if settings.OPENAI_MAX_RETRIES < 0:
+        found.append(f"OPENAI_MAX_RETRIES must be 0 or more, got {settings.OPENAI_MAX_RETRIES!r}.")
+    return found
+
+
+def build_client() -> AsyncOpenAI:
+    """An `openai` client for the configured server, for one run."""
+    timeout = Timeout(
+        settings.OPENAI_TIMEOUT, connect=min(CONNECT_TIMEOUT, settings.OPENAI_TIMEOUT)
+    )
+    # Each run has its own event loop, gone when the run ends: a connection kept open for
+    # the next request would outlive it and fail to close later.
+    http_client = DefaultAsyncHttpxClient(
+        timeout=timeout, limits=httpx2.Limits(max_keepalive_connections=0)
+    )
+    return AsyncOpenAI(
+        api_key=settings.OPENAI_API_KEY or NO_KEY,
+        base_url=settings.OPENAI_BASE_URL or OPENAI_URL,
+        timeout=timeout,
+        max_retries=settings.OPENAI_MAX_RETRIES,
+        http_client=http_client,
+    )
+
+
+def build_model() -> Model:
+    """The model every sample agent uses: the configured provider, else the offline demo."""
+    configure_tracing()
+    if uses_demo_model():
+        return DemoModel()
+    found = problems()
+    if found:
+        raise ImproperlyConfigured(" ".join(found))
+    model_class = (
+        OpenAIResponsesModel
+        if settings.OPENAI_API_MODE == "responses"
+        else OpenAIChatCompletionsModel
+    )
+    return model_class(model=settings.OPENAI_MODEL, openai_client=build_client())
