@@ -28,6 +28,9 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(settings.BASE_DIR) / "test-artifacts"
 PASSWORD = "correct-horse-42"
+IMMEDIATE = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
+# Stores enqueued tasks without running them: runs stay pending until the test runs them.
+DEFERRED = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
 
 # Report CSP violations to the test (init scripts are not subject to the page's CSP).
 _CSP_LISTENER = """
@@ -117,6 +120,13 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+@pytest.fixture(autouse=True)
+def _browser_settings(settings):
+    settings.AGENTIC_DJANGO_AGENT_REGISTRY = "tests.browser.registry.get_agent_registry"
+    settings.AGENTIC_DJANGO_RATE_LIMIT = None
+    settings.TASKS = IMMEDIATE
+
+
 @pytest.fixture
 def chat_user(django_user_model):
     return django_user_model.objects.create_user(username="alice", password=PASSWORD)
@@ -138,3 +148,14 @@ def screenshot(page, name: str) -> None:
     """Save a screenshot of the current page as a test artifact."""
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
+
+
+def send(page, text: str) -> None:
+    """Type a message into the composer and send it with Enter."""
+    box = page.get_by_role("textbox", name="Message")
+    box.fill(text)
+    box.press("Enter")
+
+
+def last_run(page):
+    return page.locator("#turns .agentic-run").last

@@ -11,31 +11,10 @@ from playwright.sync_api import expect
 
 from agentic_django.models import AgentRun
 from agentic_django.tasks import execute_agent_run
-from tests.browser.conftest import screenshot
+from tests.browser.conftest import DEFERRED, IMMEDIATE, last_run, screenshot, send
 from tests.web.registry import MODEL_ERROR, PROVIDER_TEXT
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-IMMEDIATE = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
-# Stores enqueued tasks without running them: runs stay pending until the test runs them.
-DEFERRED = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
-
-
-@pytest.fixture(autouse=True)
-def _browser_settings(settings):
-    settings.AGENTIC_DJANGO_AGENT_REGISTRY = "tests.web.registry.get_agent_registry"
-    settings.AGENTIC_DJANGO_RATE_LIMIT = None
-    settings.TASKS = IMMEDIATE
-
-
-def send(page, text: str) -> None:
-    box = page.get_by_role("textbox", name="Message")
-    box.fill(text)
-    box.press("Enter")
-
-
-def last_run(page):
-    return page.locator("#turns .agentic-run").last
 
 
 def run_in_background(run_id: str, settings, server) -> None:
