@@ -9,7 +9,7 @@ DEMO_DIR := .demo
 DEMO_PROJECT := $(DEMO_DIR)/agentic_demo
 ARGS ?=
 
-.PHONY: help demo system-packages test bench lint clean
+.PHONY: help demo system-packages test bench mutation lint clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ test: system-packages $(VENV)/.installed  ## bake every option combination and t
 
 bench: system-packages $(VENV)/.installed  ## bake a project and measure the engine in it (ARGS="--quick"; docs/benchmarks.md)
 	$(VENV)/bin/python -m benchmarks $(ARGS)
+
+mutation: $(VENV)/.installed  ## mutation-test the engine in a baked project (ARGS="--database postgres"; docs/mutation-testing.md)
+	$(VENV)/bin/python -m scripts.mutation $(ARGS)
 
 lint: $(VENV)/.installed  ## lint the hooks, tests, scripts and benchmarks
 	$(VENV)/bin/ruff check hooks tests scripts benchmarks

@@ -7,6 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connection
 from django.utils.module_loading import import_string
 
 from agentic_django.conf import load_config
@@ -55,6 +56,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             "AGENTIC_DJANGO_SESSION_SERIALIZER",
             "Point it at a class with dumps(item) and loads(payload) methods.",
             "agentic_django.E005",
+        )
+    if not connection.features.can_return_rows_from_update:
+        messages.append(
+            checks.Error(
+                f"agentic_django needs UPDATE ... RETURNING, which this {connection.vendor} "
+                "database lacks.",
+                hint="Use PostgreSQL, or SQLite 3.35 or newer.",
+                id="agentic_django.E006",
+            )
         )
     if "default" not in getattr(settings, "TASKS", {"default": None}):
         messages.append(

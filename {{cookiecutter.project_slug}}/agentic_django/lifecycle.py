@@ -26,7 +26,6 @@ from typing import Any
 
 from django.db import connection, transaction
 from django.db.models import (
-    DateTimeField,
     Exists,
     ExpressionWrapper,
     F,
@@ -38,6 +37,7 @@ from django.db.models import (
     Subquery,
     Value,
 )
+from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Now
 from django.db.models.lookups import GreaterThan
 from django.db.models.sql import UpdateQuery
@@ -85,16 +85,14 @@ class Fence:
         return None if not rows else rows[0] is not None
 
 
-def lease_end() -> ExpressionWrapper:
+def lease_end() -> CombinedExpression:
     """Database time one lease from now."""
-    lease = timedelta(seconds=get_config().lease_seconds)
-    return ExpressionWrapper(Now() + Value(lease), output_field=DateTimeField())
+    return Now() + timedelta(seconds=get_config().lease_seconds)
 
 
-def lease_ago() -> ExpressionWrapper:
+def lease_ago() -> CombinedExpression:
     """Database time one lease ago."""
-    lease = timedelta(seconds=get_config().lease_seconds)
-    return ExpressionWrapper(Now() - Value(lease), output_field=DateTimeField())
+    return Now() - timedelta(seconds=get_config().lease_seconds)
 
 
 # --- Conditions ------------------------------------------------------------------------------
@@ -105,10 +103,8 @@ def blockers() -> QuerySet[AgentRun]:
     earlier = Q(created_at__lt=OuterRef("created_at")) | Q(
         created_at=OuterRef("created_at"), id__lt=OuterRef("id")
     )
-    return (
-        AgentRun.objects.filter(session_id=OuterRef("session_id"))
-        .exclude(pk=OuterRef("pk"))
-        .filter(Q(status__in=SESSION_BLOCKING_STATUSES) | (Q(status=Status.PENDING) & earlier))
+    return AgentRun.objects.filter(session_id=OuterRef("session_id")).filter(
+        Q(status__in=SESSION_BLOCKING_STATUSES) | (Q(status=Status.PENDING) & earlier)
     )
 
 
@@ -149,8 +145,12 @@ def free_slots() -> ExpressionWrapper:
 
 
 def needs_task() -> Q:
-    """Condition: the pending run has no task, or its task may be lost (older than a lease)."""
-    return Q(task_id="") | Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=lease_ago())
+    """Condition: the pending run has no task, or its task may be lost (older than a lease).
+
+    A pending run has a task exactly when it has a dispatch time (``reserve`` sets both,
+    ``release`` and ``requeue`` clear both).
+    """
+    return Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=lease_ago())
 
 
 def startable() -> QuerySet[AgentRun]:
@@ -188,7 +188,7 @@ def reserve(run_id: Any) -> bool:
 
 def record_task_id(run_id: Any, task_id: str) -> None:
     """Store the broker's id of the task just enqueued (unless a worker already took it)."""
-    AgentRun.objects.filter(pk=run_id, task_id=QUEUED).update(task_id=task_id[:255])
+    AgentRun.objects.filter(pk=run_id, task_id=QUEUED).update(task_id=task_id)
 
 
 def release(run_id: Any, task_id: str = "") -> bool:
@@ -201,7 +201,7 @@ def release(run_id: Any, task_id: str = "") -> bool:
 def fail_pending(run_id: Any, message: str) -> bool:
     """Fail a pending run with ``message`` (its task could not be queued)."""
     failed = AgentRun.objects.filter(pk=run_id, status=Status.PENDING).update(
-        status=Status.FAILED, error=message, finished_at=Now(), lease_expires_at=None
+        status=Status.FAILED, error=message, finished_at=Now()
     )
     if failed:
         send_safely(agent_run_failed, AgentRun, run=AgentRun.objects.get(pk=run_id))
@@ -226,7 +226,7 @@ def claim(run_id: Any, *, task_id: str = "") -> AgentRun | None:
         "attempt": F("attempt") + 1,
     }
     if task_id:
-        updates["task_id"] = task_id[:255]
+        updates["task_id"] = task_id
     if connection.vendor == "sqlite":
         # SQLite runs one writer at a time: a single UPDATE sees every committed claim.
         return _update_returning(claimable, updates)
@@ -276,10 +276,7 @@ def cancel(run: AgentRun) -> bool:
     ``run`` is refreshed; callers check ``run.is_terminal`` for runs that already finished.
     """
     cancelled = AgentRun.objects.filter(pk=run.pk, status=Status.PENDING).update(
-        status=Status.CANCELLED,
-        cancel_requested_at=Now(),
-        finished_at=Now(),
-        lease_expires_at=None,
+        status=Status.CANCELLED, cancel_requested_at=Now(), finished_at=Now()
     )
     if not cancelled:
         AgentRun.objects.filter(
@@ -326,31 +323,31 @@ def requeue(run: AgentRun, *, stale_only: bool) -> bool:
         retryable |= Q(status=Status.FAILED) & ~Exists(later)
     this_run = AgentRun.objects.filter(pk=run.pk)
     with transaction.atomic():
-        # Session writers take this lock first too: no item lands between UPDATE and DELETE.
-        list(AgentSession.objects.select_for_update().filter(pk=run.session_id).values("pk"))
+        # Session writers take this lock first too: until this transaction commits, no item
+        # of the old attempt can land (its fence still holds for other transactions).
+        session = AgentSession.objects.select_for_update().filter(pk=run.session_id)
+        list(session.values("pk"))
         cancelled = this_run.filter(stale, cancel_requested_at__isnull=False).update(
-            status=Status.CANCELLED, finished_at=Now(), lease_expires_at=None, heartbeat_at=None
+            status=Status.CANCELLED, finished_at=Now(), lease_expires_at=None
         )
-        requeued = (
-            0
-            if cancelled
-            else this_run.filter(retryable).update(
-                status=Status.PENDING,
-                started_at=None,
-                finished_at=None,
-                error="",
-                error_detail="",
-                final_output=None,
-                cancel_requested_at=None,
-                # No task exists for the next attempt yet: a dispatcher must enqueue one.
-                task_id="",
-                dispatched_at=None,
-                lease_expires_at=None,
-                heartbeat_at=None,
-            )
+        # After a cancel the run is no longer stale, so this matches nothing.
+        requeued = this_run.filter(retryable).update(
+            status=Status.PENDING,
+            started_at=None,
+            finished_at=None,
+            error="",
+            error_detail="",
+            final_output=None,
+            cancel_requested_at=None,
+            # No task exists for the next attempt yet: a dispatcher must enqueue one.
+            task_id="",
+            dispatched_at=None,
+            lease_expires_at=None,
+            heartbeat_at=None,
         )
         if cancelled or requeued:
             AgentSessionItem.objects.filter(run_id=run.pk).delete()
+            session.update(updated_at=Now())  # its history changed
     if not (cancelled or requeued):
         return False
     run.refresh_from_db()
@@ -365,14 +362,10 @@ def requeue(run: AgentRun, *, stale_only: bool) -> bool:
 def _update_returning(queryset: QuerySet[AgentRun], updates: dict[str, Any]) -> AgentRun | None:
     """Apply ``updates`` to the (single) matched row and return it as updated, or None.
 
-    One ``UPDATE ... RETURNING`` statement (Django's query compiler, which this project pins),
-    so what is returned is exactly what the update wrote.
+    One ``UPDATE ... RETURNING`` statement (Django's query compiler, which this project pins;
+    PostgreSQL and SQLite 3.35+ support it, see ``checks``), so what is returned is exactly
+    what the update wrote.
     """
-    if not connection.features.can_return_rows_from_update:
-        pks = list(queryset.values_list("pk", flat=True)[:1])
-        if not pks or not queryset.filter(pk=pks[0]).update(**updates):
-            return None
-        return AgentRun.objects.get(pk=pks[0])
     query = queryset.query.chain(UpdateQuery)
     query.add_update_values(updates)
     fields = AgentRun._meta.concrete_fields

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -16,8 +17,11 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, t
     database = settings.DATABASES["default"]
     if database["ENGINE"] == "django.db.backends.sqlite3":
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-        path = tmp_path_factory.mktemp("sqlite") / f"test-{worker}.sqlite3"
-        database.setdefault("TEST", {})["NAME"] = str(path)
+        # A fixed directory lets repeated sessions share one database (pytest --reuse-db).
+        fixed = os.environ.get("AGENTIC_TEST_DB_DIR")
+        directory = Path(fixed) if fixed else tmp_path_factory.mktemp("sqlite")
+        directory.mkdir(parents=True, exist_ok=True)
+        database.setdefault("TEST", {})["NAME"] = str(directory / f"test-{worker}.sqlite3")
 
 
 @pytest.fixture(autouse=True)

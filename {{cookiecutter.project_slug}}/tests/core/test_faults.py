@@ -33,7 +33,9 @@ from agentic_django.failures import STORE_FAILED
 from agentic_django.lifecycle import LEASE_EXPIRED_ERROR
 from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSessionItem
 from agentic_django.services import create_run, enqueue_agent_run
+from agentic_django.sessions import SessionWriteRejected, session_for_run
 from tests.core import registry
+from tests.core.registry import DEMO_REPLY
 from tests.core.conftest import call, running_elsewhere, text, worker_died
 from tests.core.faults import (
     FINISH,
@@ -277,6 +279,45 @@ def test_requeue_never_deletes_the_history_of_a_run_that_just_finished(user):
     assert (run.status, run.attempt, run.final_output) == ("completed", 1, "finished just in time")
     history = list(session.items.values_list("payload", flat=True))
     assert [item.get("role") for item in history] == ["user", "assistant"]
+
+
+@pytest.mark.postgres
+def test_a_stale_attempt_cannot_slip_an_item_into_a_requeued_history(user):
+    """Recovery deletes the dead attempt's items and commits; the attempt, still alive, tries
+    to write in between. The session lock keeps it out until the fence has moved on."""
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    run = running_elsewhere(session)
+    stale = session_for_run(run)
+    worker_died(run)
+    outcome: dict[str, object] = {}
+
+    def stale_write() -> None:
+        try:
+            stale.add_items_sync([{"role": "assistant", "content": "from the dead attempt"}])
+        except SessionWriteRejected as exc:
+            outcome["rejected"] = exc
+        finally:
+            connection.close()
+
+    def while_recovery_holds_its_transaction() -> None:
+        writer = threading.Thread(target=stale_write)
+        writer.start()
+        writer.join(2)  # with the lock it waits for the commit; without, it would land now
+        outcome["writer"] = writer
+
+    with database_faults() as faults:
+        faults.before(
+            r'^UPDATE "agentic_django_agentsession" SET "updated_at"',
+            while_recovery_holds_its_transaction,
+            thread=threading.current_thread(),
+        )
+        assert recovery.recover_runs(mode="requeue") == 1
+    outcome["writer"].join(PATIENCE)
+    assert "rejected" in outcome
+    history = list(session.items.values_list("payload", flat=True))
+    assert "from the dead attempt" not in str(history)
+    assert [item["role"] for item in history] == ["user", "assistant"]  # the retry's own
+    assert DEMO_REPLY in str(history[1])
 
 
 # --- 4. Events of an attempt that lost its run --------------------------------------------------

@@ -6,13 +6,15 @@ conditional UPDATE is pinned down on its own, so none can be dropped unnoticed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from agentic_django import lifecycle
+from agentic_django import lifecycle, signals
 from agentic_django.lifecycle import QUEUED, Fence
 from agentic_django.models import AgentRun, AgentSession, AgentSessionItem, DispatchLock
 from tests.core.conftest import running_elsewhere, worker_died
@@ -250,9 +252,11 @@ def test_cancel_ends_a_pending_run_at_once(session):
     assert run.cancel_requested_at is not None and run.finished_at is not None
 
 
-def test_cancel_flags_a_running_run_once(session):
+def test_cancel_flags_a_running_run_once(session, other_user):
     claimed = lifecycle.claim(new_run(session).pk)
+    other = running_elsewhere(AgentSession.objects.create(owner=other_user, session_key="x"))
     assert lifecycle.cancel(claimed) is False
+    assert reload(other).cancel_requested_at is None
     assert claimed.status == "running" and claimed.cancel_requested_at is not None
     first_request = claimed.cancel_requested_at
     lifecycle.cancel(claimed)
@@ -314,6 +318,21 @@ def test_requeue_resets_a_stale_run_and_removes_only_its_items(session, user):
     assert list(session.items.all()) == [earlier]
 
 
+def test_requeue_leaves_a_live_run_alone_even_with_a_cancel_request(session):
+    run = running_elsewhere(session)
+    lifecycle.cancel(run)
+    for stale_only in (True, False):
+        assert not lifecycle.requeue(reload(run), stale_only=stale_only)
+    assert reload(run).status == "running"
+
+
+def test_an_admin_requeue_also_takes_a_stale_run(session):
+    run = running_elsewhere(session)
+    worker_died(run)
+    assert lifecycle.requeue(reload(run), stale_only=False)
+    assert reload(run).status == "pending"
+
+
 def test_requeue_cancels_a_stale_run_whose_cancellation_was_requested(session):
     run = running_elsewhere(session)
     AgentSessionItem.objects.create(session=session, sequence=1, payload={}, run=run)
@@ -329,12 +348,54 @@ def test_requeue_cancels_a_stale_run_whose_cancellation_was_requested(session):
 def test_requeue_retries_a_failed_run_only_while_nothing_came_after_it(session):
     failed = new_run(session, status="failed", error="flaky")
     assert not lifecycle.requeue(failed, stale_only=True)
+    # Later runs of other conversations do not matter.
+    elsewhere = new_run(AgentSession.objects.create(owner=session.owner, session_key="y"))
+    AgentRun.objects.filter(pk=elsewhere.pk).update(
+        created_at=failed.created_at + timedelta(seconds=1)
+    )
     later = new_run(session)
     AgentRun.objects.filter(pk=later.pk).update(created_at=failed.created_at + timedelta(seconds=1))
     assert not lifecycle.requeue(failed, stale_only=False)
     later.delete()
     assert lifecycle.requeue(failed, stale_only=False)
+    assert reload(elsewhere).status == "pending"
     assert (reload(failed).status, reload(failed).error) == ("pending", "")
     completed = new_run(AgentSession.objects.create(owner=session.owner, session_key="z"))
     AgentRun.objects.filter(pk=completed.pk).update(status="completed")
     assert not lifecycle.requeue(reload(completed), stale_only=False)
+
+
+# --- signals -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def received(signal) -> Iterator[list[tuple[str, str]]]:
+    """(run id, status) of each ``signal`` sent by AgentRun while the block runs."""
+    seen: list[tuple[str, str]] = []
+
+    def receiver(sender, run, **kwargs):
+        seen.append((str(run.pk), run.status))
+
+    signal.connect(receiver, sender=AgentRun)
+    try:
+        yield seen
+    finally:
+        signal.disconnect(receiver, sender=AgentRun)
+
+
+def test_each_ending_sends_its_signal_with_the_run(session, user):
+    queued = new_run(session)
+    pending_run = new_run(AgentSession.objects.create(owner=user, session_key="p"))
+    with received(signals.agent_run_failed) as failed:
+        lifecycle.fail_pending(queued.pk, "The queue is down.")
+        stale = running_elsewhere(AgentSession.objects.create(owner=user, session_key="s"))
+        worker_died(stale)
+        lifecycle.fail_stale(stale)
+    assert failed == [(str(queued.pk), "failed"), (str(stale.pk), "failed")]
+    with received(signals.agent_run_cancelled) as cancelled:
+        lifecycle.cancel(pending_run)
+        flagged = running_elsewhere(AgentSession.objects.create(owner=user, session_key="c"))
+        lifecycle.cancel(flagged)
+        worker_died(flagged)
+        lifecycle.requeue(reload(flagged), stale_only=True)
+    assert cancelled == [(str(pending_run.pk), "cancelled"), (str(flagged.pk), "cancelled")]
