@@ -10,7 +10,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.utils.module_loading import import_string
 
-from agentic_django.conf import load_config
+from agentic_django.conf import TIMEOUT_GRACE_SECONDS, load_config
 
 
 def _importable(path: str, setting: str, hint: str, check_id: str) -> list[checks.CheckMessage]:
@@ -21,6 +21,32 @@ def _importable(path: str, setting: str, hint: str, check_id: str) -> list[check
             checks.Error(f"{setting} {path!r} cannot be imported: {exc}", hint=hint, id=check_id)
         ]
     return []
+
+
+# RQ's own default job timeout, used when a queue sets none.
+RQ_DEFAULT_JOB_TIMEOUT = 180
+
+
+def _rq_timeouts(run_timeout: int) -> list[checks.CheckMessage]:
+    """RQ kills a job at its queue's timeout: that must not come before the run timeout."""
+    backend = getattr(settings, "TASKS", {}).get("default", {})
+    if backend.get("BACKEND") != "django_tasks_rq.RQBackend":
+        return []
+    needed = run_timeout + TIMEOUT_GRACE_SECONDS
+    messages: list[checks.CheckMessage] = []
+    for queue in backend.get("QUEUES", ["default"]):
+        rq_queue = getattr(settings, "RQ_QUEUES", {}).get(queue, {})
+        timeout = rq_queue.get("DEFAULT_TIMEOUT", RQ_DEFAULT_JOB_TIMEOUT)
+        if timeout < needed:
+            messages.append(
+                checks.Warning(
+                    f"RQ kills jobs of queue {queue!r} after {timeout} s, before "
+                    f"AGENTIC_DJANGO_RUN_TIMEOUT ({run_timeout} s) can end a run cleanly.",
+                    hint=f"Set RQ_QUEUES[{queue!r}]['DEFAULT_TIMEOUT'] to at least {needed}.",
+                    id="agentic_django.W001",
+                )
+            )
+    return messages
 
 
 @checks.register()
@@ -66,6 +92,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 id="agentic_django.E006",
             )
         )
+    messages += _rq_timeouts(config.run_timeout_seconds)
     if "default" not in getattr(settings, "TASKS", {"default": None}):
         messages.append(
             checks.Error(

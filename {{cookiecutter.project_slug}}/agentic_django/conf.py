@@ -23,6 +23,9 @@ RECOVERY_MODES = ("requeue", "fail", "ignore")
 ALLOWED_RUN_OPTIONS = frozenset({"max_turns"})
 RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+# Seconds past AGENTIC_DJANGO_RUN_TIMEOUT an attempt may take to wind down before its lease
+# keeper ends the run itself (a task backend's job timeout must leave room for both).
+TIMEOUT_GRACE_SECONDS = 10
 
 _RATE_UNITS = {
     **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),

@@ -32,7 +32,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 
 from agentic_django import failures, lifecycle
-from agentic_django.conf import get_config, validate_run_options
+from agentic_django.conf import TIMEOUT_GRACE_SECONDS, get_config, validate_run_options
 from agentic_django.dispatch import dispatch_next, release_unclaimed
 from agentic_django.events import EventRecorder, describe
 from agentic_django.exceptions import AgenticDjangoError
@@ -56,11 +56,9 @@ logger = logging.getLogger(__name__)
 Status = AgentRun.Status
 # How often a running run looks for a cancellation request (on its event loop).
 POLL_SECONDS = 1.0
-# Time a cancelled stream gets to wind down before the attempt stops waiting for it.
+# Time a cancelled stream gets to wind down before the attempt stops waiting for it (less
+# than TIMEOUT_GRACE_SECONDS, after which the lease keeper ends a run its loop cannot stop).
 DRAIN_SECONDS = 5.0
-# Past the run timeout, how long the lease keeper waits for the attempt to end by itself
-# before it records the timeout on its own (the agent's event loop is blocked).
-TIMEOUT_GRACE_SECONDS = DRAIN_SECONDS + 5.0
 # Events after which the SDK starts another turn; the watcher covers the time in between.
 TURN_END_EVENTS = frozenset({"tool_output", "handoff", "mcp_approval_response"})
 UNSTORABLE_OUTPUT = (

@@ -115,21 +115,6 @@ STORAGES = {
 
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
 
-# Background tasks (Django 6 tasks).
-REDIS_URL = env("REDIS_URL", default="redis://localhost:6379/0")
-{%- if cookiecutter.task_backend == "rq" %}
-TASKS = {"default": {"BACKEND": "django_tasks_rq.RQBackend", "QUEUES": ["default"]}}
-RQ_QUEUES = {"default": {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 900}}
-# Preloads the Agents SDK in the parent and sweeps for dead runs (agentic_django.workers.rq);
-# `manage.py agentic_django_worker` uses it, so does a plain `rqworker`.
-RQ = {"WORKER_CLASS": "agentic_django.workers.rq.RQWorker"}
-{%- elif cookiecutter.task_backend == "database" %}
-TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]}}
-{%- else %}
-# Runs tasks inside the request: for development and tests only.
-TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
-{%- endif %}
-
 # Agents (see chat/registry.py) and their model (chat/providers.py). Neither OPENAI_API_KEY nor
 # OPENAI_BASE_URL set: the offline demo model answers.
 OPENAI_API_KEY = env("OPENAI_API_KEY", default="")
@@ -165,6 +150,22 @@ AGENTIC_DJANGO_CLEANUP_POLICY = {
     "sessions_require_empty": True,
     "batch_size": 500,
 }
+
+# Background tasks (Django 6 tasks).
+REDIS_URL = env("REDIS_URL", default="redis://localhost:6379/0")
+{%- if cookiecutter.task_backend == "rq" %}
+TASKS = {"default": {"BACKEND": "django_tasks_rq.RQBackend", "QUEUES": ["default"]}}
+# RQ kills a job after DEFAULT_TIMEOUT: it must outlive the run timeout (a checked rule).
+RQ_QUEUES = {"default": {"URL": REDIS_URL, "DEFAULT_TIMEOUT": AGENTIC_DJANGO_RUN_TIMEOUT + 120}}
+# Preloads the Agents SDK in the parent and sweeps for dead runs (agentic_django.workers.rq);
+# `manage.py agentic_django_worker` uses it, so does a plain `rqworker`.
+RQ = {"WORKER_CLASS": "agentic_django.workers.rq.RQWorker"}
+{%- elif cookiecutter.task_backend == "database" %}
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]}}
+{%- else %}
+# Runs tasks inside the request: for development and tests only.
+TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
+{%- endif %}
 
 # Strict Content Security Policy: no inline scripts or styles, everything served locally.
 SECURE_CSP = {

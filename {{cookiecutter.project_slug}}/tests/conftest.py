@@ -28,6 +28,9 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, t
 def _test_settings(settings):
     """Run tasks in-process (the template's stack tests exercise the real workers)."""
     settings.TASKS = IMMEDIATE_TASKS
+    # Whatever the developer's .env says, tests never talk to a real model provider.
+    settings.OPENAI_API_KEY = ""
+    settings.OPENAI_BASE_URL = ""
     # The default PBKDF2 hasher would dominate a suite that creates users per test.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     # Pages render without collectstatic whatever DEBUG the environment sets.

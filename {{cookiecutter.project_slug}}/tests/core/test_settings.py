@@ -111,3 +111,14 @@ def test_unimportable_paths_are_reported_at_startup(settings, name, path):
     errors = agentic_errors()
     assert len(errors) == 1
     assert errors[0].startswith(f"{name} {path!r} cannot be imported")
+
+
+def test_an_rq_job_timeout_shorter_than_the_run_timeout_is_reported(settings):
+    settings.TASKS = {"default": {"BACKEND": "django_tasks_rq.RQBackend", "QUEUES": ["default"]}}
+    settings.AGENTIC_DJANGO_RUN_TIMEOUT = 300
+    settings.RQ_QUEUES = {"default": {"URL": "redis://localhost:6379/0", "DEFAULT_TIMEOUT": 300}}
+    (warning,) = check_settings()
+    assert warning.id == "agentic_django.W001"
+    assert "DEFAULT_TIMEOUT'] to at least 310" in warning.hint
+    settings.RQ_QUEUES = {"default": {"URL": "redis://localhost:6379/0", "DEFAULT_TIMEOUT": 310}}
+    assert check_settings() == []
