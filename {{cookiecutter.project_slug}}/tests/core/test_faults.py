@@ -35,7 +35,6 @@ from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSessi
 from agentic_django.services import create_run, enqueue_agent_run
 from agentic_django.sessions import SessionWriteRejected, session_for_run
 from tests.core import registry
-from tests.core.registry import DEMO_REPLY
 from tests.core.conftest import call, running_elsewhere, text, worker_died
 from tests.core.faults import (
     FINISH,
@@ -45,6 +44,7 @@ from tests.core.faults import (
     database_faults,
     queued_run_ids,
 )
+from tests.core.registry import DEMO_REPLY
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
