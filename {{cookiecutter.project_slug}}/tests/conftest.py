@@ -11,17 +11,44 @@ IMMEDIATE_TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.Immed
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, tmp_path_factory):
     """SQLite tests use a file, as the project does: threads and processes then share it
-    (WAL, busy timeout) the way workers do, instead of an in-memory database's table locks."""
+    (WAL, busy timeout) the way workers do, instead of an in-memory database's table locks.
+
+    With AGENTIC_TEST_DB_DIR set (mutation testing runs many short sessions side by side),
+    each concurrent session takes a numbered slot there and keeps that slot's test database
+    between sessions (pytest --reuse-db).
+    """
     from django.conf import settings
 
     database = settings.DATABASES["default"]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    fixed = os.environ.get("AGENTIC_TEST_DB_DIR")
+    slot = _locked_slot(Path(fixed), worker) if fixed else None
     if database["ENGINE"] == "django.db.backends.sqlite3":
-        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-        # A fixed directory lets repeated sessions share one database (pytest --reuse-db).
-        fixed = os.environ.get("AGENTIC_TEST_DB_DIR")
         directory = Path(fixed) if fixed else tmp_path_factory.mktemp("sqlite")
-        directory.mkdir(parents=True, exist_ok=True)
-        database.setdefault("TEST", {})["NAME"] = str(directory / f"test-{worker}.sqlite3")
+        name = f"test-{worker}{slot or ''}.sqlite3"
+        database.setdefault("TEST", {})["NAME"] = str(directory / name)
+    elif slot:
+        database.setdefault("TEST", {})["NAME"] = f"test_{database['NAME']}_{worker}{slot}"
+
+
+def _locked_slot(directory: Path, worker: str) -> str:
+    """A slot name no other running session holds (its lock lasts as long as this process)."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for slot in range(64):
+        lock = (directory / f"{worker}-{slot}.lock").open("w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        _held_locks.append(lock)
+        return f"-{slot}"
+    raise RuntimeError(f"no free test database slot in {directory}")
+
+
+_held_locks: list = []
 
 
 @pytest.fixture(autouse=True)
