@@ -12,9 +12,25 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from agentic_django.exceptions import RunNotCancellable
-from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSessionItem
-from agentic_django.services import cancel_run, requeue_run
+from agentic_django.exceptions import (
+    ApprovalAlreadyDecided,
+    ApprovalNotFound,
+    RunNotAwaitingApproval,
+    RunNotCancellable,
+)
+from agentic_django.models import (
+    AgentApproval,
+    AgentEvent,
+    AgentRun,
+    AgentSession,
+    AgentSessionItem,
+)
+from agentic_django.services import (
+    approve_tool_call,
+    cancel_run,
+    reject_tool_call,
+    requeue_run,
+)
 
 INLINE_LIMIT = 50
 
@@ -84,6 +100,24 @@ class RunEventInline(ReadOnlyInline):
         return _preview(obj.payload)
 
 
+class ApprovalInline(ReadOnlyInline):
+    model = AgentApproval
+    fields = (
+        "call_id",
+        "tool_name",
+        "arguments",
+        "agent_name",
+        "requested_at",
+        "decision",
+        "always",
+        "message",
+        "decided_by",
+        "decided_at",
+    )
+    readonly_fields = fields
+    verbose_name_plural = f"tool calls awaiting approval (latest {INLINE_LIMIT})"
+
+
 @admin.register(AgentSession)
 class AgentSessionAdmin(admin.ModelAdmin):
     list_display = ("session_key", "owner", "created_at", "updated_at")
@@ -119,8 +153,8 @@ class AgentRunAdmin(admin.ModelAdmin):
     list_select_related = ("owner", "session")
     date_hierarchy = "created_at"
     show_full_result_count = False
-    inlines = (RunEventInline,)
-    actions = ("cancel_selected", "requeue_selected")
+    inlines = (ApprovalInline, RunEventInline)
+    actions = ("cancel_selected", "requeue_selected", "approve_selected", "reject_selected")
     readonly_fields = (
         "id",
         "status",
@@ -142,6 +176,9 @@ class AgentRunAdmin(admin.ModelAdmin):
         "heartbeat_at",
         "cancel_requested_at",
         "last_response_id",
+        "approval_expires_at",
+        "checkpoint_item_sequence",
+        "checkpoint_event_sequence",
         "events_link",
     )
 
@@ -178,6 +215,42 @@ class AgentRunAdmin(admin.ModelAdmin):
             f"Requeued {requeued} run(s); skipped {skipped} (live, finished successfully, "
             "or followed by a later run of the same session).",
             level,
+        )
+
+    @admin.action(
+        description="Approve the tool calls selected runs wait on", permissions=["change"]
+    )
+    def approve_selected(self, request: HttpRequest, queryset: QuerySet[AgentRun]) -> None:
+        self._decide_all(request, queryset, approve=True)
+
+    @admin.action(description="Reject the tool calls selected runs wait on", permissions=["change"])
+    def reject_selected(self, request: HttpRequest, queryset: QuerySet[AgentRun]) -> None:
+        self._decide_all(request, queryset, approve=False)
+
+    def _decide_all(
+        self, request: HttpRequest, queryset: QuerySet[AgentRun], *, approve: bool
+    ) -> None:
+        decided = skipped = 0
+        for run in queryset:
+            for approval in run.pending_approvals():
+                try:
+                    if approve:
+                        approve_tool_call(run, approval.call_id, user=request.user)
+                    else:
+                        reject_tool_call(
+                            run,
+                            approval.call_id,
+                            message="Rejected by an administrator.",
+                            user=request.user,
+                        )
+                except (ApprovalAlreadyDecided, ApprovalNotFound, RunNotAwaitingApproval):
+                    skipped += 1
+                else:
+                    decided += 1
+        verb = "Approved" if approve else "Rejected"
+        level = messages.SUCCESS if not skipped else messages.WARNING
+        self.message_user(
+            request, f"{verb} {decided} tool call(s); {skipped} were decided meanwhile.", level
         )
 
 

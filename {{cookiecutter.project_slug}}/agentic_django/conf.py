@@ -21,7 +21,7 @@ PREFIX = "AGENTIC_DJANGO_"
 RECOVERY_MODES = ("requeue", "fail", "ignore")
 # Run options a caller may set; anything else is rejected instead of reaching Runner.run.
 ALLOWED_RUN_OPTIONS = frozenset({"max_turns"})
-RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+RUN_STATUSES = ("pending", "running", "awaiting_approval", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 # Seconds past AGENTIC_DJANGO_RUN_TIMEOUT an attempt may take to wind down before its lease
 # keeper ends the run itself (a task backend's job timeout must leave room for both).
@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "CLEANUP_POLICY": {},
     "RUN_TIMEOUT": 600,
     "LEASE_SECONDS": 60,
+    "APPROVAL_TIMEOUT": 86_400,
     "SESSION_SERIALIZER": None,
 }
 
@@ -102,6 +103,7 @@ class AgenticConfig:
     run_timeout_seconds: int
     lease_seconds: int
     session_serializer: str | None = None
+    approval_timeout_seconds: int = DEFAULTS["APPROVAL_TIMEOUT"]
 
 
 def _setting(name: str) -> Any:
@@ -250,6 +252,9 @@ def load_config() -> AgenticConfig:
         cleanup_policy=_cleanup_policy(_setting("CLEANUP_POLICY")),
         run_timeout_seconds=_positive_int(f"{PREFIX}RUN_TIMEOUT", _setting("RUN_TIMEOUT")),
         lease_seconds=lease,
+        approval_timeout_seconds=_positive_int(
+            f"{PREFIX}APPROVAL_TIMEOUT", _setting("APPROVAL_TIMEOUT")
+        ),
         session_serializer=serializer,
     )
 

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from django.db import IntegrityError, connection
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from agentic_django.lifecycle import Fence
@@ -107,13 +107,16 @@ class EventRecorder:
 
 
 def visible_events(run: AgentRun) -> QuerySet[AgentEvent]:
-    """The events clients see: those of the run's current attempt (none while it waits).
+    """The events clients see: those up to the run's checkpoint (earlier attempts included),
+    then those of its current attempt (none while it waits for a worker).
 
-    Earlier attempts' events stay stored for the admin, so a retried run shows no duplicates.
+    What a lost attempt wrote after the checkpoint stays stored for the admin, so a retried
+    run shows no duplicates.
     """
-    if run.status == AgentRun.Status.PENDING:
-        return AgentEvent.objects.none()
-    return run.events.filter(attempt=run.attempt)
+    kept = Q(sequence__lte=run.checkpoint_event_sequence)
+    if run.status != AgentRun.Status.PENDING:
+        kept |= Q(attempt=run.attempt)
+    return run.events.filter(kept)
 
 
 def _insert(fence: Fence, event_type: str, payload: dict[str, Any]) -> AgentEvent | None:

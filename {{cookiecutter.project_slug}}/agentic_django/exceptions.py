@@ -83,3 +83,24 @@ class UnstorableContent(AgenticDjangoError):
         "Unicode code point), so the run was stopped."
     )
     status_code = 500
+
+
+class ApprovalNotFound(AgenticDjangoError):
+    """The run has no tool call with that id waiting for a decision."""
+
+    message = "This run has no such tool call to decide."
+    status_code = 404
+
+
+class ApprovalAlreadyDecided(AgenticDjangoError):
+    """Someone (another tab, a double click) decided this tool call already."""
+
+    message = "This tool call was already decided; the first decision counts."
+    status_code = 409
+
+
+class RunNotAwaitingApproval(AgenticDjangoError):
+    """The run is not paused for approvals (any more)."""
+
+    message = "This run is not waiting for an approval."
+    status_code = 409

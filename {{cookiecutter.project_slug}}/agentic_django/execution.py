@@ -31,13 +31,14 @@ from typing import Any
 from asgiref.sync import async_to_sync, sync_to_async
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 
-from agentic_django import failures, lifecycle
+from agentic_django import checkpoints, failures, lifecycle, toolcalls
+from agentic_django.checkpoints import CheckpointHooks, UnreadableCheckpoint, run_context
 from agentic_django.conf import TIMEOUT_GRACE_SECONDS, get_config, validate_run_options
 from agentic_django.dispatch import dispatch_next, release_unclaimed
 from agentic_django.events import EventRecorder, describe
 from agentic_django.exceptions import AgenticDjangoError
 from agentic_django.lifecycle import Fence
-from agentic_django.models import AgentRun
+from agentic_django.models import AgentCheckpoint, AgentRun
 from agentic_django.recovery import ensure_startup_recovery
 from agentic_django.registry import build_agent
 from agentic_django.serializers import json_safe
@@ -49,6 +50,7 @@ from agentic_django.signals import (
     agent_run_started,
     send_safely,
 )
+from agentic_django.toolcalls import ToolCallDropped, ToolLedger
 from agentic_django.validation import is_storable
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,10 @@ class Outcome:
     usage: dict[str, int] = field(default_factory=dict)
     last_response_id: str = ""
     lost: bool = False
+    # A run pausing for approvals: its resumable state, the turn and the calls it waits on.
+    checkpoint: str = ""
+    turn: int = 0
+    approvals: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def failure(cls, exc: BaseException, **fields: Any) -> Outcome:
@@ -141,8 +147,11 @@ def _execute(run: AgentRun, keeper: LeaseKeeper) -> Outcome:
         agent = build_agent(run.agent_key)
     except AgenticDjangoError as exc:
         return Outcome(Status.FAILED, error=exc.message)
+    toolcalls.install([agent])
+    # Only a retried or resumed run (a later attempt) can have a checkpoint.
+    checkpoint = AgentCheckpoint.objects.filter(run_id=run.pk).first() if run.attempt > 1 else None
     recorder = EventRecorder(run) if config.enable_events else None
-    return async_to_sync(_stream)(run, agent, options, recorder, keeper)
+    return async_to_sync(_stream)(run, agent, options, recorder, keeper, checkpoint)
 
 
 async def _stream(
@@ -151,19 +160,58 @@ async def _stream(
     options: dict[str, Any],
     recorder: EventRecorder | None,
     keeper: LeaseKeeper,
+    checkpoint: AgentCheckpoint | None,
+) -> Outcome:
+    config = get_config()
+    loop = asyncio.get_running_loop()
+    # Sync tools run in daemon threads that the attempt never waits for once it is over.
+    loop.set_default_executor(DaemonThreadExecutor())
+    max_turns = options.get("max_turns", config.max_turns)
+    turn = checkpoint.turn if checkpoint else 1
+    ledger = ToolLedger(Fence.of(run), turn=turn, resumed_turn=turn)
+    activated = ledger.activate()
+    try:
+        return await _run_agent(run, agent, max_turns, recorder, keeper, checkpoint, ledger)
+    finally:
+        # The context goes back to the calling thread: the run's ledger must not go with it.
+        toolcalls.deactivate(activated)
+
+
+async def _run_agent(
+    run: AgentRun,
+    agent: Any,
+    max_turns: int,
+    recorder: EventRecorder | None,
+    keeper: LeaseKeeper,
+    checkpoint: AgentCheckpoint | None,
+    ledger: ToolLedger,
 ) -> Outcome:
     from agents import Runner
     from agents.exceptions import MaxTurnsExceeded
 
     config = get_config()
     loop = asyncio.get_running_loop()
-    # Sync tools run in daemon threads that the attempt never waits for once it is over.
-    loop.set_default_executor(DaemonThreadExecutor())
-    max_turns = options.get("max_turns", config.max_turns)
+    fence = ledger.fence
+    hooks = CheckpointHooks(fence, ledger, resumed=checkpoint is not None)
+    if checkpoint is None:
+        run_input, context = run.input_payload, run_context(run)
+    else:
+        try:
+            run_input, context = await checkpoints.load(run, agent, checkpoint), None
+        except UnreadableCheckpoint as exc:
+            logger.exception("agentic_django: run %s cannot resume", run.pk)
+            detail = failures.describe(exc).detail
+            return Outcome(Status.FAILED, error=checkpoints.UNREADABLE, error_detail=detail)
     result = Runner.run_streamed(
-        agent, run.input_payload, session=session_for_run(run), max_turns=max_turns
+        agent,
+        run_input,
+        session=session_for_run(run),
+        max_turns=max_turns,
+        hooks=hooks.hooks(),
+        context=context,
     )
-    watch = _CancelWatch(Fence.of(run), result)
+    hooks.result = result
+    watch = _CancelWatch(fence, result)
     keeper.on_lost(lambda: loop.call_soon_threadsafe(watch.lose))
     watcher = asyncio.create_task(watch.run())
     try:
@@ -188,7 +236,7 @@ async def _stream(
             result, Status.FAILED, f"The agent used all {max_turns} turns without finishing."
         )
     except Exception as exc:
-        if watch.lost:
+        if watch.lost or _caused_by(exc, ToolCallDropped):
             return Outcome(Status.FAILED, lost=True)
         logger.exception("agentic_django: run %s failed", run.pk)
         described = failures.describe(exc)
@@ -201,7 +249,21 @@ async def _stream(
         return Outcome(Status.FAILED, lost=True)
     if watch.cancel_requested and result.final_output is None:
         return _outcome(result, Status.CANCELLED)
+    if result.interruptions:
+        paused = _outcome(result, Status.AWAITING_APPROVAL)
+        paused.checkpoint = checkpoints.serialize(result)
+        paused.turn = result.current_turn
+        paused.approvals = checkpoints.pending_approvals(result)
+        return paused
     return _outcome(result, Status.COMPLETED, final_output=json_safe(result.final_output))
+
+
+def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def timeout_message(seconds: int) -> str:
@@ -418,6 +480,16 @@ def finish(fence: Fence, outcome: Outcome, keeper: LeaseKeeper) -> AgentRun | No
     delay = 0.2
     while True:
         try:
+            if outcome.status == Status.AWAITING_APPROVAL:
+                # Sends its own signal: the run is paused, not over.
+                return lifecycle.pause(
+                    fence,
+                    state=outcome.checkpoint,
+                    schema_version=checkpoints.schema_version(),
+                    turn=outcome.turn,
+                    approvals=outcome.approvals,
+                    usage=outcome.usage,
+                )
             run = lifecycle.finish(
                 fence,
                 status=outcome.status,

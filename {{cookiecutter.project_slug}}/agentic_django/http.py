@@ -35,7 +35,7 @@ _TITLES = {
     403: "Not allowed",
     404: "Not found",
     405: "Not supported",
-    409: "Already finished",
+    409: "Already done",
     413: "Too large",
     429: "Slow down",
     503: "Temporarily unavailable",

@@ -3,9 +3,11 @@
 ::
 
     pending ──reserve──► pending with a task ──claim──► running ──finish──► completed
-       ▲  │                                              │  │                failed
-       │  └──────────────── cancel ──────────────────────┼──┼──────────────► cancelled
-       └──────────── requeue (lease expired) ────────────┘  └─ fail (lease expired)
+       ▲  ▲ │                                            │ │ │               failed
+       │  │ └──────────────── cancel ────────────────────┼─┼─┼─────────────► cancelled
+       │  └──── requeue (lease expired) ─────────────────┘ │ └─ fail (lease expired)
+       └─── decide (last approval) ◄── awaiting_approval ◄─┘ pause
+                                        └─ expire ──────────────────────────► failed
 
 Every transition is one conditional UPDATE: nothing is read first and trusted afterwards, so
 two processes racing for the same run cannot both win. Timestamps come from the database
@@ -31,6 +33,7 @@ from django.db.models import (
     F,
     Func,
     IntegerField,
+    Max,
     OuterRef,
     Q,
     QuerySet,
@@ -43,8 +46,27 @@ from django.db.models.lookups import GreaterThan
 from django.db.models.sql import UpdateQuery
 
 from agentic_django.conf import get_config
-from agentic_django.models import AgentRun, AgentSession, AgentSessionItem, DispatchLock
-from agentic_django.signals import agent_run_cancelled, agent_run_failed, send_safely
+from agentic_django.exceptions import (
+    ApprovalAlreadyDecided,
+    ApprovalNotFound,
+    RunNotAwaitingApproval,
+)
+from agentic_django.models import (
+    AgentApproval,
+    AgentCheckpoint,
+    AgentEvent,
+    AgentRun,
+    AgentSession,
+    AgentSessionItem,
+    DispatchLock,
+)
+from agentic_django.signals import (
+    agent_run_awaiting_approval,
+    agent_run_cancelled,
+    agent_run_failed,
+    agent_run_resumed,
+    send_safely,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +74,14 @@ Status = AgentRun.Status
 # Statuses that occupy a worker slot, and statuses that keep later runs of their session
 # waiting. A paused state (awaiting approval) would block its session without a slot.
 SLOT_STATUSES = (Status.RUNNING,)
-SESSION_BLOCKING_STATUSES = (Status.RUNNING,)
+SESSION_BLOCKING_STATUSES = (Status.RUNNING, Status.AWAITING_APPROVAL)
 LOCK_NAME = "runs"
 # task_id of a run a dispatcher is enqueueing, until the broker gives the task its id.
 QUEUED = "queued"
 LEASE_EXPIRED_ERROR = "The worker running this run stopped before it finished."
+APPROVAL_EXPIRED_ERROR = (
+    "Nobody approved or rejected the agent's tool calls in time, so the run was stopped."
+)
 
 
 @dataclass(frozen=True)
@@ -271,11 +296,13 @@ def finish(
 
 
 def cancel(run: AgentRun) -> bool:
-    """Cancel a pending run now (True), or flag a running one to stop after its turn (False).
+    """Cancel a pending or paused run now (True), or flag a running one to stop after its
+    turn (False).
 
     ``run`` is refreshed; callers check ``run.is_terminal`` for runs that already finished.
     """
-    cancelled = AgentRun.objects.filter(pk=run.pk, status=Status.PENDING).update(
+    waiting = (Status.PENDING, Status.AWAITING_APPROVAL)
+    cancelled = AgentRun.objects.filter(pk=run.pk, status__in=waiting).update(
         status=Status.CANCELLED, cancel_requested_at=Now(), finished_at=Now()
     )
     if not cancelled:
@@ -309,8 +336,9 @@ def fail_stale(run: AgentRun) -> bool:
 def requeue(run: AgentRun, *, stale_only: bool) -> bool:
     """Put a stale run (or, unless ``stale_only``, a failed one) back to pending.
 
-    The items its attempt wrote are deleted in the same transaction, and only if the run
-    really changed, so a run that finished meanwhile keeps its history. A stale run whose
+    The items its attempt wrote after the run's last checkpoint are deleted in the same
+    transaction, and only if the run really changed, so a run that finished meanwhile keeps
+    its history. A stale run whose
     cancellation was requested is cancelled instead. A failed run is requeued only while no
     later run of its session exists, so the history stays in order. True if the run changed.
     """
@@ -346,7 +374,10 @@ def requeue(run: AgentRun, *, stale_only: bool) -> bool:
             heartbeat_at=None,
         )
         if cancelled or requeued:
-            AgentSessionItem.objects.filter(run_id=run.pk).delete()
+            # A retry resumes at the run's checkpoint: what came after it goes.
+            AgentSessionItem.objects.filter(
+                run_id=run.pk, sequence__gt=F("run__checkpoint_item_sequence")
+            ).delete()
             session.update(updated_at=Now())  # its history changed
     if not (cancelled or requeued):
         return False
@@ -354,6 +385,155 @@ def requeue(run: AgentRun, *, stale_only: bool) -> bool:
     if cancelled:
         send_safely(agent_run_cancelled, AgentRun, run=run)
     return True
+
+
+# --- Checkpoints and approvals ---------------------------------------------------------------
+
+
+def _max_sequence(model: Any, run_id: Any) -> Coalesce:
+    rows = model.objects.filter(run_id=run_id).order_by().values("run_id")
+    latest = rows.annotate(last=Max("sequence")).values("last")[:1]
+    return Coalesce(Subquery(latest), 0)
+
+
+def _checkpoint_marks(run_id: Any) -> dict[str, Any]:
+    """Run fields recording how far the run's items and events went at its checkpoint."""
+    return {
+        "checkpoint_item_sequence": _max_sequence(AgentSessionItem, run_id),
+        "checkpoint_event_sequence": _max_sequence(AgentEvent, run_id),
+    }
+
+
+def _store_checkpoint(fence: Fence, state: str, schema_version: str, turn: int) -> None:
+    AgentCheckpoint.objects.update_or_create(
+        run_id=fence.run_id,
+        defaults={
+            "state": state,
+            "schema_version": schema_version,
+            "turn": turn,
+            "attempt": fence.attempt,
+        },
+    )
+
+
+def save_checkpoint(fence: Fence, *, state: str, schema_version: str, turn: int) -> bool:
+    """Store the attempt's resumable state and where its items and events stand; False (and
+    nothing stored) if the fence was lost."""
+    with transaction.atomic():
+        # The fenced UPDATE locks the run row: no transition can slip in before the commit.
+        if not fence.runs().update(**_checkpoint_marks(fence.run_id)):
+            return False
+        _store_checkpoint(fence, state, schema_version, turn)
+    return True
+
+
+def pause(
+    fence: Fence,
+    *,
+    state: str,
+    schema_version: str,
+    turn: int,
+    approvals: list[dict[str, Any]],
+    usage: dict[str, int],
+) -> AgentRun | None:
+    """Park the run on tool calls that need approval: it keeps its session blocked but gives
+    its slot up, and fails at ``approval_expires_at`` unless decided. None if fence lost."""
+    expires = Now() + timedelta(seconds=get_config().approval_timeout_seconds)
+    with transaction.atomic():
+        paused = _update_returning(
+            fence.runs(),
+            {
+                "status": Status.AWAITING_APPROVAL,
+                "lease_expires_at": None,
+                "heartbeat_at": Now(),
+                "approval_expires_at": expires,
+                "task_id": "",
+                "dispatched_at": None,
+                **_checkpoint_marks(fence.run_id),
+                **usage,
+            },
+        )
+        if paused is None:
+            return None
+        _store_checkpoint(fence, state, schema_version, turn)
+        requested = [
+            AgentApproval(run_id=paused.pk, requested_at=paused.heartbeat_at, **approval)
+            for approval in approvals
+        ]
+        # A call decided earlier in the run keeps its decision.
+        AgentApproval.objects.bulk_create(requested, ignore_conflicts=True)
+    send_safely(agent_run_awaiting_approval, AgentRun, run=paused)
+    return paused
+
+
+def decide(
+    run: AgentRun,
+    call_id: str,
+    *,
+    approve: bool,
+    always: bool = False,
+    message: str = "",
+    user: Any = None,
+) -> bool:
+    """Record one decision on a paused run; once none is pending, the run goes back to
+    pending (True is returned) to be dispatched like any run. The first decision on a call
+    counts: ``ApprovalAlreadyDecided`` for the next one."""
+    decision = AgentApproval.Decision.APPROVED if approve else AgentApproval.Decision.REJECTED
+    pending = AgentApproval.objects.filter(
+        run_id=OuterRef("pk"), decision=AgentApproval.Decision.PENDING
+    )
+    with transaction.atomic():
+        # Decisions on one run take turns, so exactly one of them sees the last one done.
+        if (
+            not AgentRun.objects.select_for_update()
+            .filter(pk=run.pk, status=Status.AWAITING_APPROVAL)
+            .exists()
+        ):
+            raise RunNotAwaitingApproval()
+        decided = AgentApproval.objects.filter(
+            run_id=run.pk, call_id=call_id, decision=AgentApproval.Decision.PENDING
+        ).update(
+            decision=decision,
+            always=always,
+            message=message,
+            decided_at=Now(),
+            decided_by=user if getattr(user, "pk", None) else None,
+        )
+        if not decided:
+            if AgentApproval.objects.filter(run_id=run.pk, call_id=call_id).exists():
+                raise ApprovalAlreadyDecided()
+            raise ApprovalNotFound()
+        resumed = (
+            AgentRun.objects.filter(pk=run.pk, status=Status.AWAITING_APPROVAL)
+            .exclude(Exists(pending))
+            .update(status=Status.PENDING, approval_expires_at=None, task_id="", dispatched_at=None)
+        )
+    run.refresh_from_db()
+    if resumed:
+        send_safely(agent_run_resumed, AgentRun, run=run)
+    return bool(resumed)
+
+
+def expire_approvals() -> list[AgentRun]:
+    """Fail paused runs whose approvals were not decided in time; the runs that failed."""
+    expired = []
+    overdue = AgentRun.objects.filter(
+        status=Status.AWAITING_APPROVAL, approval_expires_at__lt=Now()
+    )
+    for run_id in overdue.values_list("pk", flat=True):
+        with transaction.atomic():
+            failed = overdue.filter(pk=run_id).update(
+                status=Status.FAILED, error=APPROVAL_EXPIRED_ERROR, finished_at=Now()
+            )
+            if failed:
+                AgentApproval.objects.filter(
+                    run_id=run_id, decision=AgentApproval.Decision.PENDING
+                ).update(decision=AgentApproval.Decision.EXPIRED, decided_at=Now())
+        if failed:
+            run = AgentRun.objects.get(pk=run_id)
+            send_safely(agent_run_failed, AgentRun, run=run)
+            expired.append(run)
+    return expired
 
 
 # --- Helpers ---------------------------------------------------------------------------------

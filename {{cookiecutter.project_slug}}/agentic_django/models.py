@@ -69,6 +69,9 @@ class AgentRun(models.Model):
     class Status(models.TextChoices):
         PENDING = "pending", "Pending"
         RUNNING = "running", "Running"
+        # Paused on tool calls that need a person's approval: blocks its session, holds no
+        # worker slot; resumes (back to pending) once every call is decided.
+        AWAITING_APPROVAL = "awaiting_approval", "Awaiting approval"
         COMPLETED = "completed", "Completed"
         FAILED = "failed", "Failed"
         CANCELLED = "cancelled", "Cancelled"
@@ -81,7 +84,6 @@ class AgentRun(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="agent_runs"
     )
     agent_key = models.CharField(max_length=100)
-    # Room for future states such as "awaiting_approval".
     status = models.CharField(max_length=32, choices=Status.choices, default=Status.PENDING)
     input_payload = models.JSONField(encoder=DjangoJSONEncoder)
     run_options = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
@@ -110,6 +112,12 @@ class AgentRun(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     last_response_id = models.CharField(max_length=255, blank=True)
+    # A paused run fails once its approvals are not decided by then.
+    approval_expires_at = models.DateTimeField(null=True, blank=True)
+    # Where the last checkpoint (AgentCheckpoint) stands: the session items and events the run
+    # had written by then. A retry resumes there and drops what came after.
+    checkpoint_item_sequence = models.PositiveBigIntegerField(default=0)
+    checkpoint_event_sequence = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at"]
@@ -121,6 +129,9 @@ class AgentRun(models.Model):
             models.Index(fields=["owner", "-created_at"], name="agentic_run_owner_created"),
             models.Index(fields=["status", "lease_expires_at"], name="agentic_run_status_lease"),
             models.Index(fields=["status", "finished_at"], name="agentic_run_status_finished"),
+            models.Index(
+                fields=["status", "approval_expires_at"], name="agentic_run_status_approval"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -130,6 +141,12 @@ class AgentRun(models.Model):
     def is_terminal(self) -> bool:
         """True once the run completed, failed or was cancelled."""
         return self.status in self.TERMINAL_STATUSES
+
+    def pending_approvals(self) -> list[AgentApproval]:
+        """The tool calls this run waits on (a query only while it is paused)."""
+        if self.status != self.Status.AWAITING_APPROVAL:
+            return []
+        return list(self.approvals.filter(decision=AgentApproval.Decision.PENDING))
 
 
 class AgentEvent(models.Model):
@@ -152,6 +169,82 @@ class AgentEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_type} #{self.sequence}"
+
+
+class AgentCheckpoint(models.Model):
+    """The serialized SDK ``RunState`` a run resumes from: saved before each model call after
+    the first, and when the run pauses for approvals. Server-side only, never from a client."""
+
+    run = models.OneToOneField(
+        AgentRun, on_delete=models.CASCADE, primary_key=True, related_name="checkpoint"
+    )
+    state = models.TextField()
+    # The SDK's RunState schema version the state was written with.
+    schema_version = models.CharField(max_length=16)
+    turn = models.PositiveIntegerField()
+    attempt = models.PositiveIntegerField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"checkpoint of {self.run_id} (turn {self.turn})"
+
+
+class AgentApproval(models.Model):
+    """A tool call a paused run waits on, and the decision taken on it."""
+
+    class Decision(models.TextChoices):
+        PENDING = "pending", "Pending"
+        APPROVED = "approved", "Approved"
+        REJECTED = "rejected", "Rejected"
+        EXPIRED = "expired", "Expired"
+
+    run = models.ForeignKey(AgentRun, on_delete=models.CASCADE, related_name="approvals")
+    call_id = models.CharField(max_length=255)
+    tool_name = models.CharField(max_length=255)
+    arguments = models.JSONField(encoder=DjangoJSONEncoder)
+    agent_name = models.CharField(max_length=255, blank=True)
+    requested_at = models.DateTimeField()
+    decision = models.CharField(max_length=16, choices=Decision.choices, default=Decision.PENDING)
+    # Approve (or reject) every later call of this tool in the same run too.
+    always = models.BooleanField(default=False)
+    # Sent to the model on a rejection.
+    message = models.TextField(blank=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["run", "requested_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "call_id"], name="agentic_approval_run_call")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tool_name} ({self.decision})"
+
+
+class AgentToolCall(models.Model):
+    """A tool call that finished, recorded before the run goes on: a resumed or retried run
+    returns this output instead of calling the tool again."""
+
+    run = models.ForeignKey(AgentRun, on_delete=models.CASCADE, related_name="tool_calls")
+    call_id = models.CharField(max_length=255)
+    tool_name = models.CharField(max_length=255)
+    arguments = models.TextField()
+    # The model turn it belongs to, so a turn that is asked again can match its calls.
+    turn = models.PositiveIntegerField()
+    output = models.JSONField(null=True, encoder=DjangoJSONEncoder)
+    attempt = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "call_id"], name="agentic_toolcall_run_call")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tool_name} {self.call_id}"
 
 
 class DispatchLock(models.Model):

@@ -32,21 +32,29 @@ MAX_CURSOR = 10**18 - 1
 
 # Every `error.code` the endpoints answer with; a new one must be documented here.
 ERROR_CODES = (
+    "approval_already_decided",
+    "approval_not_found",
+    "database_unavailable",
     "input_too_large",
     "invalid_after",
     "invalid_agent_key",
+    "invalid_always",
+    "invalid_call_id",
     "invalid_json",
     "invalid_limit",
+    "invalid_message",
     "invalid_request",
     "invalid_run_id",
     "invalid_run_input",
     "invalid_run_options",
     "invalid_session_key",
+    "invalid_text",
     "method_not_allowed",
     "missing_input",
     "not_authenticated",
     "not_found",
     "rate_limited",
+    "run_not_awaiting_approval",
     "run_not_cancellable",
     "too_many_input_items",
     "unknown_agent",
@@ -58,9 +66,11 @@ ERROR_DESCRIPTIONS = {
     401: "Not logged in (API clients). htmx gets 200 with `HX-Redirect` to the login page.",
     403: "CSRF verification failed: send the `csrftoken` cookie and its `X-CSRFToken` header.",
     404: "No such run or session among the current user's: another user's ids are 404 too.",
-    409: "The run already finished and cannot be cancelled.",
+    409: "Nothing changed: the run already finished (cancel), or the tool call was decided "
+    "already or the run is not waiting for approval (approve, reject).",
     413: "The input is larger than the byte limit or has too many items.",
     429: "The user created too many runs recently; retry after `Retry-After` seconds.",
+    503: "The database is unreachable; retry after `Retry-After` seconds.",
 }
 
 HTMX_LOGIN_REDIRECT = "without a session, an empty body with `HX-Redirect` to the login page."
@@ -156,6 +166,12 @@ def _schemas() -> dict[str, Any]:
                 "started_at": _nullable(_timestamp()),
                 "finished_at": _nullable(_timestamp()),
                 "cancel_requested": {"type": "boolean"},
+                "approvals": {
+                    "type": "array",
+                    "items": _ref("Approval"),
+                    "description": "The tool calls the run waits on (while awaiting_approval).",
+                },
+                "approval_expires_at": _nullable(_timestamp()),
                 "attempt": {
                     "type": "integer",
                     "minimum": 0,
@@ -164,6 +180,43 @@ def _schemas() -> dict[str, Any]:
                 "last_response_id": _nullable({"type": "string"}),
             }
         ),
+        "Approval": _obj(
+            {
+                "call_id": {"type": "string"},
+                "tool": {"type": "string"},
+                "arguments": {"description": "The arguments the model gave (any JSON)."},
+                "agent": _nullable({"type": "string"}),
+                "requested_at": _timestamp(),
+                "decision": {
+                    "type": "string",
+                    "enum": ["pending", "approved", "rejected", "expired"],
+                },
+            }
+        ),
+        "Decision": _obj(
+            {
+                "call_id": {"type": "string", "minLength": 1, "maxLength": 255},
+                "always": {
+                    "type": "boolean",
+                    "description": "Decide every later call of this tool in the run the same way.",
+                },
+                "message": {
+                    "type": "string",
+                    "maxLength": 2000,
+                    "description": "Rejections only: what the model is told.",
+                },
+            },
+            required=["call_id"],
+        ),
+        "DecisionForm": {
+            "type": "object",
+            "properties": {
+                "call_id": {"type": "string", "minLength": 1, "maxLength": 255},
+                "always": {"type": "string", "enum": ["on", "true", "1", ""]},
+                "message": {"type": "string", "maxLength": 2000},
+            },
+            "required": ["call_id"],
+        },
         "RunCreate": _obj(
             {
                 "input": _ref("RunInput"),
@@ -273,7 +326,7 @@ def _error(status: int) -> dict[str, Any]:
     }
     if status == 403:
         response["content"] = {HTML: {"schema": {"type": "string"}}}
-    if status == 429:
+    if status in (429, 503):
         response["headers"] = {
             "Retry-After": {"schema": {"type": "integer", "minimum": 1}, "required": True}
         }
@@ -281,7 +334,8 @@ def _error(status: int) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(status): _error(status) for status in (400, 401, *statuses)}
+    """Error answers: 400, 401 and 503 (database unreachable) on every endpoint, plus these."""
+    return {str(status): _error(status) for status in sorted({400, 401, 503, *statuses})}
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:
@@ -342,6 +396,31 @@ SESSION_KEY = {
 }
 # Django's CSRF protection is double-submit: the cookie and the same token in the header.
 WRITE_SECURITY = [{"sessionCookie": [], "csrfCookie": [], "csrfHeader": []}]
+
+
+def _decision_path(operation_id: str, summary: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": operation_id,
+            "summary": summary,
+            "description": "Owner only. The first decision on a call counts; a second is 409. "
+            "Once no call is pending, the run is queued again and goes on.",
+            "security": WRITE_SECURITY,
+            "parameters": [RUN_ID, HTMX_HEADER],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    JSON: {"schema": _ref("Decision")},
+                    FORM: {"schema": _ref("DecisionForm")},
+                },
+            },
+            "responses": {
+                "200": _ok("Run", "The run.", htmx="the run fragment."),
+                "302": LOGIN_REDIRECT,
+                **_errors(400, 403, 404, 409),
+            },
+        }
+    }
 
 
 def _paths() -> dict[str, Any]:
@@ -422,6 +501,12 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/runs/{run_id}/approve/": _decision_path(
+            "run-approve", "Approve a tool call the paused run waits on"
+        ),
+        "/runs/{run_id}/reject/": _decision_path(
+            "run-reject", "Reject a tool call the paused run waits on (`message` to the model)"
+        ),
         "/runs/{run_id}/cancel/": {
             "post": {
                 "operationId": "run-cancel",

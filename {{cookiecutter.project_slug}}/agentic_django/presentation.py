@@ -177,6 +177,8 @@ class RunView:
     run: AgentRun
     entries: list[Entry]
     item_count: int = 0
+    # The tool calls a paused run waits on (AgentApproval rows), in order.
+    approvals: list[Any] = field(default_factory=list)
 
     @property
     def final_output_text(self) -> str:
@@ -211,7 +213,10 @@ def run_view(run: AgentRun, items: Sequence[AgentSessionItem] | None = None) -> 
     entries = entries_from_items(item.payload for item in items)
     if not any(e.kind == "message" and e.role == "user" for e in entries):
         entries = entries_from_items(input_items(run.input_payload)) + entries
-    return RunView(run, entries, item_count=len(items))
+    approvals = run.pending_approvals()
+    for approval in approvals:
+        approval.arguments_text = _pretty_arguments(approval.arguments)
+    return RunView(run, entries, item_count=len(items), approvals=approvals)
 
 
 def conversation(session: AgentSession | None) -> dict[str, Any]:

@@ -38,15 +38,18 @@ _startup_done = False
 class SweepResult:
     recovered: int
     dispatched: int
+    expired: int = 0
 
 
 def sweep() -> SweepResult:
-    """Recover expired runs (unless the policy is "ignore") and dispatch waiting runs."""
+    """Recover expired runs (unless the policy is "ignore"), fail paused runs whose approvals
+    expired, and dispatch waiting runs."""
     from agentic_django.dispatch import dispatch_next
 
     mode = get_config().startup_recovery
     recovered = recover_runs(mode=mode, dispatch=False) if mode != "ignore" else 0
-    return SweepResult(recovered=recovered, dispatched=dispatch_next())
+    expired = len(lifecycle.expire_approvals())
+    return SweepResult(recovered=recovered, dispatched=dispatch_next(), expired=expired)
 
 
 def ensure_startup_recovery() -> None:

@@ -13,7 +13,13 @@ from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
-from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSessionItem
+from agentic_django.models import (
+    AgentApproval,
+    AgentEvent,
+    AgentRun,
+    AgentSession,
+    AgentSessionItem,
+)
 
 _MAX_DEPTH = 64
 
@@ -78,7 +84,21 @@ def run_to_dict(run: AgentRun) -> dict[str, Any]:
         "finished_at": _iso(run.finished_at),
         "cancel_requested": run.cancel_requested_at is not None,
         "attempt": run.attempt,
+        "approvals": [approval_to_dict(approval) for approval in run.pending_approvals()],
+        "approval_expires_at": _iso(run.approval_expires_at),
         "last_response_id": run.last_response_id or None,
+    }
+
+
+def approval_to_dict(approval: AgentApproval) -> dict[str, Any]:
+    """A tool call a paused run waits on."""
+    return {
+        "call_id": approval.call_id,
+        "tool": approval.tool_name,
+        "arguments": approval.arguments,
+        "agent": approval.agent_name or None,
+        "requested_at": _iso(approval.requested_at),
+        "decision": approval.decision,
     }
 
 

@@ -22,7 +22,14 @@ from agentic_django.validation import (
     validate_user_run_options,
 )
 
-__all__ = ["cancel_run", "create_run", "enqueue_agent_run", "requeue_run"]
+__all__ = [
+    "approve_tool_call",
+    "cancel_run",
+    "create_run",
+    "enqueue_agent_run",
+    "reject_tool_call",
+    "requeue_run",
+]
 
 
 def enqueue_agent_run(run_id: str) -> None:
@@ -78,3 +85,32 @@ def requeue_run(run: AgentRun) -> bool:
     from agentic_django.recovery import requeue
 
     return requeue(run)
+
+
+def approve_tool_call(
+    run: AgentRun, call_id: str, *, always: bool = False, user: Any = None
+) -> bool:
+    """Approve a tool call a paused run waits on; True if that was the last one to decide
+    (the run then goes on, dispatched like any run).
+
+    ``always`` approves every later call of the same tool in this run. Raises
+    ``ApprovalNotFound``, ``ApprovalAlreadyDecided`` or ``RunNotAwaitingApproval``.
+    """
+    return _decide(run, call_id, approve=True, always=always, message="", user=user)
+
+
+def reject_tool_call(
+    run: AgentRun, call_id: str, *, message: str = "", always: bool = False, user: Any = None
+) -> bool:
+    """Reject a tool call a paused run waits on (``message`` is what the model is told); True
+    if that was the last one to decide. Errors as for ``approve_tool_call``."""
+    return _decide(run, call_id, approve=False, always=always, message=message, user=user)
+
+
+def _decide(run: AgentRun, call_id: str, **decision: Any) -> bool:
+    from agentic_django import lifecycle
+
+    resumed = lifecycle.decide(run, call_id, **decision)
+    if resumed:
+        enqueue_agent_run(str(run.pk))
+    return resumed

@@ -21,6 +21,9 @@ agent_run_failed = Signal()
 agent_run_cancelled = Signal()
 agent_run_event = Signal()
 agent_session_created = Signal()
+# A run paused on tool calls that need approval, and a paused run going on once decided.
+agent_run_awaiting_approval = Signal()
+agent_run_resumed = Signal()
 
 
 def send_safely(signal: Signal, sender: type, **kwargs: Any) -> None:

@@ -11,6 +11,8 @@ urlpatterns = [
     path("runs/<str:run_id>/fragment/", views.run_fragment, name="run-fragment"),
     path("runs/<str:run_id>/events/", views.run_events, name="run-events"),
     path("runs/<str:run_id>/cancel/", views.run_cancel, name="run-cancel"),
+    path("runs/<str:run_id>/approve/", views.run_approve, name="run-approve"),
+    path("runs/<str:run_id>/reject/", views.run_reject, name="run-reject"),
     path("sessions/<str:session_key>/items/", views.session_items, name="session-items"),
     path("openapi.json", openapi.openapi_view, name="openapi"),
 ]

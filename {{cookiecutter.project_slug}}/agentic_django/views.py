@@ -22,7 +22,12 @@ from django_htmx.http import HttpResponseStopPolling, trigger_client_event
 from agentic_django import services
 from agentic_django.conf import get_config
 from agentic_django.events import visible_events
-from agentic_django.exceptions import RunNotCancellable
+from agentic_django.exceptions import (
+    ApprovalAlreadyDecided,
+    ApprovalNotFound,
+    RunNotAwaitingApproval,
+    RunNotCancellable,
+)
 from agentic_django.http import ApiError, api_view, is_htmx, parse_page, safe_next_url
 from agentic_django.models import AgentRun, AgentSession
 from agentic_django.presentation import conversation, run_version, run_view
@@ -205,6 +210,78 @@ def run_cancel(request: HttpRequest, run_id: str) -> HttpResponse:
     if is_htmx(request):
         return trigger_client_event(_run_fragment(request, run), RUN_UPDATE_EVENT)
     return JsonResponse(run_to_dict(run))
+
+
+DECISION_FIELDS = frozenset({"call_id", "always", "message"})
+MAX_REJECTION_MESSAGE = 2000
+
+
+def _read_decision(request: HttpRequest, *, with_message: bool) -> dict[str, Any]:
+    """``call_id``, ``always`` and (rejections) ``message`` from a JSON body or a form."""
+    if request.content_type == "application/json":
+        try:
+            data = json.loads(request.body or b"null")
+        except ValueError:
+            raise ApiError(400, "invalid_json", "The body is not valid JSON.") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_json", "The body must be a JSON object.")
+        allowed = DECISION_FIELDS if with_message else DECISION_FIELDS - {"message"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ApiError(400, "unknown_field", f"Unknown field(s): {', '.join(unknown)}.")
+        always = data.get("always", False)
+        if not isinstance(always, bool):
+            raise ApiError(400, "invalid_always", "`always` must be true or false.")
+    else:
+        data = {name: request.POST.get(name) for name in DECISION_FIELDS if name in request.POST}
+        always = data.get("always") in ("on", "true", "1")
+    call_id, message = data.get("call_id"), data.get("message") or ""
+    if not isinstance(call_id, str) or not call_id or len(call_id) > 255:
+        raise ApiError(400, "invalid_call_id", "`call_id` must name the tool call to decide.")
+    if not isinstance(message, str) or len(message) > MAX_REJECTION_MESSAGE:
+        raise ApiError(
+            400, "invalid_message", f"`message` must be text of at most {MAX_REJECTION_MESSAGE}."
+        )
+    if not is_storable_text(call_id) or not is_storable_text(message):
+        raise ApiError(400, "invalid_text", "The request contains a NUL or an invalid character.")
+    return {"call_id": call_id, "always": always, "message": message}
+
+
+def _decide(request: HttpRequest, run_id: str, *, approve: bool) -> HttpResponse:
+    run = _owned_run(request, run_id)
+    decision = _read_decision(request, with_message=not approve)
+    call_id, always = decision["call_id"], decision["always"]
+    try:
+        if approve:
+            services.approve_tool_call(run, call_id, always=always, user=request.user)
+        else:
+            message = decision["message"]
+            services.reject_tool_call(
+                run, call_id, message=message, always=always, user=request.user
+            )
+    except (ApprovalAlreadyDecided, RunNotAwaitingApproval, ApprovalNotFound) as error:
+        if not is_htmx(request):
+            raise
+        # Keep the run on screen (as it is now) and say why nothing changed.
+        run.refresh_from_db()
+        response = _run_fragment(request, run, status=error.status_code, notice=error.message)
+        return trigger_client_event(response, RUN_UPDATE_EVENT)
+    run.refresh_from_db()
+    if is_htmx(request):
+        return trigger_client_event(_run_fragment(request, run), RUN_UPDATE_EVENT)
+    return JsonResponse(run_to_dict(run))
+
+
+@api_view("POST")
+def run_approve(request: HttpRequest, run_id: str) -> HttpResponse:
+    """Approve a tool call the paused run waits on; the run goes on once all are decided."""
+    return _decide(request, run_id, approve=True)
+
+
+@api_view("POST")
+def run_reject(request: HttpRequest, run_id: str) -> HttpResponse:
+    """Reject a tool call the paused run waits on (``message`` goes to the model)."""
+    return _decide(request, run_id, approve=False)
 
 
 @api_view("GET")

@@ -34,6 +34,11 @@ _ARITHMETIC = re.compile(r"[-+*/^%\u00d7\u00f7().\d\s]*\d[-+*/^%\u00d7\u00f7().\
 _OPERATOR_BETWEEN_NUMBERS = re.compile(r"[\d)]\s*(?:\*\*|//|[-+*/^%\u00d7\u00f7])\s*[-+(]*\s*[\d(]")
 _SLOW = re.compile(r"^\s*/slow\s+(\d+(?:\.\d+)?)\s*", re.IGNORECASE)
 MAX_DELAY_SECONDS = 300.0
+_NOTE = re.compile(
+    r"\b(?:send|post|leave|write)\b.*?\bnote\b(?:\s+to\s+the\s+team)?\s*[:,-]?\s*(.*)$|"
+    r"\btell\s+the\s+team\b\s*(?:that\s*)?[:,-]?\s*(.*)$",
+    re.IGNORECASE | re.DOTALL,
+)
 _GREETING = re.compile(r"^\s*(hi|hello|hey|good (morning|afternoon|evening))\b", re.IGNORECASE)
 
 
@@ -57,6 +62,11 @@ def _text_after_colon_or_quotes(message: str) -> str:
 def plan_tool_requests(message: str) -> list[ToolRequest]:
     """Return the sample tool calls a user message asks for (possibly none)."""
     requests: list[ToolRequest] = []
+    note = _NOTE.search(message)
+    if note:
+        text = _text_after_colon_or_quotes(message) if ":" in message or '"' in message else ""
+        text = text or (note.group(1) or note.group(2) or "").strip() or message.strip()
+        return [ToolRequest("send_team_note", {"text": text})]
     if _WORD_COUNT.search(message):
         return [ToolRequest("word_count", {"text": _text_after_colon_or_quotes(message)})]
     conversion = _CONVERSION.search(message)
@@ -162,6 +172,8 @@ def _format_result(name: str, arguments: dict[str, Any], output: str) -> str:
         return f"- The current UTC time is **{output}**."
     if name == "word_count":
         return f"- That text has {output}."
+    if name == "send_team_note" and not output.startswith("Note sent"):
+        return f"- The note was not sent: {output}"
     return f"- {output}"
 
 
@@ -185,7 +197,8 @@ def _small_talk(transcript: Transcript, can_use_tools: bool) -> str:
         "- *What time is it?*\n"
         "- *What is (12 + 7) \\* 3?*\n"
         "- *Convert 10 km to miles*\n"
-        '- *Count the words in "the quick brown fox"*'
+        '- *Count the words in "the quick brown fox"*\n'
+        "- *Send a note to the team: the demo works* (asks for your approval first)"
         if can_use_tools
         else "This agent has no tools; switch to one that does for calculations."
     )

@@ -2,6 +2,11 @@
 
 Each tool is a plain function (easy to test and to reuse) wrapped with `function_tool` in
 `TOOLS`. Add your own here and list them on an agent in `chat/registry.py`.
+
+`send_team_note` acts on the world, so it needs a person's approval (`needs_approval=True`):
+the run pauses until someone approves or rejects the call in the chat, the JSON API or the
+admin. It stores its note under `idempotency_key(context)`, so a call retried after a crash
+finds the note it already made instead of sending a second one.
 """
 
 from __future__ import annotations
@@ -15,10 +20,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agents import FunctionTool, RunContextWrapper, function_tool
+from asgiref.sync import sync_to_async
+
+from agentic_django.toolcalls import idempotency_key
 
 MAX_EXPRESSION_LENGTH = 200
 MAX_EXPONENT = 100
 MAX_MAGNITUDE = 1e100
+MAX_NOTE_LENGTH = 500
 
 
 class ToolInputError(ValueError):
@@ -216,7 +225,33 @@ def _tool_error(context: RunContextWrapper[Any], error: Exception) -> str:
     return "Error: the tool failed unexpectedly."
 
 
+async def send_team_note(context: RunContextWrapper[Any], text: str) -> str:
+    """Send a short note to the team on the user's behalf (a person approves it first)."""
+    text = text.strip()
+    if not text:
+        raise ToolInputError("The note is empty.")
+    if len(text) > MAX_NOTE_LENGTH:
+        raise ToolInputError(f"Notes are limited to {MAX_NOTE_LENGTH} characters.")
+    key = idempotency_key(context)
+    owner_id = context.context.owner_id
+
+    # Async with sync_to_async: the ORM runs on the run's own database connection.
+    @sync_to_async
+    def store() -> None:
+        from chat.models import TeamNote
+
+        TeamNote.objects.get_or_create(
+            idempotency_key=key, defaults={"author_id": owner_id, "text": text}
+        )
+
+    await store()
+    return f"Note sent to the team: {text}"
+
+
 TOOLS: list[FunctionTool] = [
-    function_tool(tool, failure_error_function=_tool_error)
-    for tool in (current_utc_time, calculate, convert_units, word_count)
+    *(
+        function_tool(tool, failure_error_function=_tool_error)
+        for tool in (current_utc_time, calculate, convert_units, word_count)
+    ),
+    function_tool(send_team_note, failure_error_function=_tool_error, needs_approval=True),
 ]

@@ -21,9 +21,10 @@ from django.urls import URLPattern, reverse
 from jsonschema import Draft202012Validator
 
 from agentic_django import services, urls
-from agentic_django.models import AgentRun
+from agentic_django.models import AgentApproval, AgentRun
 from agentic_django.openapi import ERROR_CODES, build_spec
 from agentic_django.presentation import run_view
+from tests.core.faults import database_faults
 from tests.reliability import spec
 from tests.reliability.conftest import HTMX
 
@@ -42,6 +43,7 @@ class World:
     finished: AgentRun
     pending: AgentRun
     foreign: AgentRun
+    paused: AgentRun  # waits on the approval of tool call "call-1"
 
 
 @pytest.fixture
@@ -60,7 +62,19 @@ def world(client, user, other_user, make_run, settings, django_capture_on_commit
         finished=finished,
         pending=make_run(user, session_key="chat"),
         foreign=make_run(other_user, session_key="chat", input_payload="not yours"),
+        paused=paused_run(make_run(user, session_key="paused", status="awaiting_approval")),
     )
+
+
+def paused_run(run: AgentRun) -> AgentRun:
+    AgentApproval.objects.create(
+        run=run,
+        call_id="call-1",
+        tool_name="send_team_note",
+        arguments={"text": "hi"},
+        requested_at=run.created_at,
+    )
+    return run
 
 
 def url(name: str, *args: Any) -> str:
@@ -290,9 +304,112 @@ RECIPES = [
         lambda w, s: w.anonymous.get(url("session-items", "chat")),
     ),
     Recipe("session-items", 404, "not_found", lambda w, s: w.api.get(url("session-items", "nope"))),
+    # --- run-approve, run-reject
+    *(
+        recipe
+        for name in ("run-approve", "run-reject")
+        for recipe in (
+            Recipe(name, 200, None, lambda w, s, n=name: _decide(w.api, n, w.paused)),
+            Recipe(
+                name,
+                302,
+                None,
+                lambda w, s, n=name: w.anonymous.post(url(n, w.paused.id), headers=BROWSER),
+            ),
+            Recipe(name, 400, "invalid_run_id", lambda w, s, n=name: _decide(w.api, n, "x")),
+            Recipe(
+                name, 400, "invalid_call_id", lambda w, s, n=name: _decide(w.api, n, w.paused, {})
+            ),
+            Recipe(
+                name,
+                401,
+                "not_authenticated",
+                lambda w, s, n=name: _decide(w.anonymous, n, w.paused),
+            ),
+            Recipe(name, 403, None, lambda w, s, n=name: _decide(w.strict, n, w.paused)),
+            Recipe(name, 404, "not_found", lambda w, s, n=name: _decide(w.api, n, w.foreign)),
+            Recipe(
+                name,
+                409,
+                "run_not_awaiting_approval",
+                lambda w, s, n=name: _decide(w.api, n, w.finished),
+            ),
+        )
+    ),
+    Recipe(
+        "run-approve",
+        400,
+        "invalid_always",
+        lambda w, s: _decide(w.api, "run-approve", w.paused, {"call_id": "call-1", "always": 1}),
+    ),
+    Recipe(
+        "run-approve",
+        400,
+        "unknown_field",
+        lambda w, s: _decide(w.api, "run-approve", w.paused, {"call_id": "call-1", "message": ""}),
+    ),
+    Recipe(
+        "run-approve",
+        404,
+        "approval_not_found",
+        lambda w, s: _decide(w.api, "run-approve", w.paused, {"call_id": "call-9"}),
+    ),
+    Recipe("run-approve", 409, "approval_already_decided", lambda w, s: _decide_twice(w)),
+    Recipe(
+        "run-reject",
+        400,
+        "invalid_message",
+        lambda w, s: _decide(w.api, "run-reject", w.paused, {"call_id": "c", "message": 5}),
+    ),
+    Recipe(
+        "run-reject",
+        400,
+        "invalid_text",
+        lambda w, s: _decide(w.api, "run-reject", w.paused, {"call_id": "c", "message": "\x00"}),
+    ),
+    Recipe(
+        "run-reject",
+        400,
+        "invalid_json",
+        lambda w, s: post_json(w.api, url("run-reject", w.paused.id), "[1"),
+    ),
+    # --- every endpoint that reads the database: 503 while it is unreachable
+    *(
+        Recipe(name, 503, "database_unavailable", lambda w, s, call=call: _database_down(w, call))
+        for name, call in (
+            ("run-create", lambda w: post_json(w.api, CREATE, {"input": "hi"})),
+            ("run-detail", lambda w: w.api.get(_detail(w))),
+            ("run-fragment", lambda w: w.api.get(url("run-fragment", w.finished.id))),
+            ("run-events", lambda w: w.api.get(url("run-events", w.finished.id))),
+            ("run-cancel", lambda w: w.api.post(url("run-cancel", w.pending.id))),
+            ("run-approve", lambda w: _decide(w.api, "run-approve", w.paused)),
+            ("run-reject", lambda w: _decide(w.api, "run-reject", w.paused)),
+            ("session-items", lambda w: w.api.get(url("session-items", "chat"))),
+        )
+    ),
     # --- openapi
     Recipe("openapi", 200, None, lambda w, s: w.anonymous.get(url("openapi"))),
 ]
+
+
+def _decide(client: Client, name: str, run: Any, body: Any = None) -> Any:
+    run_id = getattr(run, "id", run)
+    return post_json(client, url(name, run_id), {"call_id": "call-1"} if body is None else body)
+
+
+def _decide_twice(w: World) -> Any:
+    assert _decide(w.api, "run-approve", w.paused).status_code == 200
+    # The run went on meanwhile; the call stays decided.
+    AgentRun.objects.filter(pk=w.paused.pk).update(status="awaiting_approval")
+    return _decide(w.api, "run-approve", w.paused)
+
+
+def _database_down(w: World, call: Callable[[World], Any]) -> Any:
+    from django.db import OperationalError
+
+    with database_faults() as faults:
+        faults.fail(r".", OperationalError("could not connect to server"), times=float("inf"))
+        return call(w)
 
 
 def _over_the_rate_limit(w: World, settings: Any) -> Any:

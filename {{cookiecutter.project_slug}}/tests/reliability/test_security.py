@@ -86,6 +86,8 @@ def test_every_operation_taking_an_id_is_in_the_matrix():
         "run-fragment",
         "run-events",
         "run-cancel",
+        "run-approve",
+        "run-reject",
         "session-items",
     }
 

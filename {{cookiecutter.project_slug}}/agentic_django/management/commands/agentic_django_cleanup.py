@@ -10,9 +10,14 @@ from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from agentic_django.conf import get_config
+from agentic_django.lifecycle import expire_approvals
 from agentic_django.models import AgentEvent, AgentRun, AgentSession
 
-ACTIVE_STATUSES = (AgentRun.Status.PENDING, AgentRun.Status.RUNNING)
+ACTIVE_STATUSES = (
+    AgentRun.Status.PENDING,
+    AgentRun.Status.RUNNING,
+    AgentRun.Status.AWAITING_APPROVAL,
+)
 
 
 def _positive(value: str) -> int:
@@ -51,6 +56,9 @@ class Command(BaseCommand):
             raise CommandError("Nothing to clean: every age threshold is disabled.")
         now = timezone.now()
         results: list[tuple[str, int]] = []
+        # Paused runs nobody decided on in time end first (workers do it too, on their sweep).
+        if not dry_run and (expired := expire_approvals()):
+            self.stdout.write(f"Failed {len(expired)} paused run(s) whose approvals expired.")
         if events_days:
             events = AgentEvent.objects.filter(created_at__lt=now - timedelta(days=events_days))
             results.append(("events", self._delete(events, batch_size, dry_run)))
