@@ -9,6 +9,7 @@ and read only here, under the attempt's fence.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -45,11 +46,18 @@ def run_context(run: AgentRun) -> RunContext:
     return RunContext(run_id=str(run.pk), owner_id=run.owner_id, session_id=run.session_id)
 
 
-def serialize(result: Any) -> str:
-    """The run's current state, as text to store (``RunContext`` as a plain mapping)."""
+def serialize(result: Any, *, before_turn: bool = False) -> str:
+    """The run's current state, as text to store (``RunContext`` as a plain mapping).
+
+    ``before_turn``: taken as a turn starts (its number already counted), to be resumed
+    as that turn, which must not count twice against ``max_turns``.
+    """
     from agentic_django.serializers import json_safe
 
-    return result.to_state().to_string(context_serializer=json_safe)
+    data = result.to_state().to_json(context_serializer=json_safe)
+    if before_turn:
+        data["current_turn"] = max(0, data["current_turn"] - 1)
+    return json.dumps(data)
 
 
 def schema_version() -> str:
@@ -116,7 +124,7 @@ class CheckpointHooks:
         if self._skip_first:
             self._skip_first = False
             return
-        state = serialize(self.result)
+        state = serialize(self.result, before_turn=True)
         saved = await sync_to_async(lifecycle.save_checkpoint)(
             self.fence, state=state, schema_version=schema_version(), turn=turn
         )
@@ -148,8 +156,6 @@ def pending_approvals(result: Any) -> list[dict[str, Any]]:
 
 
 def _parsed(arguments: Any) -> Any:
-    import json
-
     if isinstance(arguments, str):
         try:
             return json.loads(arguments)

@@ -140,6 +140,8 @@ AGENTIC_DJANGO_MAX_TURNS = 20  # cap on the max_turns a caller may request
 # Seconds a run may take in all (model calls, tools, retries) before it fails and frees its
 # worker; keep it below the task backend's own job timeout.
 AGENTIC_DJANGO_RUN_TIMEOUT = env.int("AGENTIC_DJANGO_RUN_TIMEOUT", default=300)
+# Seconds a run paused on tool calls that need approval waits for a decision, then fails.
+AGENTIC_DJANGO_APPROVAL_TIMEOUT = env.int("AGENTIC_DJANGO_APPROVAL_TIMEOUT", default=86_400)
 # A run whose worker stops renewing its lease this long is recoverable.
 AGENTIC_DJANGO_LEASE_SECONDS = env.int("AGENTIC_DJANGO_LEASE_SECONDS", default=60)
 AGENTIC_DJANGO_CLEANUP_POLICY = {
