@@ -409,3 +409,41 @@ def test_another_worker_resumes_a_checkpointed_run_with_its_own_fence(user, sett
     assert lifecycle.save_checkpoint(Fence.of(second), state="fresh", schema_version="1.21", turn=3)
     checkpoint = AgentCheckpoint.objects.get(run=run)
     assert (checkpoint.state, checkpoint.turn, checkpoint.attempt) == ("fresh", 3, 2)
+
+
+def test_always_approving_a_tool_lets_its_later_calls_in_the_run_through(user, refunds):
+    register(
+        "clerk",
+        [
+            call("refund", {"order": "1"}, "call-1"),
+            call("refund", {"order": "2"}, "call-2"),
+            text("Both refunded."),
+        ],
+        [refunds.tool],
+    )
+    run = start(user, "clerk")
+    approve_tool_call(run, "call-1", always=True)
+    run = reload(run)
+    assert (run.status, run.final_output) == ("completed", "Both refunded.")
+    assert refunds.done == ["1", "2"]
+    assert AgentApproval.objects.filter(run=run).count() == 1
+
+
+def test_admins_decide_from_the_run_list(user, refunds, client, django_user_model):
+    from django.urls import reverse
+
+    register("clerk", [call("refund", {"order": "42"}, "call-r1"), text("ok")], [refunds.tool])
+    run = start(user, "clerk")
+    admin = django_user_model.objects.create_superuser("root", "root@example.com", "pw-12345678")
+    client.force_login(admin)
+    response = client.post(
+        reverse("admin:agentic_django_agentrun_changelist"),
+        {"action": "approve_selected", "_selected_action": [run.pk]},
+        follow=True,
+    )
+    assert "Approved 1 tool call(s)" in response.content.decode()
+    assert reload(run).status == "completed"
+    assert AgentApproval.objects.get(run=run).decided_by == admin
+    assert refunds.done == ["42"]
+    page = client.get(reverse("admin:agentic_django_agentrun_change", args=[run.pk]))
+    assert b"call-r1" in page.content
