@@ -19,7 +19,7 @@ import threading
 
 from django.db import transaction
 
-from agentic_django import lifecycle
+from agentic_django import lifecycle, notify
 from agentic_django.exceptions import EnqueueFailed
 from agentic_django.models import AgentRun
 
@@ -116,6 +116,8 @@ def _enqueue(run_id: str, *, fail_on_error: bool) -> bool:
     if not result.is_finished:
         # Ran in-process otherwise: the claim already stored the task id.
         lifecycle.record_task_id(run_id, str(result.id))
+        if type(execute_agent_run.get_backend()).__module__.startswith("django_tasks_db"):
+            notify.notify_tasks()  # an idle database worker starts it at once
     return True
 
 

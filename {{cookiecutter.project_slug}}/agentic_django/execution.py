@@ -51,7 +51,7 @@ from agentic_django.signals import (
     send_safely,
 )
 from agentic_django.toolcalls import ToolCallDropped, ToolLedger
-from agentic_django.validation import is_storable
+from agentic_django.validation import is_storable, storable_copy
 
 logger = logging.getLogger(__name__)
 
@@ -214,14 +214,27 @@ async def _run_agent(
     watch = _CancelWatch(fence, result)
     keeper.on_lost(lambda: loop.call_soon_threadsafe(watch.lose))
     watcher = asyncio.create_task(watch.run())
+    deltas = DeltaWriter(fence)
     try:
         async with asyncio.timeout(config.run_timeout_seconds):
             async for event in result.stream_events():
+                text = _text_delta(event)
+                if text:
+                    deltas.add(text)
+                    continue
                 described = describe(event)
                 if described is None:
                     continue
-                if recorder is not None and not await sync_to_async(recorder.record)(*described):
-                    watch.lose()  # the event was dropped: this attempt no longer holds the run
+                streamed = await deltas.complete() if described[0] == "message_output" else False
+                recorded = None
+                if recorder is not None:
+                    recorded = await sync_to_async(recorder.record)(*described)
+                    if recorded is None:
+                        watch.lose()  # the event was dropped: this attempt lost the run
+                if streamed:
+                    # Clients now have the whole message as an event.
+                    sequence = recorded.sequence if recorded is not None else 0
+                    await sync_to_async(lifecycle.end_stream)(fence, sequence)
                 if described[0] in TURN_END_EVENTS:
                     # A turn's tools are done: look now, before the SDK asks the model again.
                     await watch.check()
@@ -242,6 +255,8 @@ async def _run_agent(
         described = failures.describe(exc)
         return _outcome(result, Status.FAILED, described.message, detail=described.detail)
     finally:
+        # Text streamed so far stays: the partial output of a run that failed or stopped.
+        await deltas.close()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
@@ -299,6 +314,75 @@ def _outcome(
         },
         last_response_id=last_response_id[:255],
     )
+
+
+def _text_delta(event: Any) -> str:
+    """The text of a model's output-text delta event ("" for any other event)."""
+    if getattr(event, "type", None) != "raw_response_event":
+        return ""
+    data = getattr(event, "data", None)
+    if getattr(data, "type", None) != "response.output_text.delta":
+        return ""
+    return getattr(data, "delta", "") or ""
+
+
+class DeltaWriter:
+    """Writes an attempt's streamed text to its run, coalesced to at most one write per
+    ``INTERVAL`` (clients read it from there), from a task of its own."""
+
+    INTERVAL = 0.1
+
+    def __init__(self, fence: Fence) -> None:
+        self.fence = fence
+        self._buffer: list[str] = []
+        self._written = False  # the run holds text of the message streaming now
+        self._last_write = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def add(self, text: str) -> None:
+        self._buffer.append(text)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._write_soon())
+
+    async def _write_soon(self) -> None:
+        delay = self._last_write + self.INTERVAL - time.monotonic()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+        self._wake.clear()
+        await self._write()
+
+    async def _write(self) -> None:
+        if not self._buffer:
+            return
+        text, new_message = "".join(self._buffer), not self._written
+        self._buffer.clear()
+        self._written = True
+        self._last_write = time.monotonic()
+        await sync_to_async(self._store)(text, new_message)
+
+    def _store(self, text: str, new_message: bool) -> None:
+        lifecycle.stream_text(self.fence, storable_copy(text), new_message=new_message)
+
+    async def complete(self) -> bool:
+        """The message is complete: drop what is not written yet; whether any was."""
+        self._buffer.clear()
+        await self._settle()
+        written, self._written = self._written, False
+        return written
+
+    async def close(self) -> None:
+        """Write what is left (the run stopped mid-message)."""
+        await self._settle()
+        with contextlib.suppress(Exception):
+            await self._write()
+
+    async def _settle(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._wake.set()
+            with contextlib.suppress(Exception):
+                await self._task
 
 
 class _CancelWatch:

@@ -41,7 +41,7 @@ from django.db.models import (
     Value,
 )
 from django.db.models.expressions import CombinedExpression
-from django.db.models.functions import Coalesce, Now
+from django.db.models.functions import Coalesce, Concat, Now
 from django.db.models.lookups import GreaterThan
 from django.db.models.sql import UpdateQuery
 
@@ -249,6 +249,8 @@ def claim(run_id: Any, *, task_id: str = "") -> AgentRun | None:
         "heartbeat_at": Now(),
         "lease_expires_at": lease_end(),
         "attempt": F("attempt") + 1,
+        # A retry streams its own text: a dead attempt's partial text goes.
+        "stream_text": "",
     }
     if task_id:
         updates["task_id"] = task_id
@@ -289,6 +291,8 @@ def finish(
         "lease_expires_at": None,
         **usage,
     }
+    if status == Status.COMPLETED:
+        updates["stream_text"] = ""  # a failed or cancelled run keeps it: its partial output
     return _update_returning(fence.runs(), updates)
 
 
@@ -385,6 +389,27 @@ def requeue(run: AgentRun, *, stale_only: bool) -> bool:
     if cancelled:
         send_safely(agent_run_cancelled, AgentRun, run=run)
     return True
+
+
+# --- Streamed text ---------------------------------------------------------------------------
+
+
+def stream_text(fence: Fence, text: str, *, new_message: bool) -> bool:
+    """Add ``text`` to the assistant message streaming in (``new_message``: its first text,
+    which follows the attempt's latest event); False if the fence was lost."""
+    if new_message:
+        updates = {
+            "stream_text": Value(text),
+            "stream_sequence": _max_sequence(AgentEvent, fence.run_id),
+        }
+    else:
+        updates = {"stream_text": Concat(F("stream_text"), Value(text))}
+    return bool(fence.runs().update(**updates))
+
+
+def end_stream(fence: Fence, sequence: int) -> bool:
+    """The streamed message is complete: it is event ``sequence`` now."""
+    return bool(fence.runs().update(stream_text="", stream_sequence=sequence))
 
 
 # --- Checkpoints and approvals ---------------------------------------------------------------

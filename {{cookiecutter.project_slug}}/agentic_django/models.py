@@ -118,6 +118,11 @@ class AgentRun(models.Model):
     # had written by then. A retry resumes there and drops what came after.
     checkpoint_item_sequence = models.PositiveBigIntegerField(default=0)
     checkpoint_event_sequence = models.PositiveIntegerField(default=0)
+    # The assistant text streaming in right now (written at most ~10 times a second), and the
+    # event sequence it follows; emptied when the message is complete. A run that fails or is
+    # cancelled mid-message keeps it as its partial output.
+    stream_text = models.TextField(blank=True, default="")
+    stream_sequence = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at"]

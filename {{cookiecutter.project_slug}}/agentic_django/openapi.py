@@ -159,6 +159,13 @@ def _schemas() -> dict[str, Any]:
                 "status": {"type": "string", "enum": list(AgentRun.Status.values)},
                 "is_terminal": {"type": "boolean"},
                 "input": {"description": "The input as submitted (text or items)."},
+                "partial_output": _nullable(
+                    {
+                        "type": "string",
+                        "description": "Text streamed before the run failed or was "
+                        "cancelled mid-message (marked incomplete).",
+                    }
+                ),
                 "final_output": {"description": "The agent's final output (any JSON), or null."},
                 "error": _nullable({"type": "string"}),
                 "usage": _ref("Usage"),
@@ -497,6 +504,58 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _ok("EventPage", "Events after `after`, oldest first."),
                     "302": LOGIN_REDIRECT,
+                    **_errors(404),
+                },
+            }
+        },
+        "/runs/{run_id}/stream/": {
+            "get": {
+                "operationId": "run-stream",
+                "summary": "The run's events and streamed text as server-sent events",
+                "description": (
+                    "Events: `event` (a run event, as in run-events; id `<sequence>`), "
+                    '`delta` (`{"text": ...}` of the assistant message streaming in; id '
+                    "`<sequence>:<offset>`), `reset` (the run was retried: what came after "
+                    'the id is void), `end` (`{"status", "error"}`: finished or '
+                    "paused; the stream closes). Reconnect with `Last-Event-ID` (or "
+                    "`?after=`) to get exactly what was missed. Comments keep an idle "
+                    "connection alive; a connection lasts at most a few minutes."
+                ),
+                "parameters": [
+                    RUN_ID,
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "schema": {"type": "string", "pattern": r"^\d+(:\d+)?$"},
+                    },
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "description": "As Last-Event-ID, for clients that cannot set it.",
+                        "schema": {"type": "string", "pattern": r"^\d+(:\d+)?$"},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The stream.",
+                        "content": {
+                            "text/event-stream": {
+                                "schema": {
+                                    "description": "One server-sent event.",
+                                    "type": "object",
+                                    "properties": {
+                                        "event": {"type": "string"},
+                                        "data": {
+                                            "type": "string",
+                                            "contentMediaType": JSON,
+                                        },
+                                        "id": {"type": "string", "pattern": r"^\d+(:\d+)?$"},
+                                        "retry": {"type": "integer", "minimum": 0},
+                                    },
+                                }
+                            }
+                        },
+                    },
                     **_errors(404),
                 },
             }

@@ -190,6 +190,11 @@ class RunView:
         return output_text(self.run.final_output)
 
     @property
+    def partial_text(self) -> str:
+        """What a run that failed or was cancelled mid-message had streamed of it."""
+        return self.run.stream_text if self.run.is_terminal else ""
+
+    @property
     def version(self) -> str:
         """Changes whenever the fragment would look different; polls send it back."""
         return run_version(self.run, self.item_count)

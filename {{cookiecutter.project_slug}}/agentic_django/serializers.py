@@ -72,6 +72,8 @@ def run_to_dict(run: AgentRun) -> dict[str, Any]:
         "is_terminal": run.is_terminal,
         "input": run.input_payload,
         "final_output": run.final_output,
+        # What a run that failed or was cancelled mid-message had streamed of it.
+        "partial_output": (run.stream_text or None) if run.is_terminal else None,
         "error": run.error or None,
         "usage": {
             "requests": run.requests,

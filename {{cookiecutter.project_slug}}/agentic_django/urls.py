@@ -10,6 +10,7 @@ urlpatterns = [
     path("runs/<str:run_id>/", views.run_detail, name="run-detail"),
     path("runs/<str:run_id>/fragment/", views.run_fragment, name="run-fragment"),
     path("runs/<str:run_id>/events/", views.run_events, name="run-events"),
+    path("runs/<str:run_id>/stream/", views.run_stream, name="run-stream"),
     path("runs/<str:run_id>/cancel/", views.run_cancel, name="run-cancel"),
     path("runs/<str:run_id>/approve/", views.run_approve, name="run-approve"),
     path("runs/<str:run_id>/reject/", views.run_reject, name="run-reject"),

@@ -13,7 +13,13 @@ from typing import Any
 from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseRedirect,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.http.request import RawPostDataException
 from django.shortcuts import render
 from django.urls import reverse
@@ -28,12 +34,14 @@ from agentic_django.exceptions import (
     RunNotAwaitingApproval,
     RunNotCancellable,
 )
-from agentic_django.http import ApiError, api_view, is_htmx, parse_page, safe_next_url
+from agentic_django.http import ApiError, api_view, is_htmx, json_error, parse_page, safe_next_url
 from agentic_django.models import AgentRun, AgentSession
 from agentic_django.presentation import conversation, run_version, run_view
 from agentic_django.ratelimit import enforce_rate_limit
 from agentic_django.recovery import recover_if_stuck
 from agentic_django.serializers import event_to_dict, item_to_dict, run_to_dict, session_to_dict
+from agentic_django.streams import Position
+from agentic_django.streams import run_events as stream_events
 from agentic_django.validation import MAX_SESSION_KEY_LENGTH, is_storable_text
 
 RUN_FRAGMENT_TEMPLATE = "agentic_django/partials/run_fragment.html"
@@ -282,6 +290,33 @@ def run_approve(request: HttpRequest, run_id: str) -> HttpResponse:
 def run_reject(request: HttpRequest, run_id: str) -> HttpResponse:
     """Reject a tool call the paused run waits on (``message`` goes to the model)."""
     return _decide(request, run_id, approve=False)
+
+
+async def run_stream(request: HttpRequest, run_id: str) -> HttpResponse:
+    """The run's events and streamed text as server-sent events (see ``streams``)."""
+    if request.method != "GET":
+        response = json_error(405, "method_not_allowed", "Use GET for this endpoint.")
+        response["Allow"] = "GET"
+        return response
+    user = await request.auser()
+    if not user.is_authenticated:
+        return json_error(401, "not_authenticated", "Log in to use this endpoint.")
+    try:
+        pk = uuid.UUID(run_id)
+    except ValueError:
+        return json_error(400, "invalid_run_id", "The run id is not a valid UUID.")
+    if not await AgentRun.objects.filter(pk=pk, owner=user).aexists():
+        return json_error(404, "not_found", "No such run.")
+    given = [request.headers.get("Last-Event-ID"), request.GET.get("after")]
+    positions = [Position.parse(raw) for raw in given if raw is not None]
+    if None in positions:
+        return json_error(400, "invalid_after", "Resume from an event id, e.g. 12 or 12:40.")
+    # A reconnecting EventSource sends the header; the first connection may use the query.
+    position = positions[0] if positions else Position()
+    response = StreamingHttpResponse(stream_events(pk, position), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # proxies must pass each event on at once
+    return response
 
 
 @api_view("GET")

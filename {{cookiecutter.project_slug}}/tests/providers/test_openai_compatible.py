@@ -5,9 +5,12 @@ OpenAI-compatible server. Every test runs in both API modes (Responses, Chat Com
 from __future__ import annotations
 
 import pytest
+from django.template.loader import render_to_string
 
 from agentic_django.execution import timeout_message
 from agentic_django.models import AgentRun
+from agentic_django.presentation import run_view
+from agentic_django.serializers import run_to_dict
 from agentic_django.services import create_run
 from tests.fakes.openai_server import Failure, Hang, Stall, Text, ToolCall
 
@@ -40,12 +43,15 @@ def assert_short_clear_error(run: AgentRun, message: str) -> None:
 
 
 def assert_partial_text_kept(run: AgentRun, streamed: str) -> None:
-    """The text streamed before a failure is kept on the run and marked partial.
-
-    Pending (issue 11, the engine's token streaming): put the assertion here once the engine
-    keeps it; until then the tests that reach this line report as xfail.
-    """
-    pytest.xfail(f"keeping the partial text ({streamed!r}) of a failed run is not built yet")
+    """The text streamed before a failure is kept on the run and marked partial."""
+    run.refresh_from_db()
+    assert run_to_dict(run)["partial_output"] == (streamed or None)
+    fragment = render_to_string(
+        "agentic_django/partials/run_fragment.html", {"run": run, "view": run_view(run)}
+    )
+    assert ("The answer was cut off here." in fragment) == bool(streamed)
+    if streamed:
+        assert streamed.strip() in fragment
 
 
 def test_a_plain_reply(provider, user, api_mode):

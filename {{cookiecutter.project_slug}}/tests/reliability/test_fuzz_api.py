@@ -59,11 +59,13 @@ class FuzzReport:
         for interaction in recorder.interactions.values():
             if interaction.response is not None:
                 self.statuses[phase][recorder.label][interaction.response.status_code] += 1
-        for checks in recorder.checks.values():
+        for case_id, checks in recorder.checks.items():
             for check in checks:
                 if check.failure_info is not None:
                     failure = check.failure_info.failure
-                    self.failures.append(f"{recorder.label}: {check.name}: {failure.title}")
+                    request = getattr(recorder.interactions.get(case_id), "request", None)
+                    sent = f" ({request.method} {request.uri})" if request is not None else ""
+                    self.failures.append(f"{recorder.label}: {check.name}: {failure.title}{sent}")
 
     def count(self, predicate: Any = lambda status: True) -> int:
         return sum(

@@ -304,6 +304,16 @@ RECIPES = [
         lambda w, s: w.anonymous.get(url("session-items", "chat")),
     ),
     Recipe("session-items", 404, "not_found", lambda w, s: w.api.get(url("session-items", "nope"))),
+    # --- run-stream
+    Recipe("run-stream", 200, None, lambda w, s: _stream(w.api, w.finished.id)),
+    Recipe("run-stream", 400, "invalid_run_id", lambda w, s: w.api.get(url("run-stream", "x"))),
+    Recipe(
+        "run-stream",
+        401,
+        "not_authenticated",
+        lambda w, s: w.anonymous.get(url("run-stream", w.finished.id)),
+    ),
+    Recipe("run-stream", 404, "not_found", lambda w, s: w.api.get(url("run-stream", w.foreign.id))),
     # --- run-approve, run-reject
     *(
         recipe
@@ -381,6 +391,7 @@ RECIPES = [
             ("run-detail", lambda w: w.api.get(_detail(w))),
             ("run-fragment", lambda w: w.api.get(url("run-fragment", w.finished.id))),
             ("run-events", lambda w: w.api.get(url("run-events", w.finished.id))),
+            ("run-stream", lambda w: w.api.get(url("run-stream", w.finished.id))),
             ("run-cancel", lambda w: w.api.post(url("run-cancel", w.pending.id))),
             ("run-approve", lambda w: _decide(w.api, "run-approve", w.paused)),
             ("run-reject", lambda w: _decide(w.api, "run-reject", w.paused)),
@@ -390,6 +401,20 @@ RECIPES = [
     # --- openapi
     Recipe("openapi", 200, None, lambda w, s: w.anonymous.get(url("openapi"))),
 ]
+
+
+def _stream(client: Client, run_id: Any) -> Any:
+    """A finished run's whole stream (it ends by itself)."""
+    from asgiref.sync import async_to_sync
+
+    response = client.get(url("run-stream", run_id))
+
+    async def read() -> bytes:
+        return b"".join([chunk async for chunk in response.streaming_content])
+
+    body = async_to_sync(read)()
+    assert b"event: end" in body
+    return response
 
 
 def _decide(client: Client, name: str, run: Any, body: Any = None) -> Any:

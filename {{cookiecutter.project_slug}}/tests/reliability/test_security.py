@@ -85,6 +85,7 @@ def test_every_operation_taking_an_id_is_in_the_matrix():
         "run-detail",
         "run-fragment",
         "run-events",
+        "run-stream",
         "run-cancel",
         "run-approve",
         "run-reject",

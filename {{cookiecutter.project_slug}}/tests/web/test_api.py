@@ -260,7 +260,7 @@ def test_fragment_of_a_working_run_polls_and_offers_cancel(api, make_run, user):
     assert response.status_code == 200
     html = response.content.decode()
     assert f'hx-get="{reverse("agents:run-fragment", args=[run.id])}"' in html
-    assert 'hx-trigger="every 1s"' in html
+    assert 'hx-trigger="every 1s, agentic:refresh"' in html
     assert 'data-terminal="false"' in html
     assert reverse("agents:run-cancel", args=[run.id]) in html
     assert "still thinking?" in html
@@ -448,7 +448,7 @@ def test_cancelling_a_running_run_asks_it_to_stop(api, make_run, user):
     html = response.content.decode()
     assert "Cancelling…" in html
     assert reverse("agents:run-cancel", args=[run.id]) not in html  # no second cancel button
-    assert 'hx-trigger="every 1s"' in html  # keeps polling until the worker stops
+    assert 'hx-trigger="every 1s, agentic:refresh"' in html  # keeps polling until the worker stops
     body = api.get(reverse("agents:run-detail", args=[run.id])).json()
     assert body["status"] == "running" and body["cancel_requested"] is True
 

@@ -47,11 +47,11 @@ class Command(BaseCommand):
         if backend == DATABASE_BACKEND:
             from django.utils.crypto import get_random_string
 
-            from agentic_django.workers.database import run_database_worker
+            from agentic_django.workers.database import IDLE_SECONDS, run_database_worker
 
             run_database_worker(
                 queue_names=[queue],
-                interval=1.0,
+                interval=IDLE_SECONDS,
                 batch=burst,
                 backend_name="default",
                 startup_delay=False,

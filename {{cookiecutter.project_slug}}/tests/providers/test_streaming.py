@@ -1,0 +1,145 @@
+"""Token streaming: a provider streams a reply slowly; the run's stream (server-sent events)
+shows the text as it arrives, and a client that reconnects gets exactly what it missed."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.db import connection
+from django.test import Client
+from django.urls import reverse
+
+from agentic_django.execution import execute
+from agentic_django.models import AgentRun
+from agentic_django.services import create_run
+from tests.core.faults import database_faults
+from tests.fakes.openai_server import Text
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+QUEUE = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
+STREAM_WRITE = r'^UPDATE "agentic_django_agentrun" SET "stream_text"'
+PATIENCE = 60.0
+
+
+@dataclass
+class Event:
+    kind: str
+    id: str | None
+    data: str
+
+
+def parse(body: str) -> list[Event]:
+    events = []
+    for block in re.split(r"\n\n", body):
+        fields = dict(re.findall(r"^(event|id|data): ?(.*)$", block, re.MULTILINE))
+        if "event" in fields:
+            events.append(Event(fields["event"], fields.get("id"), fields.get("data", "")))
+    return events
+
+
+def read(
+    client: Client, run: AgentRun, *, last_id: str | None = None, until: str = "end"
+) -> list[Event]:
+    """Open the run's stream and read it until an event of kind ``until`` (then hang up)."""
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    response = client.get(reverse("agents:run-stream", args=[run.pk]), headers=headers)
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/event-stream"
+
+    async def collect() -> str:
+        body = ""
+        async for chunk in response.streaming_content:
+            body += chunk.decode() if isinstance(chunk, bytes) else chunk
+            if any(event.kind == until for event in parse(body)):
+                break
+        return body
+
+    return parse(async_to_sync(collect)())
+
+
+def wait_for(condition: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def in_thread(target: Callable[[], object]) -> threading.Thread:
+    def run() -> None:
+        try:
+            target()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def streaming_run(provider, user, settings, client):
+    """A run whose reply streams in 8 pieces, 0.25 s apart, executed by a worker thread."""
+    settings.TASKS = QUEUE
+    reply = Text("one two three four five six seven eight", deltas=8, delay=0.25)
+    provider.reply(reply)
+    run = create_run(owner=user, session_key="stream", input_payload="count to eight")
+    worker = in_thread(lambda: execute(str(run.pk), task_id="worker"))
+    client.force_login(user)
+    yield run, reply, client
+    worker.join(PATIENCE)
+
+
+def test_text_shows_while_the_model_streams_and_the_message_replaces_it(streaming_run):
+    run, reply, client = streaming_run
+    wait_for(lambda: AgentRun.objects.get(pk=run.pk).stream_text, "the first streamed text")
+    events = read(client, run)
+    kinds = [event.kind for event in events]
+    deltas = [event for event in events if event.kind == "delta"]
+    assert deltas, kinds
+    # The text came in pieces before the finished message, which then brings all of it (the
+    # pieces not written yet when the message completed come with it).
+    first_message = next(i for i, e in enumerate(events) if '"message_output"' in e.data)
+    assert kinds.index("delta") < first_message
+    streamed = "".join(json.loads(event.data)["text"] for event in deltas)
+    assert streamed and reply.text.startswith(streamed)
+    assert json.loads(events[first_message].data)["payload"]["text"] == reply.text
+    assert kinds[-1] == "end" and '"completed"' in events[-1].data
+    # Ids only grow: a reconnect can resume from any of them.
+    ids = [tuple(map(int, event.id.split(":"))) for event in events if event.id]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    run.refresh_from_db()
+    assert (run.status, run.stream_text, run.final_output) == ("completed", "", reply.text)
+
+
+def test_a_reconnect_gets_the_rest_once(streaming_run):
+    run, reply, client = streaming_run
+    wait_for(lambda: AgentRun.objects.get(pk=run.pk).stream_text, "the first streamed text")
+    first = read(client, run, until="delta")  # the connection drops after one delta
+    seen = "".join(json.loads(e.data)["text"] for e in first if e.kind == "delta")
+    rest = read(client, run, last_id=first[-1].id)
+    more = "".join(json.loads(e.data)["text"] for e in rest if e.kind == "delta")
+    assert seen and reply.text.startswith(seen + more)  # nothing twice, nothing skipped
+    assert sum('"message_output"' in e.data for e in first + rest) == 1
+    assert rest[-1].kind == "end"
+
+
+def test_delta_writes_are_coalesced(provider, user, settings):
+    """200 pieces in about a second: the run is written a handful of times, not 200."""
+    reply = Text("x" * 400, deltas=200, delay=0.005)
+    provider.reply(reply)
+    with database_faults() as faults:
+        run = create_run(owner=user, session_key="s", input_payload="go")
+        writes = sum(1 for sql in faults.statements if re.match(STREAM_WRITE, sql))
+    run.refresh_from_db()
+    assert run.final_output == reply.text
+    elapsed = (run.finished_at - run.started_at).total_seconds()
+    # At most one write per 0.1 s of streaming, plus the first and the last.
+    assert 1 <= writes <= elapsed * 10 + 2, (writes, elapsed)
