@@ -45,21 +45,13 @@ from tests.core.faults import (
     queued_run_ids,
 )
 from tests.core.registry import DEMO_REPLY
+from tests.waiting import PATIENCE, in_thread, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 QUEUE = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
 BROKER_DOWN = {"default": {"BACKEND": "tests.core.faults.UnavailableBackend"}}
 IMMEDIATE = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
-# Generous: under a CPU hog a condition can take many times longer than on an idle machine.
-PATIENCE = 60.0
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = PATIENCE) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 async def async_wait_for(condition: Callable[[], object], timeout: float = PATIENCE) -> bool:
@@ -70,20 +62,6 @@ async def async_wait_for(condition: Callable[[], object], timeout: float = PATIE
             return False
         await asyncio.sleep(0.05)
     return True
-
-
-def in_thread(target: Callable[[], object]) -> threading.Thread:
-    """Run ``target`` as another worker process would: its own thread and connection."""
-
-    def run() -> None:
-        try:
-            target()
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 def pending(session: AgentSession, agent_key: str, text_input: str = "hi", **fields) -> AgentRun:

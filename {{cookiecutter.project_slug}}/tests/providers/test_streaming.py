@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 from asgiref.sync import async_to_sync
-from django.db import connection
 from django.test import Client
 from django.urls import reverse
 
@@ -21,12 +17,12 @@ from agentic_django.models import AgentRun
 from agentic_django.services import create_run
 from tests.core.faults import database_faults
 from tests.fakes.openai_server import Text
+from tests.waiting import PATIENCE, in_thread, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 QUEUE = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
 STREAM_WRITE = r'^UPDATE "agentic_django_agentrun" SET "stream_text"'
-PATIENCE = 60.0
 
 
 @dataclass
@@ -63,25 +59,6 @@ def read(
         return body
 
     return parse(async_to_sync(collect)())
-
-
-def wait_for(condition: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + PATIENCE
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def in_thread(target: Callable[[], object]) -> threading.Thread:
-    def run() -> None:
-        try:
-            target()
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 @pytest.fixture
