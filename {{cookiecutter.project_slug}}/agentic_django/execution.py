@@ -225,6 +225,7 @@ async def _run_agent(
                 described = describe(event)
                 if described is None:
                     continue
+                watch.saw(described[0])
                 streamed = await deltas.complete() if described[0] == "message_output" else False
                 recorded = None
                 if recorder is not None:
@@ -386,13 +387,23 @@ class DeltaWriter:
 
 
 class _CancelWatch:
-    """Polls the run on the event loop: a cancellation request stops it after its turn."""
+    """Polls the run on the event loop for a cancellation request: while a tool runs, the run
+    stops after its turn (so every call keeps its output in the history); otherwise -- the
+    model is thinking or streaming text -- at once (the text so far is kept as partial)."""
 
     def __init__(self, fence: Fence, result: Any) -> None:
         self.fence = fence
         self.result = result
         self.cancel_requested = False
         self.lost = False
+        self.tools_running = 0
+
+    def saw(self, event_type: str) -> None:
+        """Keep count of the tool calls (and handoffs) started but not finished."""
+        if event_type in ("tool_called", "handoff_requested"):
+            self.tools_running += 1
+        elif event_type in ("tool_output", "handoff") and self.tools_running:
+            self.tools_running -= 1
 
     async def run(self) -> None:
         while not self.lost:
@@ -407,7 +418,7 @@ class _CancelWatch:
             self.lose()
         elif state:
             self.cancel_requested = True
-            self.result.cancel(mode="after_turn")
+            self.result.cancel(mode="after_turn" if self.tools_running else "immediate")
 
     def lose(self) -> None:
         """The attempt lost its run: stop at once, nothing more it does is kept."""

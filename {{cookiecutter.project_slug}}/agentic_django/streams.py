@@ -108,13 +108,13 @@ async def _run_events(run_pk: Any, position: Position, watch: RunWatch) -> Async
     while True:
         mark = watch.mark()  # before the look: a change during it ends the wait below at once
         run, events = await sync_to_async(_snapshot)(run_pk, position.sequence)
-        if attempt is not None and run.attempt != attempt:
-            # Retried: events after its checkpoint belonged to the attempt that died.
-            position = Position(min(position.sequence, run.checkpoint_event_sequence))
-            yield message("reset", {"attempt": run.attempt}, position)
-            attempt = run.attempt
-            continue
+        retried = attempt is not None and run.attempt != attempt
         attempt = run.attempt
+        if retried and position.sequence > run.checkpoint_event_sequence:
+            # What this client saw after the checkpoint came from the attempt that died.
+            position = Position(run.checkpoint_event_sequence)
+            yield message("reset", {"attempt": run.attempt}, position)
+            continue
         sent = False
         for event in events:
             position = Position(event.sequence)

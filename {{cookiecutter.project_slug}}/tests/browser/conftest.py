@@ -63,10 +63,54 @@ def browser() -> Iterator[object]:
             os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
+@dataclass
+class AsgiServer:
+    url: str
+
+
 @pytest.fixture
-def server(live_server) -> object:
-    """pytest-django's live server (tests run with development settings: plain HTTP)."""
-    return live_server
+def server(transactional_db) -> Iterator[AsgiServer]:
+    """The project's ASGI application served by uvicorn in a thread, as compose serves it (a
+    WSGI server would buffer each server-sent event stream until its end). Static files are
+    served as in development; the test database is the one the test writes."""
+    import asyncio
+    import threading
+
+    import uvicorn
+    from asgiref.sync import SyncToAsync
+    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+    from django.core.asgi import get_asgi_application
+    from django.db import connections
+
+    port = free_port()
+    config = uvicorn.Config(
+        ASGIStaticFilesHandler(get_asgi_application()),
+        host="127.0.0.1",
+        port=port,
+        lifespan="off",
+        log_level="warning",
+    )
+    uvicorn_server = uvicorn.Server(config)
+    thread = threading.Thread(target=uvicorn_server.run, name="uvicorn", daemon=True)
+    thread.start()
+    while not uvicorn_server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        threading.Event().wait(0.02)
+    yield AsgiServer(url=f"http://localhost:{port}")
+    uvicorn_server.should_exit = True
+    thread.join(30)
+    # The views' database work ran on asgiref's thread: close its connections there.
+    executor = SyncToAsync.single_thread_executor
+    executor.submit(connections.close_all).result()
+    asyncio.set_event_loop(None)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass
@@ -77,14 +121,20 @@ class PageProblems:
     page_errors: list[str] = field(default_factory=list)
     csp: list[str] = field(default_factory=list)
     expected_statuses: set[int] = field(default_factory=set)
+    expected_messages: list[str] = field(default_factory=list)
 
     def expect_http_error(self, status: int) -> None:
         """The test provokes this HTTP status; Chromium (and htmx, for 5xx) log it as an error."""
         self.expected_statuses.add(status)
 
+    def expect_console(self, text: str) -> None:
+        """The test provokes console errors containing ``text`` (e.g. a blocked request)."""
+        self.expected_messages.append(text)
+
     def all(self) -> list[str]:
         expected = [f"the server responded with a status of {s} " for s in self.expected_statuses]
         expected += [f"Response Status Error Code {s} " for s in self.expected_statuses]  # htmx
+        expected += self.expected_messages
         console = [m for m in self.console if not any(e in m for e in expected)]
         return console + self.page_errors + self.csp
 

@@ -20,20 +20,15 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 def run_in_background(run_id: str, settings, server) -> None:
     """Execute a deferred run the way a worker would, outside the browser's event loop."""
     settings.TASKS = IMMEDIATE
-    # An in-memory SQLite test database lives on the connection the live server shares.
-    shared = server.thread.connections_override.get("default")
     error: list[BaseException] = []
 
     def work() -> None:
-        if shared is not None:
-            connections["default"] = shared
         try:
             execute_agent_run.enqueue(run_id)  # the queued task reaches a worker
         except BaseException as exc:
             error.append(exc)
         finally:
-            if shared is None:
-                connections["default"].close()
+            connections["default"].close()
 
     thread = threading.Thread(target=work)
     thread.start()

@@ -120,3 +120,42 @@ def test_delta_writes_are_coalesced(provider, user, settings):
     elapsed = (run.finished_at - run.started_at).total_seconds()
     # At most one write per 0.1 s of streaming, plus the first and the last.
     assert 1 <= writes <= elapsed * 10 + 2, (writes, elapsed)
+
+
+def test_a_client_of_a_retried_run_is_told_to_start_over(user, client):
+    """The stream showed an event of attempt 1; its worker died and attempt 2 ran the run
+    again. On reconnecting, the client hears that what it saw is void, then gets attempt 2."""
+    from agentic_django.events import EventRecorder
+    from agentic_django.models import AgentSession
+    from agentic_django.recovery import recover_runs
+    from tests.core.conftest import running_elsewhere, worker_died
+
+    run = running_elsewhere(
+        AgentSession.objects.create(owner=user, session_key="k"), agent_key="assistant"
+    )
+    EventRecorder(run).record("tool_called", {"tool_name": "calculate", "call_id": "c1"})
+    client.force_login(user)
+    first = read(client, run, until="event")
+    assert [e.id for e in first if e.kind == "event"] == ["1"]
+
+    worker_died(run)
+    assert recover_runs(mode="requeue") == 1  # attempt 2 runs in-process
+    again = read(client, run, last_id="1")
+    assert (again[0].kind, again[0].id) == ("reset", "0")
+    attempts = {json.loads(e.data)["attempt"] for e in again if e.kind == "event"}
+    assert attempts == {2}
+    assert again[-1].kind == "end" and '"completed"' in again[-1].data
+
+
+def test_cancel_while_text_streams_stops_at_once_and_keeps_the_partial_text(streaming_run):
+    from agentic_django.services import cancel_run
+
+    run, reply, _client = streaming_run
+    wait_for(lambda: AgentRun.objects.get(pk=run.pk).stream_text, "the first streamed text")
+    cancel_run(AgentRun.objects.get(pk=run.pk))
+    wait_for(lambda: AgentRun.objects.get(pk=run.pk).is_terminal, "the run to stop")
+    run.refresh_from_db()
+    assert run.status == "cancelled"
+    assert run.stream_text and reply.text.startswith(run.stream_text)
+    assert run.stream_text != reply.text  # it did not wait for the whole message
+    assert run.final_output is None

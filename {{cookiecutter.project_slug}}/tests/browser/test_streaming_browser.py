@@ -1,0 +1,113 @@
+"""Streaming replies in Chromium: a real provider client (against a fake OpenAI-compatible
+server) streams a slow reply while a worker thread runs it."""
+
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import expect
+
+from agentic_django.execution import execute
+from agentic_django.models import AgentRun
+from tests.browser.conftest import DEFERRED, last_run, screenshot, send
+from tests.fakes.openai_server import FakeOpenAI, Text
+from tests.waiting import PATIENCE, in_thread, wait_for
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+REPLY = Text(
+    "Streaming means the words arrive one after another, so nobody stares at a blank "
+    "screen while a slow model thinks.",
+    deltas=12,
+    delay=0.3,
+)
+
+
+@pytest.fixture
+def slow_provider(settings):
+    with FakeOpenAI() as fake:
+        settings.OPENAI_API_KEY = ""
+        settings.OPENAI_BASE_URL = fake.url
+        settings.OPENAI_API_MODE = "responses"
+        settings.OPENAI_MODEL = "fake-model"
+        settings.OPENAI_MAX_RETRIES = 0
+        settings.AGENTIC_DJANGO_AGENT_REGISTRY = "chat.registry.get_agent_registry"
+        settings.TASKS = DEFERRED  # the test starts the worker itself
+        fake.reply(REPLY)
+        yield fake
+
+
+def start_worker(chat_user) -> tuple[AgentRun, object]:
+    wait_for(lambda: AgentRun.objects.filter(owner=chat_user).exists(), "the run")
+    run = AgentRun.objects.get(owner=chat_user)
+    return run, in_thread(lambda: execute(str(run.pk), task_id="worker"))
+
+
+def live_text_snapshots(page, run_element, run: AgentRun) -> list[str]:
+    """What the live text showed, looked at repeatedly until the run ended."""
+    seen = []
+    live = run_element.locator(".agentic-run__live")
+    while not AgentRun.objects.get(pk=run.pk).is_terminal:
+        if live.count() and live.is_visible():
+            seen.append(live.inner_text())
+        page.wait_for_timeout(50)
+    return seen
+
+
+def test_the_reply_streams_in_before_the_run_completes(chat, chat_user, slow_provider):
+    page = chat
+    send(page, "Tell me about streaming")
+    run, worker = start_worker(chat_user)
+    element = last_run(page)
+    live = element.locator(".agentic-run__live")
+    expect(live).not_to_be_empty(timeout=PATIENCE * 1000)
+    assert AgentRun.objects.get(pk=run.pk).status == "running"
+    assert REPLY.text.startswith(live.inner_text().strip())
+    screenshot(page, "chat-streaming")
+    element.and_(page.locator('[data-status="completed"]')).wait_for(timeout=PATIENCE * 1000)
+    assert element.inner_text().count("nobody stares at a blank screen") == 1
+    worker.join(PATIENCE)
+
+
+def test_a_dropped_stream_resumes_without_repeating_text(chat, chat_user, slow_provider):
+    page = chat
+    send(page, "Tell me about streaming")
+    run, worker = start_worker(chat_user)
+    element = last_run(page)
+    expect(element.locator(".agentic-run__live")).not_to_be_empty(timeout=PATIENCE * 1000)
+    # The network drops for a moment; EventSource reconnects with its Last-Event-ID.
+    page.context.set_offline(True)
+    page.wait_for_timeout(400)
+    page.context.set_offline(False)
+    for shown in live_text_snapshots(page, element, run):
+        assert REPLY.text.startswith(shown.strip()), shown
+    element.and_(page.locator('[data-status="completed"]')).wait_for(timeout=PATIENCE * 1000)
+    assert element.inner_text().count("nobody stares at a blank screen") == 1
+    worker.join(PATIENCE)
+
+
+def test_cancel_during_a_stream_stops_it(chat, chat_user, slow_provider):
+    page = chat
+    send(page, "Tell me about streaming")
+    run, worker = start_worker(chat_user)
+    element = last_run(page)
+    expect(element.locator(".agentic-run__live")).not_to_be_empty(timeout=PATIENCE * 1000)
+    element.get_by_role("button", name="Cancel").click()
+    element.and_(page.locator('[data-status="cancelled"]')).wait_for(timeout=PATIENCE * 1000)
+    expect(element).to_contain_text("The answer was cut off here.")
+    assert AgentRun.objects.get(pk=run.pk).stream_text != REPLY.text
+    screenshot(page, "chat-streaming-cancelled")
+    worker.join(PATIENCE)
+
+
+def test_without_server_sent_events_the_chat_completes_by_polling(
+    chat, chat_user, slow_provider, problems
+):
+    page = chat
+    page.route("**/stream/", lambda route: route.abort())
+    problems.expect_console("net::ERR_FAILED")  # the blocked stream, logged as it is retried
+    send(page, "Tell me about streaming")
+    _run, worker = start_worker(chat_user)
+    element = last_run(page)
+    element.and_(page.locator('[data-status="completed"]')).wait_for(timeout=PATIENCE * 1000)
+    expect(element).to_contain_text("nobody stares at a blank screen")
+    worker.join(PATIENCE)
