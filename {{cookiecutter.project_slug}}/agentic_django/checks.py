@@ -83,11 +83,12 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             "Point it at a class with dumps(item) and loads(payload) methods.",
             "agentic_django.E005",
         )
-    if not connection.features.can_return_rows_from_update:
+    features = connection.features
+    if not (features.can_return_rows_from_update and features.can_return_columns_from_insert):
         messages.append(
             checks.Error(
-                f"agentic_django needs UPDATE ... RETURNING, which this {connection.vendor} "
-                "database lacks.",
+                f"agentic_django needs UPDATE ... RETURNING and INSERT ... RETURNING, which "
+                f"this {connection.vendor} database lacks.",
                 hint="Use PostgreSQL, or SQLite 3.35 or newer.",
                 id="agentic_django.E006",
             )

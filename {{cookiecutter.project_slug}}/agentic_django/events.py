@@ -129,15 +129,13 @@ def _insert(fence: Fence, event_type: str, payload: dict[str, Any]) -> AgentEven
     sequence = qn(meta.get_field("sequence").column)
     fence_sql, fence_params = fence.exists_sql()
     now = timezone.now()
-    returning = ""
-    if connection.features.can_return_columns_from_insert:
-        returning = f" RETURNING {qn(meta.pk.column)}, {sequence}"
-    # Only quoted model names are interpolated; every value is a parameter.
+    # Only quoted model names are interpolated; every value is a parameter. The database must
+    # support INSERT ... RETURNING (checked at startup).
     sql = (
         f"INSERT INTO {table} ({columns}) "  # noqa: S608
         f"SELECT %s, base.last + 1, %s, %s, %s, %s FROM "
         f"(SELECT COALESCE(MAX({sequence}), 0) AS last FROM {table} WHERE {run_column} = %s) base "
-        f"WHERE {fence_sql}{returning}"
+        f"WHERE {fence_sql} RETURNING {qn(meta.pk.column)}, {sequence}"
     )
     run_id = meta.get_field("run").get_db_prep_value(fence.run_id, connection)
     params = [
@@ -151,19 +149,10 @@ def _insert(fence: Fence, event_type: str, payload: dict[str, Any]) -> AgentEven
     ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        if returning:
-            row = cursor.fetchone()
-            if row is None:
-                return None
-            pk, number = row
-        elif cursor.rowcount:
-            pk, number = (
-                AgentEvent.objects.filter(run_id=fence.run_id, attempt=fence.attempt)
-                .order_by("-sequence")
-                .values_list("pk", "sequence")[0]
-            )
-        else:
-            return None
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    pk, number = row
     return AgentEvent(
         pk=pk,
         run_id=fence.run_id,

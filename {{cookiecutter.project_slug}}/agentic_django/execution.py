@@ -475,7 +475,6 @@ class LeaseKeeper:
         self.lease_until = started + lease_seconds
         self.next_renewal = started + self.renew_every
         self.lost = False
-        self.timed_out = False
         self._callbacks: list[Callable[[], object]] = []
         self._stopped = threading.Event()
         self._thread = threading.Thread(
@@ -553,7 +552,6 @@ class LeaseKeeper:
 
     def _time_out(self) -> None:
         """The attempt is still running long past its timeout: end the run from here."""
-        self.timed_out = True
         seconds = get_config().run_timeout_seconds
         outcome = Outcome(
             Status.FAILED,
@@ -624,7 +622,7 @@ def finish(fence: Fence, outcome: Outcome, keeper: LeaseKeeper) -> AgentRun | No
 
 
 def _storable(outcome: Outcome) -> Outcome:
-    if is_storable(outcome.final_output) and is_storable(outcome.error):
+    if is_storable(outcome.final_output):
         return outcome
     return Outcome(
         Status.FAILED,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
 from agentic_django.models import AgentRun, AgentSession
 from agentic_django.recovery import recover_runs, sweep
@@ -111,3 +112,37 @@ def test_task_id_is_recorded_by_the_worker_that_ran_the_run(user):
 def test_enqueue_of_an_unknown_run_is_a_no_op(db):
     enqueue_agent_run("00000000-0000-0000-0000-000000000000")
     assert not AgentRun.objects.exists()
+
+
+def test_a_task_that_could_not_claim_hands_its_run_to_the_next_dispatch(user, settings):
+    """The run's task arrives while the run ahead still runs, so it cannot claim; the run
+    ahead finishes just before the task lets go of the run. The run must not be left with
+    neither a task nor anyone to dispatch it."""
+    from agentic_django import lifecycle
+    from agentic_django.dispatch import dispatch_next
+    from agentic_django.execution import execute
+    from tests.core.faults import database_faults, queued_run_ids
+
+    settings.TASKS = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    ahead = running_elsewhere(session)
+    run = AgentRun.objects.create(
+        session=session, owner=user, agent_key="demo", input_payload="next"
+    )
+    AgentRun.objects.filter(pk=run.pk).update(task_id="task-1", dispatched_at=timezone.now())
+
+    def the_run_ahead_finishes() -> None:
+        AgentRun.objects.filter(pk=ahead.pk).update(status="completed")
+        dispatch_next()  # its worker dispatches: this run still has its (recent) task
+
+    with database_faults() as faults:
+        faults.before(lifecycle_release_sql(), the_run_ahead_finishes)
+        assert execute(str(run.pk), task_id="task-1") == "skipped"
+    run.refresh_from_db()
+    assert run.status == "pending" and run.dispatched_at is not None
+    assert queued_run_ids() == [str(run.pk)]  # a new task, from the release
+    assert lifecycle.stale_runs().count() == 0
+
+
+def lifecycle_release_sql() -> str:
+    return r'^UPDATE "agentic_django_agentrun" SET "task_id" = %s, "dispatched_at" = %s WHERE'

@@ -88,21 +88,25 @@ def register(key: str, steps: list[Any], tools: list[Any] = (), **options: Any) 
 # --- 1. Lease renewal -------------------------------------------------------------------------
 
 
-def test_a_transient_error_while_renewing_the_lease_is_retried(user, settings):
+@pytest.mark.parametrize("failing", [1, 2], ids=["first-renewal", "a-later-renewal"])
+def test_a_transient_error_while_renewing_the_lease_is_retried(user, settings, failing):
     settings.AGENTIC_DJANGO_LEASE_SECONDS = 5  # renewals every 5/3 s
+    renewals: list[int] = []
+
+    def renewal() -> None:
+        renewals.append(len(renewals) + 1)
+        if len(renewals) == failing:  # as a dropped connection would make it
+            raise OperationalError("server closed the connection")
+
+    async def slow(model_call: Any) -> Any:
+        # Work until two more renewals were sent after the failed one: the keeper sends one
+        # only once the one before it went through.
+        assert await async_wait_for(lambda: len(renewals) >= failing + 2)
+        return [assistant_message("done despite the hiccup")]
+
+    model = register("slow", [ModelStep.respond(slow)])
     with database_faults() as faults:
-        failed_renewal = faults.fail(RENEW, OperationalError("server closed the connection"))
-
-        async def slow(model_call: Any) -> Any:
-            # Work until the keeper has renewed the lease after the failed renewal.
-            def renewed_after_the_fault() -> bool:
-                run = AgentRun.objects.get(status="running")
-                return failed_renewal.fired and run.heartbeat_at > run.started_at
-
-            assert await async_wait_for(renewed_after_the_fault)
-            return [assistant_message("done despite the hiccup")]
-
-        model = register("slow", [ModelStep.respond(slow)])
+        faults.before(RENEW, renewal, times=float("inf"))
         run = create_run(owner=user, session_key="k", input_payload="go", agent_key="slow")
 
     run.refresh_from_db()
@@ -481,14 +485,18 @@ def test_a_timeout_ends_a_run_whose_event_loop_is_blocked(user, settings):
         return "too late"
 
     register("blocking", [call("blocks_the_loop", {}), text("never")], tools=[blocks_the_loop])
+    register("next", [text("next answered")])
     session = AgentSession.objects.create(owner=user, session_key="k")
-    run = pending(session, "blocking")
+    run, behind = pending(session, "blocking"), pending(session, "next", "then this")
     worker = in_thread(lambda: enqueue_agent_run(str(run.pk)))
     try:
         wait_for(lambda: AgentRun.objects.get(pk=run.pk).is_terminal, "the lease keeper")
         run.refresh_from_db()
         assert (run.status, run.error) == ("failed", timeout_message(1))
         assert "event loop" in run.error_detail
+        # The keeper also dispatched the run waiting behind it (run here by another thread).
+        wait_for(lambda: AgentRun.objects.get(pk=behind.pk).is_terminal, "the run behind")
+        assert AgentRun.objects.get(pk=behind.pk).final_output == "next answered"
     finally:
         release.set()
         worker.join(PATIENCE)
@@ -548,6 +556,41 @@ def test_the_concurrency_limit_recorded_by_the_workers_holds_in_every_process(us
     run = create_run(owner=user, session_key="k", input_payload="hi", agent_key="ok")
     run.refresh_from_db()
     assert run.status == "pending"
+
+
+@pytest.mark.postgres
+def test_a_connection_killed_before_the_terminal_write_is_reconnected(user):
+    """PostgreSQL drops the worker's connection (a restart, a proxy timeout) just before the
+    run's result is written: the write is retried on a new connection."""
+    register("ok", [text("written after reconnecting")])
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    run = pending(session, "ok")
+
+    def kill_this_connection() -> None:
+        victim = connection.connection.info.backend_pid
+        with psycopg_connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (victim,))
+
+    with database_faults() as faults:
+        faults.before(FINISH, kill_this_connection)
+        execute(str(run.pk), task_id="t1")
+    run.refresh_from_db()
+    assert (run.status, run.final_output) == ("completed", "written after reconnecting")
+
+
+def psycopg_connect():
+    import psycopg
+    from django.db import connection as default
+
+    settings = default.settings_dict
+    return psycopg.connect(
+        dbname=settings["NAME"],
+        user=settings["USER"],
+        password=settings["PASSWORD"],
+        host=settings["HOST"],
+        port=settings["PORT"],
+        autocommit=True,
+    )
 
 
 def test_a_stale_run_failed_by_recovery_keeps_its_error(user):

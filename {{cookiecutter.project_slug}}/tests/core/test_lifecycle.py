@@ -282,8 +282,10 @@ def test_stale_runs_are_running_runs_whose_lease_expired(session):
     assert not lifecycle.stale_runs().exists()
 
 
-def test_fail_stale_fails_only_an_expired_run_in_the_attempt_read(session):
+def test_fail_stale_fails_only_an_expired_run_in_the_attempt_read(session, other_user):
     run = running_elsewhere(session)
+    also_dead = running_elsewhere(AgentSession.objects.create(owner=other_user, session_key="x"))
+    worker_died(also_dead)
     assert not lifecycle.fail_stale(run)
     worker_died(run)
     assert not lifecycle.fail_stale(AgentRun(pk=run.pk, attempt=run.attempt + 1))
@@ -295,6 +297,7 @@ def test_fail_stale_fails_only_an_expired_run_in_the_attempt_read(session):
         None,
     )
     assert_about(failed.finished_at, db_now())
+    assert reload(also_dead).status == "running"  # only the run it was given
 
 
 def test_requeue_resets_a_stale_run_and_removes_only_its_items(session, user):
@@ -316,6 +319,16 @@ def test_requeue_resets_a_stale_run_and_removes_only_its_items(session, user):
         assert getattr(requeued, name) is None, name
     assert (requeued.task_id, requeued.error, requeued.error_detail) == ("", "", "")
     assert list(session.items.all()) == [earlier]
+
+
+def test_requeue_of_stale_runs_takes_only_running_ones(session):
+    finished = new_run(session, status="completed", attempt=1)
+    # A finished run carrying an old lease (edited by hand, say) is not stale.
+    AgentRun.objects.filter(pk=finished.pk).update(
+        lease_expires_at=timezone.now() - timedelta(minutes=1)
+    )
+    assert not lifecycle.requeue(reload(finished), stale_only=True)
+    assert reload(finished).status == "completed"
 
 
 def test_requeue_leaves_a_live_run_alone_even_with_a_cancel_request(session):
@@ -357,7 +370,12 @@ def test_requeue_retries_a_failed_run_only_while_nothing_came_after_it(session):
     AgentRun.objects.filter(pk=later.pk).update(created_at=failed.created_at + timedelta(seconds=1))
     assert not lifecycle.requeue(failed, stale_only=False)
     later.delete()
-    assert lifecycle.requeue(failed, stale_only=False)
+    AgentRun.objects.filter(pk=failed.pk).update(
+        finished_at=timezone.now(), cancel_requested_at=timezone.now()
+    )
+    assert lifecycle.requeue(reload(failed), stale_only=False)
+    retried = reload(failed)
+    assert (retried.finished_at, retried.cancel_requested_at) == (None, None)
     assert reload(elsewhere).status == "pending"
     assert (reload(failed).status, reload(failed).error) == ("pending", "")
     completed = new_run(AgentSession.objects.create(owner=session.owner, session_key="z"))

@@ -80,6 +80,10 @@ def test_a_waiting_run_is_dispatched_again_at_most_once_per_lease(user, settings
 
     waiting.refresh_from_db()
     assert waiting.status == "pending"
+    # The limit is per run: another stuck run is looked at all the same.
+    other = lost_task_run(user, "demo", age_seconds=40)
+    running_elsewhere(other.session)
+    assert recovery.recover_if_stuck(other) is True
 
 
 def test_ignore_mode_never_recovers_on_poll(user, settings, scripted_agent):
