@@ -18,8 +18,9 @@ from typing import Any
 
 from django.db import connections
 from django.db.backends.signals import connection_created
-from django.tasks import task_backends
 from django.tasks.backends.base import BaseTaskBackend
+
+from agentic_django.tasks import execute_agent_run
 
 # The statements the engine's transitions and writes send (both vendors quote with ").
 RENEW = r'^UPDATE "agentic_django_agentrun" SET "heartbeat_at"'
@@ -119,4 +120,13 @@ class UnavailableBackend(BaseTaskBackend):
 
 def queued_run_ids() -> list[str]:
     """Run ids of the tasks a ``DummyBackend`` (a queue no worker takes from) holds, in order."""
-    return [str(result.args[0]) for result in task_backends["default"].results]
+    return [str(result.args[0]) for result in queued_results()]
+
+
+def queued_results() -> list[Any]:
+    """The task results a ``DummyBackend`` holds, read from the backend the engine's task uses.
+
+    With django-tasks-rq installed the task is a ``django_tasks`` task whose backends are not
+    those of ``django.tasks.task_backends``, so ask the task itself.
+    """
+    return execute_agent_run.get_backend().results

@@ -21,7 +21,6 @@ from agents.testing import ModelStep, ScriptedModel, assistant_message
 from asgiref.sync import sync_to_async
 from django.db import DataError, OperationalError, connection
 from django.db.models import Count
-from django.tasks import task_backends
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -42,6 +41,7 @@ from tests.core.faults import (
     RENEW,
     STATUS_CHANGE,
     database_faults,
+    queued_results,
     queued_run_ids,
 )
 from tests.core.registry import DEMO_REPLY
@@ -520,15 +520,11 @@ def test_waiting_runs_get_one_task_each_however_long_they_wait(user, settings):
         enqueue_agent_run(str(run.pk))
     done = 0
     while done < len(queued_run_ids()):
-        result = task_results()[done]
+        result = queued_results()[done]
         execute(str(result.args[0]), task_id=str(result.id))
         done += 1
     assert set(AgentRun.objects.values_list("status", flat=True)) == {"completed"}
     assert sorted(queued_run_ids()) == sorted(str(run.pk) for run in runs)
-
-
-def task_results() -> list[Any]:
-    return task_backends["default"].results
 
 
 # --- Clocks, limits and sessions ----------------------------------------------------------------
