@@ -15,6 +15,7 @@ from functools import cache
 from typing import Any
 
 import nh3
+from django.db import connections, router
 from django.db.models import Prefetch
 from django.utils.safestring import SafeString, mark_safe
 from markdown_it import MarkdownIt
@@ -211,17 +212,112 @@ def run_version(run: AgentRun, item_count: int) -> str:
     return f"{run.status}.{item_count}.{cancelling}"
 
 
-def run_view(run: AgentRun, items: Sequence[AgentSessionItem] | None = None) -> RunView:
-    """Build the display of one run from the session items it wrote (or its input)."""
-    if items is None:
-        items = list(run.session_items.order_by("sequence"))
-    entries = entries_from_items(item.payload for item in items)
+def run_view(run: AgentRun, payloads: Sequence[Any] | None = None) -> RunView:
+    """Build the display of one run from the session items it wrote (their payloads, in order;
+    read here when not given), or from its input while it wrote none."""
+    if payloads is None:
+        payloads = [item.payload for item in run.session_items.order_by("sequence")]
+    entries = entries_from_items(payloads)
     if not any(e.kind == "message" and e.role == "user" for e in entries):
         entries = entries_from_items(input_items(run.input_payload)) + entries
     approvals = run.pending_approvals()
     for approval in approvals:
         approval.arguments_text = _pretty_arguments(approval.arguments)
-    return RunView(run, entries, item_count=len(items), approvals=approvals)
+    return RunView(run, entries, item_count=len(payloads), approvals=approvals)
+
+
+@dataclass
+class PolledRun:
+    """A run read for its fragment, with how many items it wrote and (unread until asked) their
+    payloads in order."""
+
+    run: AgentRun
+    item_count: int
+    _items: Any
+
+    @property
+    def payloads(self) -> list[Any]:
+        """The payloads of the run's items, in order (decoded on first use)."""
+        pairs = json.loads(self._items) if isinstance(self._items, str) else self._items
+        return [payload for _, payload in sorted(pairs or [], key=lambda pair: pair[0])]
+
+
+# The run's items as [sequence, payload] pairs, per database vendor. SQLite (before 3.44) cannot
+# order inside an aggregate, so the pairs are sorted in Python.
+_ITEMS_AGGREGATE = {
+    "postgresql": "json_agg(json_build_array({sequence}, {payload}))",
+    "sqlite": "json_group_array(json_array({sequence}, json({payload})))",
+}
+
+
+@dataclass(frozen=True)
+class _PolledRunQuery:
+    sql: str
+    field_names: list[str]
+    # (index, column expression, converters) of the run's columns whose values need converting.
+    converters: list[tuple[int, Any, list[Any]]]
+
+
+@cache
+def _polled_run_query(alias: str) -> _PolledRunQuery:
+    """One statement for a run of an owner, the count of its items and their payloads, built
+    once per database: the ORM would compile it again on every poll, which costs more than
+    running it."""
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    run, item = AgentRun._meta, AgentSessionItem._meta
+
+    def column(meta: Any, name: str, alias: str) -> str:
+        return f"{alias}.{quote(meta.get_field(name).column)}"
+
+    fields = run.concrete_fields
+    aggregate = _ITEMS_AGGREGATE[connection.vendor].format(
+        payload=column(item, "payload", "i"), sequence=column(item, "sequence", "i")
+    )
+    run_pk = f"r.{quote(run.pk.column)}"
+    items_of_run = f"FROM {quote(item.db_table)} i WHERE {column(item, 'run', 'i')} = {run_pk}"
+    # Only quoted table and column names are interpolated; values go in as parameters.
+    sql = (
+        f"SELECT {', '.join(f'r.{quote(f.column)}' for f in fields)}, "  # noqa: S608
+        f"(SELECT COUNT(*) {items_of_run}), (SELECT {aggregate} {items_of_run}) "
+        f"FROM {quote(run.db_table)} r "
+        f"WHERE {run_pk} = %s AND {column(run, 'owner', 'r')} = %s"
+    )
+    converters = []
+    for index, run_field in enumerate(fields):
+        # As the ORM's compiler does: the backend's converters, then the field's.
+        col = run_field.get_col(run.db_table)
+        found = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+        if found:
+            converters.append((index, col, found))
+    return _PolledRunQuery(sql, [f.attname for f in fields], converters)
+
+
+def polled_run(run_id: Any, owner_id: Any) -> PolledRun | None:
+    """The run ``run_id`` of ``owner_id`` with its items, in one query (None if there is none).
+
+    This is what a polled run fragment costs on top of the request's own session and user
+    lookups. On databases other than PostgreSQL and SQLite the items take a second query."""
+    alias = router.db_for_read(AgentRun)
+    connection = connections[alias]
+    if connection.vendor not in _ITEMS_AGGREGATE:
+        run = AgentRun.objects.filter(pk=run_id, owner_id=owner_id).first()
+        if run is None:
+            return None
+        items = run.session_items.order_by("sequence").values_list("sequence", "payload")
+        return PolledRun(run, len(items), list(items))
+    query = _polled_run_query(alias)
+    pk = AgentRun._meta.pk.get_db_prep_value(run_id, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(query.sql, [pk, owner_id])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    *values, item_count, items = row
+    for index, col, converters in query.converters:
+        for converter in converters:
+            values[index] = converter(values[index], col, connection)
+    return PolledRun(AgentRun.from_db(alias, query.field_names, values), item_count, items)
 
 
 def conversation(session: AgentSession | None) -> dict[str, Any]:
@@ -243,6 +339,6 @@ def conversation(session: AgentSession | None) -> dict[str, Any]:
     return {
         "session": session,
         "loose_entries": [] if truncated else entries_from_items(i.payload for i in loose),
-        "runs": [run_view(run, list(run.session_items.all())) for run in runs],
+        "runs": [run_view(run, [i.payload for i in run.session_items.all()]) for run in runs],
         "truncated": truncated,
     }

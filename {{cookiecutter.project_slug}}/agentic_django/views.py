@@ -12,7 +12,6 @@ from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
-from django.db.models import Count, QuerySet
 from django.http import (
     HttpRequest,
     HttpResponse,
@@ -22,6 +21,7 @@ from django.http import (
 )
 from django.http.request import RawPostDataException
 from django.shortcuts import render
+from django.template.loader import render_to_string
 from django.urls import reverse
 from django_htmx.http import HttpResponseStopPolling, trigger_client_event
 
@@ -36,7 +36,13 @@ from agentic_django.exceptions import (
 )
 from agentic_django.http import ApiError, api_view, is_htmx, json_error, parse_page, safe_next_url
 from agentic_django.models import AgentRun, AgentSession
-from agentic_django.presentation import conversation, run_version, run_view
+from agentic_django.presentation import (
+    PolledRun,
+    conversation,
+    polled_run,
+    run_version,
+    run_view,
+)
 from agentic_django.ratelimit import enforce_rate_limit
 from agentic_django.recovery import recover_if_stuck
 from agentic_django.serializers import event_to_dict, item_to_dict, run_to_dict, session_to_dict
@@ -52,16 +58,25 @@ CREATE_FIELDS = frozenset({"input", "session_key", "agent_key", "run_options"})
 BODY_OVERHEAD_BYTES = 64 * 1024
 
 
-def _owned_run(request: HttpRequest, run_id: str, queryset: QuerySet | None = None) -> AgentRun:
+def _run_pk(run_id: str) -> uuid.UUID:
     try:
-        pk = uuid.UUID(run_id)
+        return uuid.UUID(run_id)
     except ValueError:
         raise ApiError(400, "invalid_run_id", "The run id is not a valid UUID.") from None
-    queryset = AgentRun.objects.select_related("session") if queryset is None else queryset
-    run = queryset.filter(pk=pk, owner=request.user).first()
-    if run is None:
+
+
+def _owned_run(request: HttpRequest, run_id: str) -> AgentRun:
+    run = AgentRun.objects.select_related("session").filter(pk=_run_pk(run_id)).first()
+    if run is None or run.owner_id != request.user.pk:
         raise ApiError(404, "not_found", "No such run.")
     return run
+
+
+def _polled_run(request: HttpRequest, run_id: str) -> PolledRun:
+    polled = polled_run(_run_pk(run_id), request.user.pk)
+    if polled is None:
+        raise ApiError(404, "not_found", "No such run.")
+    return polled
 
 
 def _owned_session(request: HttpRequest, session_key: str) -> AgentSession:
@@ -168,20 +183,23 @@ def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
 
 @api_view("GET")
 def run_fragment(request: HttpRequest, run_id: str) -> HttpResponse:
-    """The run as an HTML fragment for htmx polling; 286 (stop polling) once it finished."""
-    # One query decides a steady poll: the run row with the count of items it wrote.
-    run = _owned_run(request, run_id, AgentRun.objects.annotate(item_count=Count("session_items")))
-    if recover_if_stuck(run):
-        run = _owned_run(
-            request, run_id, AgentRun.objects.annotate(item_count=Count("session_items"))
-        )
-    if not run.is_terminal and request.GET.get("v") == run_version(run, run.item_count):
+    """The run as an HTML fragment for htmx polling; 286 (stop polling) once it finished.
+
+    One query reads the run, the count of its items and their payloads, so a poll costs the
+    request's session and user lookups plus one statement; a steady poll (``v`` = the version
+    the page shows) answers 204 without decoding the items or rendering anything."""
+    polled = _polled_run(request, run_id)
+    if recover_if_stuck(polled.run):
+        polled = _polled_run(request, run_id)
+    run = polled.run
+    if not run.is_terminal and request.GET.get("v") == run_version(run, polled.item_count):
         return HttpResponse(status=204)  # unchanged: htmx keeps the element and polls again
-    context = {"run": run, "view": run_view(run)}
+    html = render_to_string(
+        RUN_FRAGMENT_TEMPLATE, {"run": run, "view": run_view(run, polled.payloads)}, request
+    )
     if not (run.is_terminal and is_htmx(request)):
-        return render(request, RUN_FRAGMENT_TEMPLATE, context)
-    response = HttpResponseStopPolling(render(request, RUN_FRAGMENT_TEMPLATE, context).content)
-    return trigger_client_event(response, RUN_UPDATE_EVENT)
+        return HttpResponse(html)
+    return trigger_client_event(HttpResponseStopPolling(html), RUN_UPDATE_EVENT)
 
 
 @api_view("GET")

@@ -287,8 +287,46 @@ def test_a_steady_poll_costs_three_queries(api, make_run, user, django_assert_nu
     html = api.get(url, headers=HTMX).content.decode()
     version = html.split('"v": "', 1)[1].split('"', 1)[0]
 
-    with django_assert_num_queries(3):  # session, user, the run with its item count
+    with django_assert_num_queries(3):  # session, user, the run with its items
         assert api.get(url, {"v": version}, headers=HTMX).status_code == 204
+
+
+@pytest.mark.parametrize("status", ["running", "completed"])
+def test_a_changed_or_finished_fragment_costs_three_queries_and_shows_its_own_items_in_order(
+    api, make_run, user, status, django_assert_num_queries
+):
+    earlier = make_run(user, status=AgentRun.Status.COMPLETED, input_payload="Earlier question")
+    run = make_run(user, status=status, input_payload="Now this")
+    AgentRun.objects.filter(pk=run.pk).update(
+        lease_expires_at=timezone.now() + timedelta(minutes=5)
+    )
+    session = run.session
+    # Stored out of order: the fragment orders by sequence, not by how rows were written.
+    session.items.create(run=run, sequence=4, payload={"role": "assistant", "content": "Second"})
+    session.items.create(run=run, sequence=3, payload={"role": "user", "content": "Now this"})
+    session.items.create(run=earlier, sequence=1, payload={"role": "user", "content": "Earlier"})
+    url = reverse("agents:run-fragment", args=[run.id])
+
+    with django_assert_num_queries(3):  # session, user, the run with its items
+        response = api.get(url, {"v": "stale"}, headers=HTMX)
+
+    assert response.status_code == (200 if status == "running" else 286)
+    html = response.content.decode()
+    assert html.count('<article id="agent-run-') == 1
+    assert f'<article id="agent-run-{run.id}"' in html
+    assert "Earlier" not in html
+    assert html.count("Now this") == 1
+    assert html.index("Now this") < html.index("Second")
+
+
+def test_fragment_of_another_users_run_is_404_even_with_items(api, make_run, user, other_user):
+    run = make_run(other_user, status=AgentRun.Status.COMPLETED)
+    run.session.items.create(run=run, sequence=1, payload={"role": "user", "content": "secret"})
+
+    response = api.get(reverse("agents:run-fragment", args=[run.id]), headers=HTMX)
+
+    assert response.status_code == 404
+    assert b"secret" not in response.content
 
 
 @pytest.mark.parametrize("endpoint", ["agents:run-fragment", "agents:run-detail"])
@@ -307,13 +345,22 @@ def test_polling_a_run_whose_worker_died_recovers_it(api, make_run, user, endpoi
 
 
 def test_fragment_of_a_completed_run_stops_polling_and_shows_the_output(api, make_run, user):
-    run = make_run(user, status=AgentRun.Status.COMPLETED, final_output="The answer is **42**.")
+    finished = timezone.now()
+    run = make_run(
+        user,
+        status=AgentRun.Status.COMPLETED,
+        final_output="The answer is **42**.",
+        finished_at=finished,
+        total_tokens=1234,
+    )
     response = api.get(reverse("agents:run-fragment", args=[run.id]), headers=HTMX)
 
     assert response.status_code == 286
     assert "run-update" in json.loads(response["HX-Trigger"])
     html = response.content.decode()
     assert "The answer is <strong>42</strong>." in html
+    assert f'<time datetime="{finished.isoformat()}">' in html
+    assert "1234 tokens" in html
     assert "hx-trigger" not in html
     assert 'data-terminal="true"' in html
 
