@@ -4,12 +4,16 @@
     make bench ARGS="--database sqlite"        # SQLite instead of PostgreSQL
     make bench ARGS="--only overhead polling"  # some of them
     make bench ARGS="--quick"                  # tiny sizes: checks that each one runs
+    make bench ARGS="--only latency"           # the project as `make dev` runs it, in Chromium
 
 The project is baked with `task_backend=rq` (its worker code included) and the chosen database;
 PostgreSQL (for `--database postgres`) and Redis (for the RQ workers) start on loopback. Each
 benchmark is a process of its own inside the project, with its settings and engine, and this
-directory on PYTHONPATH for the `benchmarks` package. Markdown tables go to stdout (paste-ready
-for docs/benchmarks.md), JSON reports to `--out`. `--workdir DIR` keeps the baked project.
+directory on PYTHONPATH for the `benchmarks` package. The latency benchmark measures projects
+baked as users bake them instead, one per combination in `OWN_PROJECTS` (whatever `--database`
+says), with their own settings. Markdown tables go to stdout (paste-ready for
+docs/benchmarks.md), JSON reports to `--out` (`<name>.json`, `latency-<database>-<backend>.json`).
+`--workdir DIR` keeps the baked projects.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.bake import TEMPLATE, bake
@@ -31,13 +36,17 @@ BENCHMARKS = {
     "polling": "run_polling",
     "events": "run_events",
     "workers": "run_workers",
+    "latency": "run_latency",
 }
+# Benchmarks that bake projects of their own, one per (task_backend, database).
+OWN_PROJECTS = {"latency": [("database", "sqlite"), ("rq", "postgres")]}
 TINY = ["--runs", "1", "--block", "1", "--warmup", "0"]
 QUICK = {
     "overhead": [*TINY, "--agent", "chat"],
     "polling": TINY,
     "events": [*TINY, "--agent", "tool"],
     "workers": ["--runs", "2", "--workers", "1"],
+    "latency": ["--quick"],
 }
 
 
@@ -53,6 +62,40 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@dataclass
+class Job:
+    """One benchmark process: where it runs, with which environment, and its report's name."""
+
+    name: str
+    label: str
+    project: Path
+    env: dict[str, str]
+    report: str
+
+
+def jobs(
+    args: argparse.Namespace, workdir: Path, env: dict[str, str], postgres_url: str | None
+) -> list[Job]:
+    """Bake the projects the chosen benchmarks need; one job per benchmark and project."""
+    result, shared = [], None
+    for name in args.only:
+        if name in OWN_PROJECTS:
+            for backend, database in OWN_PROJECTS[name]:
+                combo = f"{database}-{backend}"
+                directory = workdir / f"{name}-{combo}"
+                directory.mkdir(parents=True, exist_ok=True)
+                project = bake(directory, task_backend=backend, database=database, ci="none")
+                own_env = {**env, "DATABASE_URL": postgres_url} if database == "postgres" else env
+                result.append(Job(name, f"{name} {combo}", project, own_env, f"{name}-{combo}"))
+            continue
+        if shared is None:
+            shared = bake(workdir, task_backend="rq", database=args.database, ci="none")
+            if args.database == "postgres":
+                env = {**env, "DATABASE_URL": postgres_url}
+        result.append(Job(name, name, shared, env, name))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -62,30 +105,33 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
-        project = bake(workdir, task_backend="rq", database=args.database, ci="none")
         env = {**os.environ, "PYTHONPATH": str(TEMPLATE), "OPENAI_AGENTS_DISABLE_TRACING": "1"}
         for name in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "REDIS_URL"):
             env.pop(name, None)
-        if args.database == "postgres":
+        databases = {database for name in args.only for _, database in OWN_PROJECTS.get(name, [])}
+        if any(name not in OWN_PROJECTS for name in args.only):
+            databases.add(args.database)
+        postgres_url = None
+        if "postgres" in databases:
             postgres = start_postgres()
             stack.callback(postgres.stop)
-            env["DATABASE_URL"] = postgres.url
+            postgres_url = postgres.url
         redis = start_redis()
         stack.callback(redis.stop)
         env["REDIS_URL"] = redis.url
-        print(f"Measuring {project} ({args.database}); JSON reports in {args.out}", flush=True)
-        for name in args.only:
+        for job in jobs(args, workdir, env, postgres_url):
             started = time.monotonic()
-            command = [sys.executable, "-m", f"benchmarks.{BENCHMARKS[name]}"]
+            print(f"Measuring {job.project} ({job.label}); JSON in {args.out}", flush=True)
+            command = [sys.executable, "-m", f"benchmarks.{BENCHMARKS[job.name]}"]
             command += [
-                *(QUICK[name] if args.quick else []),
+                *(QUICK[job.name] if args.quick else []),
                 "--json",
-                str(args.out / f"{name}.json"),
+                str(args.out / f"{job.report}.json"),
             ]
-            if subprocess.run(command, cwd=project, env=env).returncode != 0:
-                print(f"benchmark {name!r} failed: {' '.join(command[1:])}", file=sys.stderr)
+            if subprocess.run(command, cwd=job.project, env=job.env).returncode != 0:
+                print(f"benchmark {job.label!r} failed: {' '.join(command[1:])}", file=sys.stderr)
                 return 1
-            print(f"({name}: {time.monotonic() - started:.0f} s)", flush=True)
+            print(f"({job.label}: {time.monotonic() - started:.0f} s)", flush=True)
     return 0
 
 

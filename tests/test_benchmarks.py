@@ -1,6 +1,7 @@
 """The benchmark command keeps working: `python -m benchmarks --quick` (what `make bench` runs,
 at tiny sizes) bakes a project, starts its servers, runs each benchmark in it and writes a sane
-report for each. No timing assertions: the figures live in docs/benchmarks.md.
+report for each; the latency benchmark bakes its own two projects and drives them in Chromium.
+No timing assertions: the figures live in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from scripts.bake import TEMPLATE
 from tests.conftest import run
 
 pytestmark = pytest.mark.xdist_group("benchmarks")
+LATENCY_REPORTS = ("latency-sqlite-database", "latency-postgres-rq")
 
 
 def rows(report: dict) -> list[dict]:
@@ -29,17 +31,29 @@ def assert_timed(row: dict) -> None:
 
 @dataclass
 class Bench:
-    reports: dict[str, dict]  # by benchmark: overhead, polling, events, workers
+    reports: dict[str, dict]  # by report: overhead, polling, ..., latency-sqlite-database
     stdout: str
+
+
+def quick(tmp_path_factory, names: tuple[str, ...], reports: tuple[str, ...]) -> Bench:
+    """Run `python -m benchmarks --quick --only <names>`; read the reports it wrote."""
+    out = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--only", *names]
+    result = run(command, cwd=TEMPLATE)
+    by_name = {name: json.loads((out / f"{name}.json").read_text()) for name in reports}
+    return Bench(by_name, result.stdout)
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> Bench:
-    out = tmp_path_factory.mktemp("bench")
-    result = run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=TEMPLATE)
     names = ("overhead", "polling", "events", "workers")
-    reports = {name: json.loads((out / f"{name}.json").read_text()) for name in names}
-    return Bench(reports, result.stdout)
+    return quick(tmp_path_factory, names, names)
+
+
+@pytest.fixture(scope="module")
+def latency(tmp_path_factory) -> Bench:
+    """Both combinations, about 30 s each on a loaded 2-core machine."""
+    return quick(tmp_path_factory, ("latency",), LATENCY_REPORTS)
 
 
 def test_overhead_report(bench):
@@ -83,3 +97,35 @@ def test_workers_report(bench):
         assert (row["workers"], row["completed"]) == (1, 2), backend
         assert row["runs_per_s"] > 0
     assert report["in_process_ms"] > 0
+
+
+@pytest.mark.xdist_group("benchmarks-latency")  # its own projects: beside the others
+@pytest.mark.parametrize("name", LATENCY_REPORTS)
+def test_latency_report(latency, name):
+    report = latency.reports[name]
+    database, backend = name.removeprefix("latency-").split("-")
+    assert report["benchmark"] == "latency"
+    assert report["combo"] == {
+        "database": "postgresql" if database == "postgres" else "sqlite",
+        "backend": backend,
+    }
+    cold, warm, idle = (table["rows"] for table in report["tables"])
+    (first,) = cold  # --quick: the one process pair that stays up
+    assert 0 < first["ready_to_loaded_ms"] < first["ready_to_reply_ms"]
+    assert first["start_to_ready_ms"] > 0
+    by_measure = {row["measure"]: row for row in warm}
+    # Every warm measure has its samples, in order: pickup < Enter -> reply.
+    for row in warm:
+        assert row["n"] >= 1 and row["missing"] == 0, row
+        assert row["min_ms"] <= row["p50_ms"] <= row["max_ms"], row
+    reply = by_measure["Enter -> complete reply on screen"]
+    assert by_measure["  Enter -> run started (server)"]["p50_ms"] < reply["p50_ms"]
+    assert by_measure["every delta: model wrote it -> on screen"]["n"] == 8  # all the pieces
+    assert [row["process"] for row in idle] == [
+        "agentic_django_worker",
+        "stock db_worker" if backend == "database" else "stock rqworker",
+        "web (uvicorn)",
+    ]
+    assert all(row["window_s"] >= 1 and row["cpu_s"] >= 0 for row in idle)
+    assert len(report["targets"]) == 5
+    assert f"## {report['title']}" in latency.stdout
