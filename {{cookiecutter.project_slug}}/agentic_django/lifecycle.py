@@ -509,11 +509,10 @@ def decide(
     )
     with transaction.atomic():
         # Decisions on one run take turns, so exactly one of them sees the last one done.
-        if (
-            not AgentRun.objects.select_for_update()
-            .filter(pk=run.pk, status=Status.AWAITING_APPROVAL)
-            .exists()
-        ):
+        paused = AgentRun.objects.select_for_update().filter(
+            pk=run.pk, status=Status.AWAITING_APPROVAL
+        )
+        if not paused.exists():
             raise RunNotAwaitingApproval()
         decided = AgentApproval.objects.filter(
             run_id=run.pk, call_id=call_id, decision=AgentApproval.Decision.PENDING
