@@ -49,6 +49,8 @@ def _provider_message(exc: BaseException) -> str | None:
     if isinstance(exc, openai.APITimeoutError):
         return "The model provider did not answer in time. Try again shortly."
     if isinstance(exc, openai.APIConnectionError):
+        if _broke_off(exc.__cause__):
+            return "The connection to the model provider broke off. Try again shortly."
         return "The model provider could not be reached. Try again shortly."
     if isinstance(exc, openai.RateLimitError):
         return "The model provider is limiting requests right now. Try again shortly."
@@ -63,6 +65,20 @@ def _provider_message(exc: BaseException) -> str | None:
     if isinstance(exc, openai.APIError):
         return "The model provider returned an error."
     return None
+
+
+def _broke_off(cause: BaseException | None) -> bool:
+    """True when the connection was made and then lost (say, in the middle of a streamed
+    answer), rather than never made. Decided by the class names of the HTTP library's
+    exceptions (httpx and its successor httpx2, which the openai client may use, share them)."""
+    if cause is None:
+        return False
+    names = {cls.__name__ for cls in type(cause).__mro__}
+    return "TransportError" in names and not names & {
+        "ConnectError",
+        "ConnectTimeout",
+        "UnsupportedProtocol",
+    }
 
 
 def _sdk_message(exc: BaseException) -> str | None:

@@ -89,7 +89,13 @@ class Stall(Text):
         return "".join(self.pieces()[: self.after])
 
 
-Reply = Text | ToolCall | Failure | Hang  # a Stall is a Text
+@dataclass(frozen=True)
+class Drop(Stall):
+    """Streams the first `after` of `deltas` pieces of `text`, then closes the connection in
+    the middle of the response (the provider or a proxy between went away)."""
+
+
+Reply = Text | ToolCall | Failure | Hang  # a Stall (and a Drop) is a Text
 
 
 @dataclass(frozen=True)
@@ -457,8 +463,9 @@ class _Handler(BaseHTTPRequestHandler):
         for frame in frames:
             if frame.delta:
                 if isinstance(reply, Stall) and deltas == reply.after:
-                    self.server.fake._released.wait()
-                    self.close_connection = True
+                    if not isinstance(reply, Drop):
+                        self.server.fake._released.wait()
+                    self.close_connection = True  # no closing chunk: the body is cut short
                     return
                 if deltas and delay:
                     time.sleep(delay)

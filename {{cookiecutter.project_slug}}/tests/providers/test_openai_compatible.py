@@ -4,6 +4,8 @@ OpenAI-compatible server. Every test runs in both API modes (Responses, Chat Com
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from django.template.loader import render_to_string
 
@@ -12,7 +14,7 @@ from agentic_django.models import AgentRun
 from agentic_django.presentation import run_view
 from agentic_django.serializers import run_to_dict
 from agentic_django.services import create_run
-from tests.fakes.openai_server import Failure, Hang, Stall, Text, ToolCall
+from tests.fakes.openai_server import Drop, Failure, Hang, Stall, Text, ToolCall
 
 # Transactional: runs are enqueued on commit, and the immediate backend runs them then.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -22,6 +24,8 @@ PROVIDER_TEXT = "quota exceeded for org-4711 (sk-live-abc)"
 RATE_LIMITED = "The model provider is limiting requests right now. Try again shortly."
 SERVER_ERROR = "The model provider had an error (HTTP 500). Try again shortly."
 TIMED_OUT = "The model provider did not answer in time. Try again shortly."
+BROKE_OFF = "The connection to the model provider broke off. Try again shortly."
+UNREACHABLE = "The model provider could not be reached. Try again shortly."
 
 
 def run_agent(user, message: str, agent_key: str = "assistant") -> AgentRun:
@@ -193,6 +197,27 @@ def test_a_stream_that_stalls_times_out(provider, user, settings):
 
     assert_short_clear_error(run, TIMED_OUT)
     assert_partial_text_kept(run, stall.sent)
+
+
+def test_a_provider_nobody_listens_for_is_unreachable(provider, user, settings):
+    with socket.socket() as sock:  # a port that was free a moment ago: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings.OPENAI_BASE_URL = f"http://127.0.0.1:{port}/v1"
+
+    run = run_agent(user, "hi")
+
+    assert_short_clear_error(run, UNREACHABLE)
+
+
+def test_a_stream_cut_off_mid_answer_fails_clearly_and_keeps_the_partial_text(provider, user):
+    drop = Drop("The first half arrives, then the connection is gone.", deltas=4, after=2)
+    provider.reply(drop)
+
+    run = run_agent(user, "hi")
+
+    assert_short_clear_error(run, BROKE_OFF)
+    assert_partial_text_kept(run, drop.sent)
 
 
 def test_the_run_timeout_stops_a_slow_provider(provider, user, settings):
