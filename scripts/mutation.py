@@ -7,7 +7,7 @@ engine's code one small edit at a time, and see whether the engine's tests notic
 
 The project is baked with `task_backend=database` into `--workdir` (default
 `.cache/mutation/<database>`); mutmut (pinned in requirements.txt) copies it to `mutants/`, runs
-the tests of `tests/core` once to learn which test covers which function, then runs each mutant
+the engine's tests (`tests/core`, the streaming tests of `tests/providers`) once to learn which test covers which function, then runs each mutant
 against the tests that cover it. The report (`report.md` in the work directory) gives the score
 per module and the diff of every mutant that survived or timed out; docs/mutation-testing.md
 keeps the latest results and why each survivor is acceptable or what was done about it.
@@ -39,7 +39,9 @@ also_copy = ["manage.py", ".env", "config/", "chat/", "templates/"]
 pytest_add_cli_args = [
     "-p", "no:xdist", "-p", "no:cacheprovider", "-m", "not slow and not browser", "--reuse-db"
 ]
-pytest_add_cli_args_test_selection = ["tests/core", "tests/test_documented_example.py"]
+pytest_add_cli_args_test_selection = [
+    "tests/core", "tests/test_documented_example.py", "tests/providers/test_streaming.py"
+]
 """
 
 

@@ -14,7 +14,11 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from agentic_django import lifecycle, recovery, signals
-from agentic_django.exceptions import ApprovalAlreadyDecided, ApprovalNotFound
+from agentic_django.exceptions import (
+    ApprovalAlreadyDecided,
+    ApprovalNotFound,
+    RunNotAwaitingApproval,
+)
 from agentic_django.execution import execute
 from agentic_django.lifecycle import APPROVAL_EXPIRED_ERROR
 from agentic_django.models import AgentApproval, AgentCheckpoint, AgentRun, AgentSession
@@ -161,6 +165,33 @@ def test_one_decision_per_call_and_the_run_goes_on_once_all_are_decided(user, re
     assert reject_tool_call(run, "call-b") is True
     assert reload(run).status == "completed"
     assert refunds.done == ["1"]
+
+
+def test_a_decision_concerns_its_own_run_even_when_call_ids_repeat(user, refunds):
+    # Providers make call ids up; two paused runs can wait on the same one.
+    register(
+        "clerk-a", [call("refund", {"order": "a"}, "call-same"), text("A done.")], [refunds.tool]
+    )
+    register(
+        "clerk-b", [call("refund", {"order": "b"}, "call-same"), text("B done.")], [refunds.tool]
+    )
+    first = start(user, "clerk-a", session_key="a")
+    second = start(user, "clerk-b", session_key="b")
+    assert (first.status, second.status) == ("awaiting_approval", "awaiting_approval")
+
+    assert approve_tool_call(first, "call-same") is True  # nothing of its own left pending
+
+    assert reload(first).status == "completed"
+    assert reload(second).status == "awaiting_approval"
+    assert [a.call_id for a in reload(second).pending_approvals()] == ["call-same"]
+    decided = AgentApproval.objects.get(run=first)
+    assert decided.decision == AgentApproval.Decision.APPROVED
+    assert decided.decided_at is not None
+    with pytest.raises(RunNotAwaitingApproval):  # the other run's pause is not this one's
+        approve_tool_call(first, "call-same")
+    assert reject_tool_call(second, "call-same") is True
+    assert reload(second).status == "completed"
+    assert refunds.done == ["a"]
 
 
 def test_two_decisions_at_the_same_time_count_once(user, refunds):

@@ -417,3 +417,25 @@ def test_each_ending_sends_its_signal_with_the_run(session, user):
         worker_died(flagged)
         lifecycle.requeue(reload(flagged), stale_only=True)
     assert cancelled == [(str(pending_run.pk), "cancelled"), (str(flagged.pk), "cancelled")]
+
+
+def test_a_requeue_deletes_only_its_own_runs_items_after_its_checkpoint(user, session):
+    # Another conversation's finished run has items past its own last checkpoint.
+    other = AgentSession.objects.create(owner=user, session_key="other")
+    finished = new_run(other, status="completed", checkpoint_item_sequence=1)
+    for sequence in (1, 2, 3):
+        AgentSessionItem.objects.create(
+            session=other, run=finished, sequence=sequence, payload={"n": sequence}
+        )
+    run = running_elsewhere(session)
+    AgentRun.objects.filter(pk=run.pk).update(checkpoint_item_sequence=1)
+    for sequence in (1, 2):
+        AgentSessionItem.objects.create(
+            session=session, run=run, sequence=sequence, payload={"n": sequence}
+        )
+    worker_died(run)
+
+    assert lifecycle.requeue(reload(run), stale_only=True)
+
+    assert list(session.items.values_list("sequence", flat=True)) == [1]  # up to its checkpoint
+    assert list(other.items.values_list("sequence", flat=True)) == [1, 2, 3]
