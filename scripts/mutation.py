@@ -8,9 +8,10 @@ engine's code one small edit at a time, and see whether the engine's tests notic
 The project is baked with `task_backend=database` into `--workdir` (default
 `.cache/mutation/<database>`); mutmut (pinned in requirements.txt) copies it to `mutants/`, runs
 the engine's tests (`tests/core`, the streaming tests of `tests/providers`) once to learn which
-test covers which function, then runs each mutant against the tests that cover it. The report (`report.md` in the work directory) gives the score
-per module and the diff of every mutant that survived or timed out; docs/mutation-testing.md
-keeps the latest results and why each survivor is acceptable or what was done about it.
+test covers which function, then runs each mutant against the tests that cover it. The report
+(`report.md` in the work directory) gives the score per module and the diff of every mutant
+that survived or timed out; docs/mutation-testing.md keeps the latest results and why each
+survivor is acceptable or what was done about it.
 """
 
 from __future__ import annotations
