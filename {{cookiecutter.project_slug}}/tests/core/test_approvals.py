@@ -169,26 +169,29 @@ def test_one_decision_per_call_and_the_run_goes_on_once_all_are_decided(user, re
 
 def test_a_decision_concerns_its_own_run_even_when_call_ids_repeat(user, refunds):
     # Providers make call ids up; two paused runs can wait on the same one.
-    register(
-        "clerk-a", [call("refund", {"order": "a"}, "call-same"), text("A done.")], [refunds.tool]
-    )
-    register(
-        "clerk-b", [call("refund", {"order": "b"}, "call-same"), text("B done.")], [refunds.tool]
-    )
+    refund = refunds.tool
+    both = [*call("refund", {"order": "a"}, "call-same"), *call("refund", {"order": "x"}, "call-x")]
+    register("clerk-a", [both, text("A done.")], [refund])
+    register("clerk-b", [call("refund", {"order": "b"}, "call-same"), text("B done.")], [refund])
     first = start(user, "clerk-a", session_key="a")
     second = start(user, "clerk-b", session_key="b")
     assert (first.status, second.status) == ("awaiting_approval", "awaiting_approval")
 
-    assert approve_tool_call(first, "call-same") is True  # nothing of its own left pending
+    assert approve_tool_call(first, "call-same") is False  # its call-x is still pending
+    assert [a.call_id for a in reload(second).pending_approvals()] == ["call-same"]
+    assert reject_tool_call(first, "call-x") is True  # nothing of its own left pending
 
-    assert reload(first).status == "completed"
+    resumed = reload(first)
+    assert (resumed.status, resumed.approval_expires_at) == ("completed", None)
     assert reload(second).status == "awaiting_approval"
     assert [a.call_id for a in reload(second).pending_approvals()] == ["call-same"]
-    decided = AgentApproval.objects.get(run=first)
+    decided = AgentApproval.objects.get(run=first, call_id="call-same")
     assert decided.decision == AgentApproval.Decision.APPROVED
     assert decided.decided_at is not None
     with pytest.raises(RunNotAwaitingApproval):  # the other run's pause is not this one's
         approve_tool_call(first, "call-same")
+    with pytest.raises(ApprovalNotFound):  # decided in the other run, unknown in this one
+        approve_tool_call(second, "call-x")
     assert reject_tool_call(second, "call-same") is True
     assert reload(second).status == "completed"
     assert refunds.done == ["a"]
