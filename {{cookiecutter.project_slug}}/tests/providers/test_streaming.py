@@ -96,6 +96,22 @@ def test_text_shows_while_the_model_streams_and_the_message_replaces_it(streamin
     assert (run.status, run.stream_text, run.final_output) == ("completed", "", reply.text)
 
 
+def test_the_streamed_text_grows_piece_by_piece(streaming_run):
+    run, reply, _ = streaming_run
+    seen: list[str] = []
+
+    def grown_or_done() -> bool:
+        current = AgentRun.objects.get(pk=run.pk)
+        if current.stream_text and current.stream_text not in seen:
+            seen.append(current.stream_text)
+        return len(seen) >= 2 or current.is_terminal
+
+    wait_for(grown_or_done, "the streamed text to grow")
+    assert len(seen) >= 2, seen  # later writes add to the text, not only the first one
+    assert seen[1].startswith(seen[0]) and len(seen[1]) > len(seen[0])
+    assert reply.text.startswith(seen[1])
+
+
 def test_a_reconnect_gets_the_rest_once(streaming_run):
     run, reply, client = streaming_run
     wait_for(lambda: AgentRun.objects.get(pk=run.pk).stream_text, "the first streamed text")
