@@ -439,3 +439,45 @@ def test_a_requeue_deletes_only_its_own_runs_items_after_its_checkpoint(user, se
 
     assert list(session.items.values_list("sequence", flat=True)) == [1]  # up to its checkpoint
     assert list(other.items.values_list("sequence", flat=True)) == [1, 2, 3]
+
+
+def test_expiry_fails_only_overdue_paused_runs_and_expires_only_their_approvals(user, session):
+    from agentic_django.models import AgentApproval
+
+    past = timezone.now() - timedelta(seconds=5)
+    overdue = new_run(session, status="awaiting_approval", attempt=1, approval_expires_at=past)
+    other = AgentSession.objects.create(owner=user, session_key="other")
+    waiting = new_run(
+        other,
+        status="awaiting_approval",
+        attempt=1,
+        approval_expires_at=timezone.now() + timedelta(minutes=5),
+    )
+    # A run that is not paused (any more) is left alone whatever its old deadline says.
+    done = new_run(
+        AgentSession.objects.create(owner=user, session_key="done"),
+        status="completed",
+        attempt=1,
+        approval_expires_at=past,
+    )
+    for run in (overdue, waiting, done):
+        AgentApproval.objects.create(
+            run=run, call_id="call-1", tool_name="refund", arguments={}, requested_at=past
+        )
+    AgentApproval.objects.filter(run=done).update(decision=AgentApproval.Decision.APPROVED)
+
+    with received(signals.agent_run_failed) as failed:
+        expired = lifecycle.expire_approvals()
+
+    assert [run.pk for run in expired] == [overdue.pk]
+    assert failed == [(str(overdue.pk), "failed")]
+    overdue = reload(overdue)
+    assert (overdue.status, overdue.error) == ("failed", lifecycle.APPROVAL_EXPIRED_ERROR)
+    assert_about(overdue.finished_at, db_now())
+    approval = AgentApproval.objects.get(run=overdue)
+    assert approval.decision == AgentApproval.Decision.EXPIRED
+    assert_about(approval.decided_at, db_now())
+    assert reload(waiting).status == "awaiting_approval"
+    assert AgentApproval.objects.get(run=waiting).decision == AgentApproval.Decision.PENDING
+    assert reload(done).status == "completed"
+    assert AgentApproval.objects.get(run=done).decision == AgentApproval.Decision.APPROVED

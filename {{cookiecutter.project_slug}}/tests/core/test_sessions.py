@@ -66,6 +66,22 @@ def test_add_get_limit_pop_and_clear(agent_session):
     assert not AgentSessionItem.objects.filter(session=agent_session).exists()
 
 
+def test_the_sdk_session_settings_limit_applies_unless_a_limit_is_given(agent_session):
+    from agents.memory import SessionSettings
+
+    limited = DatabaseSession(agent_session, session_settings=SessionSettings(limit=2))
+    unlimited = DatabaseSession(agent_session, session_settings=SessionSettings())
+    async_to_sync(limited.add_items)([user_item("one"), user_item("two"), user_item("three")])
+
+    def contents(items: list[Any]) -> list[str]:
+        return [item["content"] for item in items]
+
+    assert contents(async_to_sync(limited.get_items)()) == ["two", "three"]
+    assert contents(async_to_sync(limited.get_items)(limit=1)) == ["three"]
+    assert contents(async_to_sync(unlimited.get_items)()) == ["one", "two", "three"]
+    assert contents(async_to_sync(DatabaseSession(agent_session).get_items)(limit=1)) == ["three"]
+
+
 def test_sequences_keep_growing_and_stay_unique(agent_session):
     session = DatabaseSession(agent_session)
     async_to_sync(session.add_items)([user_item("a"), user_item("b")])
