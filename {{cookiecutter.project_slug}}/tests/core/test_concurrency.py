@@ -127,3 +127,22 @@ def test_the_concurrency_limit_holds_across_workers(user, settings):
     statuses = list(AgentRun.objects.values_list("status", flat=True))
     assert statuses == ["completed"] * 6
     assert 1 <= in_flight["max"] <= 2
+
+
+def test_racing_claims_never_exceed_the_concurrency_limit(user, settings):
+    """Six workers claim six startable runs at the same moment, with one slot: one wins. On
+    PostgreSQL each claim counts the running runs in its own snapshot, so without the lock
+    they all take before counting, several would see the slot free."""
+    from agentic_django import lifecycle
+
+    settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = 1
+    runs = [
+        pending_run(AgentSession.objects.create(owner=user, session_key=f"c{n}"), "demo", "go", n)
+        for n in range(6)
+    ]
+    for _ in range(10):
+        claimed: list[object] = []
+        race([lambda run=run, out=claimed: out.append(lifecycle.claim(run.pk)) for run in runs])
+        assert sum(run is not None for run in claimed) == 1
+        assert AgentRun.objects.filter(status=AgentRun.Status.RUNNING).count() == 1
+        AgentRun.objects.update(status=AgentRun.Status.PENDING, lease_expires_at=None)
