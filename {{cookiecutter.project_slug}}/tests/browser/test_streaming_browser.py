@@ -42,6 +42,21 @@ def start_worker(chat_user) -> tuple[AgentRun, object]:
     return run, in_thread(lambda: execute(str(run.pk), task_id="worker"))
 
 
+def streaming(page, chat_user):
+    """Send a message, run it in a worker thread and wait for its text to start streaming in:
+    the run, the worker and the run's element on the page."""
+    send(page, "Tell me about streaming")
+    run, worker = start_worker(chat_user)
+    element = last_run(page)
+    expect(element.locator(".agentic-run__live")).not_to_be_empty(timeout=PATIENCE * 1000)
+    return run, worker, element
+
+
+def ends_with_the_whole_reply_once(page, element) -> None:
+    element.and_(page.locator('[data-status="completed"]')).wait_for(timeout=PATIENCE * 1000)
+    assert element.inner_text().count("nobody stares at a blank screen") == 1
+
+
 def live_text_snapshots(page, run_element, run: AgentRun) -> list[str]:
     """What the live text showed, looked at repeatedly until the run ended."""
     seen = []
@@ -55,42 +70,30 @@ def live_text_snapshots(page, run_element, run: AgentRun) -> list[str]:
 
 def test_the_reply_streams_in_before_the_run_completes(chat, chat_user, slow_provider):
     page = chat
-    send(page, "Tell me about streaming")
-    run, worker = start_worker(chat_user)
-    element = last_run(page)
-    live = element.locator(".agentic-run__live")
-    expect(live).not_to_be_empty(timeout=PATIENCE * 1000)
+    run, worker, element = streaming(page, chat_user)
     assert AgentRun.objects.get(pk=run.pk).status == "running"
-    assert REPLY.text.startswith(live.inner_text().strip())
+    assert REPLY.text.startswith(element.locator(".agentic-run__live").inner_text().strip())
     screenshot(page, "chat-streaming")
-    element.and_(page.locator('[data-status="completed"]')).wait_for(timeout=PATIENCE * 1000)
-    assert element.inner_text().count("nobody stares at a blank screen") == 1
+    ends_with_the_whole_reply_once(page, element)
     worker.join(PATIENCE)
 
 
 def test_a_dropped_stream_resumes_without_repeating_text(chat, chat_user, slow_provider):
     page = chat
-    send(page, "Tell me about streaming")
-    run, worker = start_worker(chat_user)
-    element = last_run(page)
-    expect(element.locator(".agentic-run__live")).not_to_be_empty(timeout=PATIENCE * 1000)
+    run, worker, element = streaming(page, chat_user)
     # The network drops for a moment; EventSource reconnects with its Last-Event-ID.
     page.context.set_offline(True)
     page.wait_for_timeout(400)
     page.context.set_offline(False)
     for shown in live_text_snapshots(page, element, run):
         assert REPLY.text.startswith(shown.strip()), shown
-    element.and_(page.locator('[data-status="completed"]')).wait_for(timeout=PATIENCE * 1000)
-    assert element.inner_text().count("nobody stares at a blank screen") == 1
+    ends_with_the_whole_reply_once(page, element)
     worker.join(PATIENCE)
 
 
 def test_cancel_during_a_stream_stops_it(chat, chat_user, slow_provider):
     page = chat
-    send(page, "Tell me about streaming")
-    run, worker = start_worker(chat_user)
-    element = last_run(page)
-    expect(element.locator(".agentic-run__live")).not_to_be_empty(timeout=PATIENCE * 1000)
+    run, worker, element = streaming(page, chat_user)
     element.get_by_role("button", name="Cancel").click()
     element.and_(page.locator('[data-status="cancelled"]')).wait_for(timeout=PATIENCE * 1000)
     expect(element).to_contain_text("The answer was cut off here.")
