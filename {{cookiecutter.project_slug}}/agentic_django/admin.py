@@ -14,6 +14,7 @@ from django.utils.html import format_html
 
 from agentic_django.exceptions import (
     ApprovalAlreadyDecided,
+    ApprovalExpired,
     ApprovalNotFound,
     RunNotAwaitingApproval,
     RunNotCancellable,
@@ -243,7 +244,12 @@ class AgentRunAdmin(admin.ModelAdmin):
                             message="Rejected by an administrator.",
                             user=request.user,
                         )
-                except (ApprovalAlreadyDecided, ApprovalNotFound, RunNotAwaitingApproval):
+                except (
+                    ApprovalAlreadyDecided,
+                    ApprovalExpired,
+                    ApprovalNotFound,
+                    RunNotAwaitingApproval,
+                ):
                     skipped += 1
                 else:
                     decided += 1

@@ -91,7 +91,7 @@ async def load(run: AgentRun, agent: Any, checkpoint: AgentCheckpoint) -> Any:
 
 
 def _decisions(run_id: Any) -> dict[str, AgentApproval]:
-    decided = AgentApproval.objects.filter(run_id=run_id).exclude(
+    decided = AgentApproval.objects.filter(run_id=run_id, kind=AgentApproval.Kind.APPROVAL).exclude(
         decision=AgentApproval.Decision.PENDING
     )
     return {approval.call_id: approval for approval in decided}
@@ -115,6 +115,9 @@ class CheckpointHooks:
         class Hooks(RunHooks):
             async def on_llm_start(self, context: Any, agent: Any, *args: Any) -> None:
                 await owner.before_model_call()
+
+            async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
+                owner.ledger.plan(response.output)
 
         return Hooks()
 
@@ -148,14 +151,15 @@ def pending_approvals(result: Any) -> list[dict[str, Any]]:
             {
                 "call_id": raw.get("call_id", "") if isinstance(raw, dict) else raw.call_id,
                 "tool_name": item.tool_name or "",
-                "arguments": _parsed(arguments),
+                "arguments": parsed_arguments(arguments),
                 "agent_name": getattr(item.agent, "name", "") or "",
             }
         )
     return json_safe(approvals)
 
 
-def _parsed(arguments: Any) -> Any:
+def parsed_arguments(arguments: Any) -> Any:
+    """A tool call's arguments as JSON data when they parse, else as given."""
     if isinstance(arguments, str):
         try:
             return json.loads(arguments)

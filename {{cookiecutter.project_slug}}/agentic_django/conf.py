@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "STARTUP_RECOVERY": "requeue",
     "CLEANUP_POLICY": {},
     "RUN_TIMEOUT": 600,
+    "MAX_ATTEMPTS": 3,
     "LEASE_SECONDS": 60,
     "APPROVAL_TIMEOUT": 86_400,
     "SESSION_SERIALIZER": None,
@@ -104,6 +105,8 @@ class AgenticConfig:
     lease_seconds: int
     session_serializer: str | None = None
     approval_timeout_seconds: int = DEFAULTS["APPROVAL_TIMEOUT"]
+    # Attempts a run gets in all: its first, and retries after its worker died.
+    max_attempts: int = DEFAULTS["MAX_ATTEMPTS"]
 
 
 def _setting(name: str) -> Any:
@@ -256,6 +259,7 @@ def load_config() -> AgenticConfig:
             f"{PREFIX}APPROVAL_TIMEOUT", _setting("APPROVAL_TIMEOUT")
         ),
         session_serializer=serializer,
+        max_attempts=_positive_int(f"{PREFIX}MAX_ATTEMPTS", _setting("MAX_ATTEMPTS")),
     )
 
 

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from django.db import IntegrityError, connection
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from agentic_django.lifecycle import Fence
@@ -107,23 +107,17 @@ class EventRecorder:
 
 
 def visible_events(run: AgentRun) -> QuerySet[AgentEvent]:
-    """The events clients see: those up to the run's checkpoint (earlier attempts included),
-    then those of its current attempt (none while it waits for a worker).
-
-    What a lost attempt wrote after the checkpoint stays stored for the admin, so a retried
-    run shows no duplicates.
-    """
-    kept = Q(sequence__lte=run.checkpoint_event_sequence)
-    if run.status != AgentRun.Status.PENDING:
-        kept |= Q(attempt=run.attempt)
-    return run.events.filter(kept)
+    """The events clients see: every event but those an attempt that died wrote after the
+    run's checkpoint (marked superseded when the run was retried, see ``lifecycle``; they
+    stay stored for the admin), so a retried run shows no duplicates."""
+    return run.events.filter(superseded=False)
 
 
 def _insert(fence: Fence, event_type: str, payload: dict[str, Any]) -> AgentEvent | None:
     """Insert the run's next event in one statement, if the fence holds; None otherwise."""
     meta = AgentEvent._meta
     qn = connection.ops.quote_name
-    names = ("run", "sequence", "attempt", "event_type", "payload", "created_at")
+    names = ("run", "sequence", "attempt", "event_type", "payload", "created_at", "superseded")
     columns = ", ".join(qn(meta.get_field(name).column) for name in names)
     table, run_column = qn(meta.db_table), qn(meta.get_field("run").column)
     sequence = qn(meta.get_field("sequence").column)
@@ -133,7 +127,7 @@ def _insert(fence: Fence, event_type: str, payload: dict[str, Any]) -> AgentEven
     # support INSERT ... RETURNING (checked at startup).
     sql = (
         f"INSERT INTO {table} ({columns}) "  # noqa: S608
-        f"SELECT %s, base.last + 1, %s, %s, %s, %s FROM "
+        f"SELECT %s, base.last + 1, %s, %s, %s, %s, %s FROM "
         f"(SELECT COALESCE(MAX({sequence}), 0) AS last FROM {table} WHERE {run_column} = %s) base "
         f"WHERE {fence_sql} RETURNING {qn(meta.pk.column)}, {sequence}"
     )
@@ -144,6 +138,7 @@ def _insert(fence: Fence, event_type: str, payload: dict[str, Any]) -> AgentEven
         event_type,
         meta.get_field("payload").get_db_prep_value(payload, connection),
         meta.get_field("created_at").get_db_prep_value(now, connection),
+        False,
         run_id,
         *fence_params,
     ]

@@ -99,6 +99,13 @@ class ApprovalAlreadyDecided(AgenticDjangoError):
     status_code = 409
 
 
+class ApprovalExpired(AgenticDjangoError):
+    """The decision came after the run's approval deadline: the run failed as expired."""
+
+    message = "This run waited too long for a decision and was stopped; start a new one."
+    status_code = 410
+
+
 class RunNotAwaitingApproval(AgenticDjangoError):
     """The run is not paused for approvals (any more)."""
 

@@ -38,7 +38,7 @@ from agentic_django.dispatch import dispatch_next, release_unclaimed
 from agentic_django.events import EventRecorder, describe
 from agentic_django.exceptions import AgenticDjangoError
 from agentic_django.lifecycle import Fence
-from agentic_django.models import AgentCheckpoint, AgentRun
+from agentic_django.models import AgentApproval, AgentCheckpoint, AgentRun, AgentToolCall
 from agentic_django.recovery import ensure_startup_recovery
 from agentic_django.registry import build_agent
 from agentic_django.serializers import json_safe
@@ -50,7 +50,13 @@ from agentic_django.signals import (
     agent_run_started,
     send_safely,
 )
-from agentic_django.toolcalls import ToolCallDropped, ToolLedger
+from agentic_django.toolcalls import (
+    ToolCallCancelled,
+    ToolCallDropped,
+    ToolCallInDoubt,
+    ToolLedger,
+    in_doubt_id,
+)
 from agentic_django.validation import is_storable, storable_copy
 
 logger = logging.getLogger(__name__)
@@ -63,6 +69,10 @@ POLL_SECONDS = 1.0
 DRAIN_SECONDS = 5.0
 # Events after which the SDK starts another turn; the watcher covers the time in between.
 TURN_END_EVENTS = frozenset({"tool_output", "handoff", "mcp_approval_response"})
+IN_DOUBT_ERROR = (
+    "A tool call that may or may not have happened came up again without a decision, so the "
+    "run was stopped."
+)
 UNSTORABLE_OUTPUT = (
     "The agent's answer contains text the database cannot store (a NUL character or an "
     "invalid Unicode code point), so it was not saved."
@@ -109,7 +119,8 @@ def execute_claimed_run(run: AgentRun) -> str:
     keeper = LeaseKeeper(
         fence,
         lease_seconds=config.lease_seconds,
-        timeout_seconds=config.run_timeout_seconds + TIMEOUT_GRACE_SECONDS,
+        timeout_seconds=time_left(run) + TIMEOUT_GRACE_SECONDS,
+        elapsed_before=run.elapsed_seconds,
     )
     keeper.start()
     try:
@@ -133,8 +144,15 @@ def execute_claimed_run(run: AgentRun) -> str:
     return current.status if current else "skipped"
 
 
+def time_left(run: AgentRun) -> float:
+    """Seconds of ``AGENTIC_DJANGO_RUN_TIMEOUT`` the run's earlier attempts left it."""
+    return max(0.0, get_config().run_timeout_seconds - run.elapsed_seconds)
+
+
 def _execute(run: AgentRun, keeper: LeaseKeeper) -> Outcome:
     config = get_config()
+    if time_left(run) <= 0:
+        return Outcome(Status.FAILED, error=timeout_message(config.run_timeout_seconds))
     try:
         options = validate_run_options(
             {**config.default_run_options, **(run.run_options or {})},
@@ -147,11 +165,45 @@ def _execute(run: AgentRun, keeper: LeaseKeeper) -> Outcome:
         agent = build_agent(run.agent_key)
     except AgenticDjangoError as exc:
         return Outcome(Status.FAILED, error=exc.message)
-    toolcalls.install([agent])
-    # Only a retried or resumed run (a later attempt) can have a checkpoint.
-    checkpoint = AgentCheckpoint.objects.filter(run_id=run.pk).first() if run.attempt > 1 else None
+    repeatable = toolcalls.install([agent])
+    # Only a retried or resumed run (a later attempt) can have a checkpoint or calls in doubt.
+    checkpoint = None
+    if run.attempt > 1:
+        in_doubt = calls_in_doubt(run, repeatable)
+        if in_doubt:
+            # Ask before anything is paid for or run again; the checkpoint stays as it is.
+            return Outcome(Status.AWAITING_APPROVAL, approvals=in_doubt)
+        checkpoint = AgentCheckpoint.objects.filter(run_id=run.pk).first()
     recorder = EventRecorder(run) if config.enable_events else None
     return async_to_sync(_stream)(run, agent, options, recorder, keeper, checkpoint)
+
+
+def calls_in_doubt(run: AgentRun, repeatable: dict[str, bool]) -> list[dict[str, Any]]:
+    """Calls an earlier attempt started and never finished, of tools not safe to repeat,
+    that nobody was asked about yet, as ``AgentApproval`` fields."""
+    unfinished = AgentToolCall.objects.filter(
+        run_id=run.pk, finished_at__isnull=True, attempt__lt=run.attempt
+    ).order_by("pk")
+    asked = set(
+        AgentApproval.objects.filter(run_id=run.pk, kind=AgentApproval.Kind.IN_DOUBT).values_list(
+            "call_id", flat=True
+        )
+    )
+    found = []
+    for call in unfinished:
+        call_id = in_doubt_id(call.call_id, call.attempt)
+        if repeatable.get(call.tool_name) or call_id in asked:
+            continue
+        found.append(
+            {
+                "kind": AgentApproval.Kind.IN_DOUBT,
+                "call_id": call_id,
+                "tool_name": call.tool_name,
+                "arguments": checkpoints.parsed_arguments(call.arguments),
+                "agent_name": "",
+            }
+        )
+    return found
 
 
 async def _stream(
@@ -214,9 +266,9 @@ async def _run_agent(
     watch = _CancelWatch(fence, result)
     keeper.on_lost(lambda: loop.call_soon_threadsafe(watch.lose))
     watcher = asyncio.create_task(watch.run())
-    deltas = DeltaWriter(fence)
+    deltas = DeltaWriter(fence, events=recorder is not None)
     try:
-        async with asyncio.timeout(config.run_timeout_seconds):
+        async with asyncio.timeout(time_left(run)):
             async for event in result.stream_events():
                 text = _text_delta(event)
                 if text:
@@ -233,8 +285,8 @@ async def _run_agent(
                     if recorded is None:
                         watch.lose()  # the event was dropped: this attempt lost the run
                 if streamed:
-                    # Clients now have the whole message as an event.
-                    sequence = recorded.sequence if recorded is not None else 0
+                    # Clients now have the whole message (as an event, when events are on).
+                    sequence = recorded.sequence if recorded is not None else None
                     await sync_to_async(lifecycle.end_stream)(fence, sequence)
                 if described[0] in TURN_END_EVENTS:
                     # A turn's tools are done: look now, before the SDK asks the model again.
@@ -252,6 +304,11 @@ async def _run_agent(
     except Exception as exc:
         if watch.lost or _caused_by(exc, ToolCallDropped):
             return Outcome(Status.FAILED, lost=True)
+        if _caused_by(exc, ToolCallCancelled):
+            return _outcome(result, Status.CANCELLED)  # the tool did not run
+        if _caused_by(exc, ToolCallInDoubt):
+            logger.error("agentic_django: run %s: %s", run.pk, exc)
+            return _outcome(result, Status.FAILED, IN_DOUBT_ERROR)
         logger.exception("agentic_django: run %s failed", run.pk)
         described = failures.describe(exc)
         return _outcome(result, Status.FAILED, described.message, detail=described.detail)
@@ -282,8 +339,7 @@ def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
     return False
 
 
-def timeout_message(seconds: int) -> str:
-    return f"The run took longer than {seconds} s and was stopped."
+timeout_message = lifecycle.timeout_error
 
 
 async def _stop(result: Any) -> None:
@@ -333,8 +389,9 @@ class DeltaWriter:
 
     INTERVAL = 0.1
 
-    def __init__(self, fence: Fence) -> None:
+    def __init__(self, fence: Fence, *, events: bool = True) -> None:
         self.fence = fence
+        self.events = events  # the run records events (messages follow them)
         self._buffer: list[str] = []
         self._written = False  # the run holds text of the message streaming now
         self._last_write = 0.0
@@ -364,7 +421,9 @@ class DeltaWriter:
         await sync_to_async(self._store)(text, new_message)
 
     def _store(self, text: str, new_message: bool) -> None:
-        lifecycle.stream_text(self.fence, storable_copy(text), new_message=new_message)
+        lifecycle.stream_text(
+            self.fence, storable_copy(text), new_message=new_message, events=self.events
+        )
 
     async def complete(self) -> bool:
         """The message is complete: drop what is not written yet; whether any was."""
@@ -466,11 +525,19 @@ class LeaseKeeper:
 
     RETRY_SECONDS = 1.0
 
-    def __init__(self, fence: Fence, *, lease_seconds: float, timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        fence: Fence,
+        *,
+        lease_seconds: float,
+        timeout_seconds: float,
+        elapsed_before: float = 0.0,
+    ) -> None:
         self.fence = fence
         self.lease_seconds = lease_seconds
         self.renew_every = lease_seconds / 3
-        started = time.monotonic()
+        self.elapsed_before = elapsed_before
+        self.started = started = time.monotonic()
         self.deadline = started + timeout_seconds
         self.lease_until = started + lease_seconds
         self.next_renewal = started + self.renew_every
@@ -494,6 +561,10 @@ class LeaseKeeper:
         self._callbacks.append(callback)
         if self.lost:
             callback()
+
+    def elapsed(self) -> float:
+        """Seconds the run has run in all its attempts, this one so far included."""
+        return self.elapsed_before + time.monotonic() - self.started
 
     def lease_left(self) -> float:
         """Seconds until the lease runs out, as far as this process knows."""
@@ -575,14 +646,18 @@ def finish(fence: Fence, outcome: Outcome, keeper: LeaseKeeper) -> AgentRun | No
         try:
             if outcome.status == Status.AWAITING_APPROVAL:
                 # Sends its own signal: the run is paused, not over.
-                return lifecycle.pause(
+                run = lifecycle.pause(
                     fence,
-                    state=outcome.checkpoint,
+                    state=outcome.checkpoint or None,
                     schema_version=checkpoints.schema_version(),
                     turn=outcome.turn,
                     approvals=outcome.approvals,
                     usage=outcome.usage,
+                    elapsed=keeper.elapsed(),
                 )
+                if run is not None and run.status == Status.CANCELLED:
+                    _announce(run)  # its cancellation came first: it never paused
+                return run
             run = lifecycle.finish(
                 fence,
                 status=outcome.status,

@@ -48,6 +48,7 @@ from django.db.models.sql import UpdateQuery
 from agentic_django.conf import get_config
 from agentic_django.exceptions import (
     ApprovalAlreadyDecided,
+    ApprovalExpired,
     ApprovalNotFound,
     RunNotAwaitingApproval,
 )
@@ -84,6 +85,17 @@ APPROVAL_EXPIRED_ERROR = (
 )
 
 
+def attempts_exhausted_error(attempts: int) -> str:
+    return (
+        f"The worker running this run stopped before it finished, {attempts} times in a row, "
+        "so it was not tried again."
+    )
+
+
+def timeout_error(seconds: int) -> str:
+    return f"The run took longer than {seconds} s and was stopped."
+
+
 @dataclass(frozen=True)
 class Fence:
     """The claim an attempt holds: run ``run_id`` is RUNNING with attempt number ``attempt``."""
@@ -99,9 +111,13 @@ class Fence:
         """The run, as long as this attempt still holds it (an empty queryset otherwise)."""
         return AgentRun.objects.filter(pk=self.run_id, attempt=self.attempt, status=Status.RUNNING)
 
-    def exists_sql(self) -> tuple[str, tuple[Any, ...]]:
-        """``EXISTS (...)`` SQL and parameters, true while the fence holds (for raw writes)."""
-        sql, params = self.runs().values("pk").query.sql_with_params()
+    def exists_sql(self, *, uncancelled: bool = False) -> tuple[str, tuple[Any, ...]]:
+        """``EXISTS (...)`` SQL and parameters, true while the fence holds (for raw writes);
+        ``uncancelled``: and nobody asked to cancel the run."""
+        runs = self.runs()
+        if uncancelled:
+            runs = runs.filter(cancel_requested_at__isnull=True)
+        sql, params = runs.values("pk").query.sql_with_params()
         return f"EXISTS ({sql})", tuple(params)
 
     def state(self) -> bool | None:
@@ -224,12 +240,19 @@ def release(run_id: Any, task_id: str = "") -> bool:
 
 
 def fail_pending(run_id: Any, message: str) -> bool:
-    """Fail a pending run with ``message`` (its task could not be queued)."""
-    failed = AgentRun.objects.filter(pk=run_id, status=Status.PENDING).update(
+    """Fail a new pending run with ``message`` (its task could not be queued).
+
+    Only a run that never started fails: one that goes on (resumed after its approvals, or
+    retried) has work and decisions behind it, so it stays pending, without a task, for the
+    next sweep to enqueue.
+    """
+    failed = AgentRun.objects.filter(pk=run_id, status=Status.PENDING, attempt=0).update(
         status=Status.FAILED, error=message, finished_at=Now()
     )
     if failed:
         send_safely(agent_run_failed, AgentRun, run=AgentRun.objects.get(pk=run_id))
+    else:
+        release(run_id)
     return bool(failed)
 
 
@@ -340,16 +363,26 @@ def fail_stale(run: AgentRun) -> bool:
 def requeue(run: AgentRun, *, stale_only: bool) -> bool:
     """Put a stale run (or, unless ``stale_only``, a failed one) back to pending.
 
-    The items its attempt wrote after the run's last checkpoint are deleted in the same
-    transaction, and only if the run really changed, so a run that finished meanwhile keeps
-    its history. A stale run whose
-    cancellation was requested is cancelled instead. A failed run is requeued only while no
+    The items its attempt wrote after the run's last checkpoint are deleted and its events
+    after it marked superseded, in the same transaction and only if the run really changed,
+    so a run that finished meanwhile keeps its history. A stale run whose cancellation was
+    requested is cancelled instead; one that used up ``AGENTIC_DJANGO_MAX_ATTEMPTS`` or its
+    ``AGENTIC_DJANGO_RUN_TIMEOUT`` (counted over all its attempts) fails. A failed run
+    (``stale_only`` False: a person asked) starts over with a fresh count, and only while no
     later run of its session exists, so the history stays in order. True if the run changed.
     """
+    config = get_config()
     later = AgentRun.objects.filter(
         session_id=OuterRef("session_id"), created_at__gt=OuterRef("created_at")
     )
     stale = Q(status=Status.RUNNING, attempt=run.attempt, lease_expires_at__lt=Now())
+    # How long the dead attempt ran, as far as its last renewal tells (database clock).
+    used = run.elapsed_seconds + _attempt_seconds(run)
+    exhausted = ""
+    if stale_only and run.retries + 1 >= config.max_attempts:
+        exhausted = attempts_exhausted_error(run.retries + 1)
+    elif stale_only and used >= config.run_timeout_seconds:
+        exhausted = timeout_error(config.run_timeout_seconds)
     retryable = stale & Q(cancel_requested_at__isnull=True)
     if not stale_only:
         retryable |= Q(status=Status.FAILED) & ~Exists(later)
@@ -362,7 +395,22 @@ def requeue(run: AgentRun, *, stale_only: bool) -> bool:
         cancelled = this_run.filter(stale, cancel_requested_at__isnull=False).update(
             status=Status.CANCELLED, finished_at=Now(), lease_expires_at=None
         )
-        # After a cancel the run is no longer stale, so this matches nothing.
+        failed = 0
+        if exhausted:
+            # After a cancel the run is no longer stale, so this matches nothing.
+            failed = this_run.filter(retryable).update(
+                status=Status.FAILED,
+                error=exhausted,
+                finished_at=Now(),
+                lease_expires_at=None,
+                elapsed_seconds=used,
+            )
+            retryable = Q(pk__in=[])
+        counts = (
+            {"retries": F("retries") + 1, "elapsed_seconds": used}
+            if stale_only
+            else {"retries": 0, "elapsed_seconds": 0}
+        )
         requeued = this_run.filter(retryable).update(
             status=Status.PENDING,
             started_at=None,
@@ -376,39 +424,65 @@ def requeue(run: AgentRun, *, stale_only: bool) -> bool:
             dispatched_at=None,
             lease_expires_at=None,
             heartbeat_at=None,
+            # The dead attempt's partial text goes with it.
+            stream_text="",
+            **counts,
         )
         if cancelled or requeued:
-            # A retry resumes at the run's checkpoint: what came after it goes.
-            AgentSessionItem.objects.filter(
-                run_id=run.pk, sequence__gt=F("run__checkpoint_item_sequence")
-            ).delete()
+            _roll_back_to_checkpoint(run.pk)
             session.update(updated_at=Now())  # its history changed
-    if not (cancelled or requeued):
+    if not (cancelled or requeued or failed):
         return False
     run.refresh_from_db()
     if cancelled:
         send_safely(agent_run_cancelled, AgentRun, run=run)
+    if failed:
+        send_safely(agent_run_failed, AgentRun, run=run)
     return True
+
+
+def _attempt_seconds(run: AgentRun) -> float:
+    """Seconds between the attempt's start and its last sign of life (both database clock)."""
+    if run.started_at is None or run.heartbeat_at is None:
+        return 0.0
+    return max(0.0, (run.heartbeat_at - run.started_at).total_seconds())
+
+
+def _roll_back_to_checkpoint(run_id: Any) -> None:
+    """Drop what the run's last attempt wrote after its checkpoint: a retry writes it again.
+    Items go; events stay stored for the admin, marked superseded so no client sees them."""
+    AgentSessionItem.objects.filter(
+        run_id=run_id, sequence__gt=F("run__checkpoint_item_sequence")
+    ).delete()
+    AgentEvent.objects.filter(
+        run_id=run_id, superseded=False, sequence__gt=F("run__checkpoint_event_sequence")
+    ).update(superseded=True)
 
 
 # --- Streamed text ---------------------------------------------------------------------------
 
 
-def stream_text(fence: Fence, text: str, *, new_message: bool) -> bool:
+def stream_text(fence: Fence, text: str, *, new_message: bool, events: bool = True) -> bool:
     """Add ``text`` to the assistant message streaming in (``new_message``: its first text,
-    which follows the attempt's latest event); False if the fence was lost."""
+    which follows the run's latest event -- or, when the run records no ``events``, gets the
+    next message number); False if the fence was lost."""
     if new_message:
         updates = {
             "stream_text": Value(text),
-            "stream_sequence": _max_sequence(AgentEvent, fence.run_id),
+            "stream_sequence": (
+                _max_sequence(AgentEvent, fence.run_id) if events else F("stream_sequence") + 1
+            ),
         }
     else:
         updates = {"stream_text": Concat(F("stream_text"), Value(text))}
     return bool(fence.runs().update(**updates))
 
 
-def end_stream(fence: Fence, sequence: int) -> bool:
-    """The streamed message is complete: it is event ``sequence`` now."""
+def end_stream(fence: Fence, sequence: int | None) -> bool:
+    """The streamed message is complete: it is event ``sequence`` now (None: the run records
+    no events, and the message keeps its number)."""
+    if sequence is None:
+        return bool(fence.runs().update(stream_text=""))
     return bool(fence.runs().update(stream_text="", stream_sequence=sequence))
 
 
@@ -455,18 +529,27 @@ def save_checkpoint(fence: Fence, *, state: str, schema_version: str, turn: int)
 def pause(
     fence: Fence,
     *,
-    state: str,
+    state: str | None,
     schema_version: str,
     turn: int,
     approvals: list[dict[str, Any]],
     usage: dict[str, int],
+    elapsed: float,
 ) -> AgentRun | None:
-    """Park the run on tool calls that need approval: it keeps its session blocked but gives
-    its slot up, and fails at ``approval_expires_at`` unless decided. None if fence lost."""
+    """Park the run on tool calls that need a decision: it keeps its session blocked but gives
+    its slot up, and fails at ``approval_expires_at`` unless decided.
+
+    ``state`` is the run's resumable state as it paused; None keeps the checkpoint it has
+    (the run pauses before doing anything: what came after the checkpoint is rolled back).
+    A run whose cancellation was requested never pauses: it ends cancelled. Returns the run
+    as written (paused or cancelled), or None if the fence was lost. ``elapsed``: the seconds
+    the run has run in all its attempts.
+    """
     expires = Now() + timedelta(seconds=get_config().approval_timeout_seconds)
+    marks = _checkpoint_marks(fence.run_id) if state is not None else {}
     with transaction.atomic():
         paused = _update_returning(
-            fence.runs(),
+            fence.runs().filter(cancel_requested_at__isnull=True),
             {
                 "status": Status.AWAITING_APPROVAL,
                 "lease_expires_at": None,
@@ -474,13 +557,28 @@ def pause(
                 "approval_expires_at": expires,
                 "task_id": "",
                 "dispatched_at": None,
-                **_checkpoint_marks(fence.run_id),
+                "elapsed_seconds": elapsed,
+                **marks,
                 **usage,
             },
         )
         if paused is None:
-            return None
-        _store_checkpoint(fence, state, schema_version, turn)
+            # Cancelled meanwhile (or the fence is lost: then this matches nothing either).
+            return _update_returning(
+                fence.runs(),
+                {
+                    "status": Status.CANCELLED,
+                    "finished_at": Now(),
+                    "heartbeat_at": Now(),
+                    "lease_expires_at": None,
+                    "elapsed_seconds": elapsed,
+                    **usage,
+                },
+            )
+        if state is None:
+            _roll_back_to_checkpoint(fence.run_id)
+        else:
+            _store_checkpoint(fence, state, schema_version, turn)
         requested = [
             AgentApproval(run_id=paused.pk, requested_at=paused.heartbeat_at, **approval)
             for approval in approvals
@@ -502,7 +600,8 @@ def decide(
 ) -> bool:
     """Record one decision on a paused run; once none is pending, the run goes back to
     pending (True is returned) to be dispatched like any run. The first decision on a call
-    counts: ``ApprovalAlreadyDecided`` for the next one."""
+    counts: ``ApprovalAlreadyDecided`` for the next one. Past the run's approval deadline
+    nothing is decided: the run fails as expired (``ApprovalExpired``), sweep or no sweep."""
     decision = AgentApproval.Decision.APPROVED if approve else AgentApproval.Decision.REJECTED
     pending = AgentApproval.objects.filter(
         run_id=OuterRef("pk"), decision=AgentApproval.Decision.PENDING
@@ -514,25 +613,32 @@ def decide(
         )
         if not paused.exists():
             raise RunNotAwaitingApproval()
-        decided = AgentApproval.objects.filter(
-            run_id=run.pk, call_id=call_id, decision=AgentApproval.Decision.PENDING
-        ).update(
-            decision=decision,
-            always=always,
-            message=message,
-            decided_at=Now(),
-            decided_by=user if getattr(user, "pk", None) else None,
-        )
-        if not decided:
-            if AgentApproval.objects.filter(run_id=run.pk, call_id=call_id).exists():
-                raise ApprovalAlreadyDecided()
-            raise ApprovalNotFound()
-        resumed = (
-            AgentRun.objects.filter(pk=run.pk, status=Status.AWAITING_APPROVAL)
-            .exclude(Exists(pending))
-            .update(status=Status.PENDING, approval_expires_at=None, task_id="", dispatched_at=None)
-        )
+        expired = _expire(paused.filter(approval_expires_at__lt=Now()), run.pk)
+        if not expired:
+            decided = AgentApproval.objects.filter(
+                run_id=run.pk, call_id=call_id, decision=AgentApproval.Decision.PENDING
+            ).update(
+                decision=decision,
+                always=always,
+                message=message,
+                decided_at=Now(),
+                decided_by=user if getattr(user, "pk", None) else None,
+            )
+            if not decided:
+                if AgentApproval.objects.filter(run_id=run.pk, call_id=call_id).exists():
+                    raise ApprovalAlreadyDecided()
+                raise ApprovalNotFound()
+            resumed = (
+                AgentRun.objects.filter(pk=run.pk, status=Status.AWAITING_APPROVAL)
+                .exclude(Exists(pending))
+                .update(
+                    status=Status.PENDING, approval_expires_at=None, task_id="", dispatched_at=None
+                )
+            )
     run.refresh_from_db()
+    if expired:
+        send_safely(agent_run_failed, AgentRun, run=run)
+        raise ApprovalExpired()
     if resumed:
         send_safely(agent_run_resumed, AgentRun, run=run)
     return bool(resumed)
@@ -546,18 +652,23 @@ def expire_approvals() -> list[AgentRun]:
     )
     for run_id in overdue.values_list("pk", flat=True):
         with transaction.atomic():
-            failed = overdue.filter(pk=run_id).update(
-                status=Status.FAILED, error=APPROVAL_EXPIRED_ERROR, finished_at=Now()
-            )
-            if failed:
-                AgentApproval.objects.filter(
-                    run_id=run_id, decision=AgentApproval.Decision.PENDING
-                ).update(decision=AgentApproval.Decision.EXPIRED, decided_at=Now())
+            failed = _expire(overdue.filter(pk=run_id), run_id)
         if failed:
             run = AgentRun.objects.get(pk=run_id)
             send_safely(agent_run_failed, AgentRun, run=run)
             expired.append(run)
     return expired
+
+
+def _expire(overdue: QuerySet[AgentRun], run_id: Any) -> bool:
+    """Fail the overdue paused run and mark its undecided calls expired (in the caller's
+    transaction); whether it was overdue."""
+    failed = overdue.update(status=Status.FAILED, error=APPROVAL_EXPIRED_ERROR, finished_at=Now())
+    if failed:
+        AgentApproval.objects.filter(run_id=run_id, decision=AgentApproval.Decision.PENDING).update(
+            decision=AgentApproval.Decision.EXPIRED, decided_at=Now()
+        )
+    return bool(failed)
 
 
 # --- Helpers ---------------------------------------------------------------------------------

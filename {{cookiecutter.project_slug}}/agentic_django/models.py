@@ -122,7 +122,13 @@ class AgentRun(models.Model):
     # event sequence it follows; emptied when the message is complete. A run that fails or is
     # cancelled mid-message keeps it as its partial output.
     stream_text = models.TextField(blank=True, default="")
+    # With events: the event the streaming message follows. Without: the number of the
+    # message, counted up by each new one, so clients can tell two messages apart.
     stream_sequence = models.PositiveIntegerField(default=0)
+    # Times the run was retried after its worker died (capped by AGENTIC_DJANGO_MAX_ATTEMPTS),
+    # and the seconds its earlier attempts ran (AGENTIC_DJANGO_RUN_TIMEOUT covers them all).
+    retries = models.PositiveIntegerField(default=0)
+    elapsed_seconds = models.FloatField(default=0)
 
     class Meta:
         ordering = ["-created_at"]
@@ -159,8 +165,11 @@ class AgentEvent(models.Model):
 
     run = models.ForeignKey(AgentRun, on_delete=models.CASCADE, related_name="events")
     sequence = models.PositiveIntegerField()
-    # The attempt that wrote it: a retried run shows only its latest attempt's events.
+    # The attempt that wrote it.
     attempt = models.PositiveIntegerField(default=1)
+    # Written by an attempt that died after the run's last checkpoint: the retry does that
+    # part again, so clients never see it (it stays stored for the admin).
+    superseded = models.BooleanField(default=False)
     event_type = models.CharField(max_length=64)
     payload = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -195,7 +204,16 @@ class AgentCheckpoint(models.Model):
 
 
 class AgentApproval(models.Model):
-    """A tool call a paused run waits on, and the decision taken on it."""
+    """A tool call a paused run waits on, and the decision taken on it.
+
+    ``kind`` says what is asked: may the tool run (``approval``), or -- for a call that
+    started in an attempt whose worker died before the tool returned -- should it run again
+    (approve) or count as done with the message as its output (reject)? (``in_doubt``)
+    """
+
+    class Kind(models.TextChoices):
+        APPROVAL = "approval", "Approval"
+        IN_DOUBT = "in_doubt", "In doubt"
 
     class Decision(models.TextChoices):
         PENDING = "pending", "Pending"
@@ -204,6 +222,7 @@ class AgentApproval(models.Model):
         EXPIRED = "expired", "Expired"
 
     run = models.ForeignKey(AgentRun, on_delete=models.CASCADE, related_name="approvals")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.APPROVAL)
     call_id = models.CharField(max_length=255)
     tool_name = models.CharField(max_length=255)
     arguments = models.JSONField(encoder=DjangoJSONEncoder)
@@ -230,8 +249,9 @@ class AgentApproval(models.Model):
 
 
 class AgentToolCall(models.Model):
-    """A tool call that finished, recorded before the run goes on: a resumed or retried run
-    returns this output instead of calling the tool again."""
+    """A tool call, recorded as started before the tool runs and as finished (with its
+    output) the moment it returns: a resumed or retried run returns the output instead of
+    calling the tool again, and a call that started but never finished is in doubt."""
 
     run = models.ForeignKey(AgentRun, on_delete=models.CASCADE, related_name="tool_calls")
     call_id = models.CharField(max_length=255)
@@ -239,14 +259,21 @@ class AgentToolCall(models.Model):
     arguments = models.TextField()
     # The model turn it belongs to, so a turn that is asked again can match its calls.
     turn = models.PositiveIntegerField()
+    # Which of the turn's calls of this tool with these arguments it is (0 for the first).
+    occurrence = models.PositiveIntegerField(default=0)
+    # The key tools pass to what they act on (toolcalls.idempotency_key): kept for every
+    # retry of the call.
+    idempotency_key = models.CharField(max_length=64, blank=True)
     output = models.JSONField(null=True, encoder=DjangoJSONEncoder)
+    # The attempt that (last) started it.
     attempt = models.PositiveIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
+    # None while the tool runs (or if its worker died inside it).
+    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["run", "call_id"], name="agentic_toolcall_run_call")
-        ]
+        # Not unique: some servers reuse call ids; a call is matched by id, tool and arguments.
+        indexes = [models.Index(fields=["run", "call_id"], name="agentic_toolcall_run_call_ix")]
 
     def __str__(self) -> str:
         return f"{self.tool_name} {self.call_id}"

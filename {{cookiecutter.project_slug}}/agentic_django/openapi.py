@@ -33,6 +33,7 @@ MAX_CURSOR = 10**18 - 1
 # Every `error.code` the endpoints answer with; a new one must be documented here.
 ERROR_CODES = (
     "approval_already_decided",
+    "approval_expired",
     "approval_not_found",
     "database_unavailable",
     "input_too_large",
@@ -68,6 +69,7 @@ ERROR_DESCRIPTIONS = {
     404: "No such run or session among the current user's: another user's ids are 404 too.",
     409: "Nothing changed: the run already finished (cancel), or the tool call was decided "
     "already or the run is not waiting for approval (approve, reject).",
+    410: "Too late: the run waited past its approval deadline and is now failed (approve, reject).",
     413: "The input is larger than the byte limit or has too many items.",
     429: "The user created too many runs recently; retry after `Retry-After` seconds.",
     503: "The database is unreachable; retry after `Retry-After` seconds.",
@@ -189,6 +191,14 @@ def _schemas() -> dict[str, Any]:
         ),
         "Approval": _obj(
             {
+                "kind": {
+                    "type": "string",
+                    "enum": ["approval", "in_doubt"],
+                    "description": "approval: may the tool run? in_doubt: the call started in "
+                    "an attempt whose worker died before the tool returned, so it may or may "
+                    "not have happened; approve runs it again, reject counts it as done with "
+                    "`message` as its output, cancelling the run stops it.",
+                },
                 "call_id": {"type": "string"},
                 "tool": {"type": "string"},
                 "arguments": {"description": "The arguments the model gave (any JSON)."},
@@ -410,8 +420,9 @@ def _decision_path(operation_id: str, summary: str) -> dict[str, Any]:
         "post": {
             "operationId": operation_id,
             "summary": summary,
-            "description": "Owner only. The first decision on a call counts; a second is 409. "
-            "Once no call is pending, the run is queued again and goes on.",
+            "description": "Owner only. The first decision on a call counts; a second is 409, "
+            "one after the run's approval deadline 410 (the run fails as expired). Once no call "
+            "is pending, the run is queued again and goes on.",
             "security": WRITE_SECURITY,
             "parameters": [RUN_ID, HTMX_HEADER],
             "requestBody": {
@@ -424,7 +435,7 @@ def _decision_path(operation_id: str, summary: str) -> dict[str, Any]:
             "responses": {
                 "200": _ok("Run", "The run.", htmx="the run fragment."),
                 "302": LOGIN_REDIRECT,
-                **_errors(400, 403, 404, 409),
+                **_errors(400, 403, 404, 409, 410),
             },
         }
     }

@@ -95,6 +95,7 @@ def run_to_dict(run: AgentRun) -> dict[str, Any]:
 def approval_to_dict(approval: AgentApproval) -> dict[str, Any]:
     """A tool call a paused run waits on."""
     return {
+        "kind": approval.kind,
         "call_id": approval.call_id,
         "tool": approval.tool_name,
         "arguments": approval.arguments,

@@ -3,9 +3,12 @@
 Events, in order:
 
 - ``event``: a run event (tool call, tool output, message, handoff...), id ``<sequence>``;
-- ``delta``: text of the assistant message streaming in, id ``<sequence>:<offset>`` (the event
-  it follows and how far into the message the client now is);
-- ``reset``: the run was retried from its checkpoint; what was shown after that event is void;
+- ``delta``: text of the assistant message streaming in, id ``<sequence>:<offset>:<attempt>``
+  (the event it follows -- or, for a run that records no events, the message's number --, how
+  far into the message the client now is, and the attempt that streamed it); ``start`` is true
+  on the first text of a message;
+- ``reset``: the run was retried from its checkpoint; what was shown after that event is void
+  (events and text of the attempt that died);
 - ``end``: the run finished (or paused for approvals); the stream closes.
 
 Everything sent comes from the database, so a client that reconnects with ``Last-Event-ID``
@@ -33,7 +36,7 @@ HEARTBEAT_SECONDS = 15.0
 MAX_SECONDS = 300.0
 RETRY_MILLISECONDS = 1000
 BATCH = 100
-_POSITION = re.compile(r"^(\d{1,18})(?::(\d{1,18}))?$")
+_POSITION = re.compile(r"^(\d{1,18})(?::(\d{1,18}):(\d{1,18}))?$")
 # The run's fields a stream reads (not its input, output or history).
 STREAM_FIELDS = (
     "status",
@@ -48,20 +51,28 @@ STREAM_FIELDS = (
 
 @dataclass
 class Position:
-    """How far a client is: the last event it has, and how much of the text after it."""
+    """How far a client is: the last event it has, how much of the text after it, and (for
+    text) the attempt that streamed that text."""
 
     sequence: int = 0
     offset: int = 0
+    attempt: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> Position | None:
-        """The position an event id (``12`` or ``12:40``) names; None if it is not one."""
+        """The position an event id (``12`` or ``12:40:2``) names; None if it is not one."""
         match = _POSITION.match(text)
-        return cls(int(match[1]), int(match[2] or 0)) if match else None
+        if not match:
+            return None
+        if match[2] is None:
+            return cls(int(match[1]))
+        return cls(int(match[1]), int(match[2]), int(match[3]))
 
     @property
     def id(self) -> str:
-        return f"{self.sequence}:{self.offset}" if self.offset else str(self.sequence)
+        if self.offset:
+            return f"{self.sequence}:{self.offset}:{self.attempt}"
+        return str(self.sequence)
 
 
 def message(kind: str, data: Any, position: Position | None = None) -> str:
@@ -73,20 +84,26 @@ def message(kind: str, data: Any, position: Position | None = None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def _snapshot(run_pk: Any, after: int) -> tuple[AgentRun, list[AgentEvent]]:
+def _snapshot(run_pk: Any, position: Position) -> tuple[AgentRun, list[AgentEvent], bool]:
+    """The run, the visible events after ``position``, and whether what the client has after
+    the run's checkpoint came from an attempt that died (it must start over from there)."""
     run = AgentRun.objects.only(*STREAM_FIELDS).get(pk=run_pk)
+    if _void(run, position):
+        return run, [], True
+    after = position.sequence
     events = list(visible_events(run).filter(sequence__gt=after).order_by("sequence")[:BATCH])
-    return run, events
+    return run, events, False
 
 
-def _void(run_pk: Any, position: Position) -> bool:
-    """Whether a reconnecting client's last event belongs to an attempt that died since."""
-    if position.sequence == 0:
-        return False
-    run = AgentRun.objects.only(*STREAM_FIELDS).get(pk=run_pk)
+def _void(run: AgentRun, position: Position) -> bool:
+    if position.offset:
+        # Streamed text is never stored per attempt: text of another attempt is void.
+        return position.attempt != run.attempt
     if position.sequence <= run.checkpoint_event_sequence:
-        return False
-    return not visible_events(run).filter(sequence=position.sequence).exists()
+        return False  # events up to the checkpoint are never superseded
+    if position.attempt == run.attempt:
+        return False  # no retry since the client last looked
+    return run.events.filter(sequence=position.sequence, superseded=True).exists()
 
 
 async def run_events(run_pk: Any, position: Position) -> AsyncIterator[str]:
@@ -99,34 +116,34 @@ async def run_events(run_pk: Any, position: Position) -> AsyncIterator[str]:
 async def _run_events(run_pk: Any, position: Position, watch: RunWatch) -> AsyncIterator[str]:
     yield f"retry: {RETRY_MILLISECONDS}\n\n"
     deadline = time.monotonic() + MAX_SECONDS
-    attempt: int | None = None
-    if await sync_to_async(_void)(run_pk, position):
-        run = await sync_to_async(AgentRun.objects.only(*STREAM_FIELDS).get)(pk=run_pk)
-        position = Position(run.checkpoint_event_sequence)
-        yield message("reset", {"attempt": run.attempt}, position)
     idle_since = time.monotonic()
     while True:
         mark = watch.mark()  # before the look: a change during it ends the wait below at once
-        run, events = await sync_to_async(_snapshot)(run_pk, position.sequence)
-        retried = attempt is not None and run.attempt != attempt
-        attempt = run.attempt
-        if retried and position.sequence > run.checkpoint_event_sequence:
-            # What this client saw after the checkpoint came from the attempt that died.
-            position = Position(run.checkpoint_event_sequence)
+        run, events, void = await sync_to_async(_snapshot)(run_pk, position)
+        if void:
+            # What this client saw after the checkpoint came from an attempt that died.
+            position = Position(run.checkpoint_event_sequence, attempt=run.attempt)
             yield message("reset", {"attempt": run.attempt}, position)
             continue
         sent = False
         for event in events:
-            position = Position(event.sequence)
+            position = Position(event.sequence, attempt=run.attempt)
             yield message("event", event_to_dict(event), position)
-            sent = True
-        text = run.stream_text
-        if run.stream_sequence == position.sequence and len(text) > position.offset:
-            chunk, position = text[position.offset :], Position(position.sequence, len(text))
-            yield message("delta", {"text": chunk}, position)
             sent = True
         if len(events) == BATCH:
             continue
+        if not position.offset:
+            position.attempt = run.attempt  # checked against this snapshot: not superseded
+        if run.stream_sequence > position.sequence:
+            # Every visible event up to the one the message follows was sent (those a dead
+            # attempt wrote are not shown); without events, the message number moved on.
+            position = Position(run.stream_sequence, attempt=run.attempt)
+        text = run.stream_text
+        if run.stream_sequence == position.sequence and len(text) > position.offset:
+            chunk, start = text[position.offset :], position.offset == 0
+            position = Position(position.sequence, len(text), run.attempt)
+            yield message("delta", {"text": chunk, "start": start}, position)
+            sent = True
         if run.is_terminal or run.status == AgentRun.Status.AWAITING_APPROVAL:
             yield message("end", {"status": run.status, "error": run.error or None})
             return

@@ -30,6 +30,7 @@ from agentic_django.conf import get_config
 from agentic_django.events import visible_events
 from agentic_django.exceptions import (
     ApprovalAlreadyDecided,
+    ApprovalExpired,
     ApprovalNotFound,
     RunNotAwaitingApproval,
     RunNotCancellable,
@@ -285,7 +286,12 @@ def _decide(request: HttpRequest, run_id: str, *, approve: bool) -> HttpResponse
             services.reject_tool_call(
                 run, call_id, message=message, always=always, user=request.user
             )
-    except (ApprovalAlreadyDecided, RunNotAwaitingApproval, ApprovalNotFound) as error:
+    except (
+        ApprovalAlreadyDecided,
+        ApprovalExpired,
+        RunNotAwaitingApproval,
+        ApprovalNotFound,
+    ) as error:
         if not is_htmx(request):
             raise
         # Keep the run on screen (as it is now) and say why nothing changed.
@@ -328,7 +334,7 @@ async def run_stream(request: HttpRequest, run_id: str) -> HttpResponse:
     given = [request.headers.get("Last-Event-ID"), request.GET.get("after")]
     positions = [Position.parse(raw) for raw in given if raw is not None]
     if None in positions:
-        return json_error(400, "invalid_after", "Resume from an event id, e.g. 12 or 12:40.")
+        return json_error(400, "invalid_after", "Resume from an event id, e.g. 12 or 12:40:1.")
     # A reconnecting EventSource sends the header; the first connection may use the query.
     position = positions[0] if positions else Position()
     response = StreamingHttpResponse(stream_events(pk, position), content_type="text/event-stream")

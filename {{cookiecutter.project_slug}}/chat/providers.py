@@ -6,8 +6,10 @@
   is spoken to with the Responses API or, for servers without it, Chat Completions
   (`OPENAI_API_MODE`). `OPENAI_TIMEOUT` bounds each wait for the server (for a stream: the
   silence between two chunks) and `OPENAI_MAX_RETRIES` retries 429s, 5xx and timeouts.
-- Traces of runs go to OpenAI's dashboard only when talking to OpenAI itself with a key,
-  unless `OPENAI_TRACING` says otherwise: a prompt sent to your own server stays there.
+- Traces of runs go to OpenAI's dashboard only when `OPENAI_TRACING=True` and the provider is
+  OpenAI itself, with a key: a prompt sent to your own server, or to the demo model, stays on
+  this machine. `configure_tracing()` applies that to the Agents SDK; the registry calls it
+  when it is imported, before any agent of the process runs.
 """
 
 from __future__ import annotations
@@ -47,12 +49,9 @@ def talks_to_openai() -> bool:
 
 
 def exports_traces() -> bool:
-    """Whether traces of runs are sent to OpenAI: OPENAI_TRACING, by default only to OpenAI."""
-    if uses_demo_model() or not settings.OPENAI_API_KEY:
-        return False  # nothing to trace, or no key to export with
-    if settings.OPENAI_TRACING is not None:
-        return settings.OPENAI_TRACING
-    return talks_to_openai()
+    """Whether traces of runs are sent to OpenAI: only when asked (OPENAI_TRACING=True), with
+    a key, and when the runs talk to OpenAI itself."""
+    return bool(settings.OPENAI_TRACING and settings.OPENAI_API_KEY and talks_to_openai())
 
 
 def configure_tracing() -> None:

@@ -13,8 +13,11 @@ from collections.abc import Callable
 
 from agents import Agent
 
-from chat.providers import build_model
+from chat.providers import build_model, configure_tracing
 from chat.tools import TOOLS
+
+# Before any agent of this process runs: traces stay here unless OPENAI_TRACING says so.
+configure_tracing()
 
 
 def build_toolsmith() -> Agent:

@@ -5,8 +5,12 @@ Each tool is a plain function (easy to test and to reuse) wrapped with `function
 
 `send_team_note` acts on the world, so it needs a person's approval (`needs_approval=True`):
 the run pauses until someone approves or rejects the call in the chat, the JSON API or the
-admin. It stores its note under `idempotency_key(context)`, so a call retried after a crash
+admin. It stores its note under `idempotency_key(context)`, so a call run again after a crash
 finds the note it already made instead of sending a second one.
+
+A worker can die while a tool runs. The tools that only compute are declared `repeatable`:
+such a call simply runs again on the retry. For any other tool, the retried run pauses and
+asks its user whether the call happened (run it again, count it as done, or stop the run).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 from agents import FunctionTool, RunContextWrapper, function_tool
 from asgiref.sync import sync_to_async
 
-from agentic_django.toolcalls import idempotency_key
+from agentic_django.toolcalls import idempotency_key, repeatable
 
 MAX_EXPRESSION_LENGTH = 200
 MAX_EXPONENT = 100
@@ -249,9 +253,13 @@ async def send_team_note(context: RunContextWrapper[Any], text: str) -> str:
 
 
 TOOLS: list[FunctionTool] = [
+    # They only compute: safe to run again if a worker dies inside one (`repeatable`).
     *(
-        function_tool(tool, failure_error_function=_tool_error)
+        repeatable(function_tool(tool, failure_error_function=_tool_error))
         for tool in (current_utc_time, calculate, convert_units, word_count)
     ),
+    # Not declared repeatable: if a worker dies inside it, the run asks its user whether the
+    # note went out (its idempotency key would make a second send harmless, but this shows
+    # the question your own tools with side effects get).
     function_tool(send_team_note, failure_error_function=_tool_error, needs_approval=True),
 ]

@@ -61,7 +61,7 @@ def warm_up() -> None:
     An import does not cover the SDK's first-use costs (tracing setup, pydantic schemas,
     lazily imported modules); paid here once, every task finds them warm.
     """
-    from agents import Agent, Runner, function_tool
+    from agents import Agent, RunConfig, Runner, function_tool
     from agents.testing import ScriptedModel, assistant_message, function_call
 
     @function_tool
@@ -75,7 +75,9 @@ def warm_up() -> None:
     agent = Agent(name="warm-up", instructions="Warm-up.", model=model, tools=[ping])
 
     async def drain() -> None:
-        result = Runner.run_streamed(agent, "warm up", max_turns=3)
+        # Never traced: a trace of it would go wherever the SDK exports by default.
+        config = RunConfig(tracing_disabled=True)
+        result = Runner.run_streamed(agent, "warm up", max_turns=3, run_config=config)
         async for _ in result.stream_events():
             pass
 

@@ -92,6 +92,28 @@ def call(tool: str, arguments: dict[str, Any], call_id: str = "call-1") -> Any:
     return [function_call(tool, arguments, call_id=call_id)]
 
 
+def register(key: str, steps: Sequence[Any], tools: Sequence[Any] = ()) -> Any:
+    """Register ``key`` -> an agent "Clerk" whose ScriptedModel plays ``steps``; the model."""
+    from agents import Agent
+    from agents.testing import ScriptedModel
+
+    model = ScriptedModel(list(steps))
+    registry.FACTORIES[key] = lambda: Agent(
+        name="Clerk", instructions="Test.", model=model, tools=list(tools)
+    )
+    return model
+
+
+def dies() -> Any:
+    """A model step that kills the worker process (as SIGKILL would) when it is reached."""
+    from agents.testing import ModelStep
+
+    def kill(model_call: Any) -> Any:
+        raise SystemExit("worker killed")
+
+    return ModelStep.respond(kill)
+
+
 def echo_steps(count: int) -> list[Any]:
     """Steps replying ``echo: <latest user message>``, to check what history each run saw."""
     from agents.testing import ModelStep, assistant_message

@@ -29,6 +29,12 @@ STATUS_CHANGE = r'^UPDATE "agentic_django_agentrun" SET "status"'
 ITEM_INSERT = r'^INSERT INTO "agentic_django_agentsessionitem"'
 CHECKPOINT_SAVE = r'^UPDATE "agentic_django_agentrun" SET "checkpoint_item_sequence"'
 ITEM_DELETE = r'^DELETE FROM "agentic_django_agentsessionitem"'
+# The UPDATE that pauses a run (awaiting approval).
+PAUSE = (
+    r'^UPDATE "agentic_django_agentrun" SET "status" = %s, "lease_expires_at" = (%s|NULL), '
+    r'"heartbeat_at" = .*"approval_expires_at"'
+)
+TOOL_START = r'^INSERT INTO "agentic_django_agenttoolcall"'
 
 
 @dataclass

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from agents import function_tool
-from agents.testing import ModelStep, ScriptedModel
 from django.db.models.functions import Now
 from django.utils import timezone
 
 from agentic_django import lifecycle, recovery, signals
 from agentic_django.exceptions import (
     ApprovalAlreadyDecided,
+    ApprovalExpired,
     ApprovalNotFound,
     RunNotAwaitingApproval,
 )
@@ -24,8 +23,8 @@ from agentic_django.lifecycle import APPROVAL_EXPIRED_ERROR
 from agentic_django.models import AgentApproval, AgentCheckpoint, AgentRun, AgentSession
 from agentic_django.services import approve_tool_call, create_run, reject_tool_call
 from tests.core import registry
-from tests.core.conftest import call, running_elsewhere, text, worker_died
-from tests.core.faults import CHECKPOINT_SAVE, database_faults
+from tests.core.conftest import call, dies, register, running_elsewhere, text, worker_died
+from tests.core.faults import CHECKPOINT_SAVE, PAUSE, TOOL_START, database_faults
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -44,16 +43,6 @@ class Refunds:
         """Refund an order."""
         self.done.append(order)
         return f"refunded {order}"
-
-
-def register(key: str, steps: list[Any], tools: list[Any]) -> ScriptedModel:
-    from agents import Agent
-
-    model = ScriptedModel(list(steps))
-    registry.FACTORIES[key] = lambda: Agent(
-        name="Clerk", instructions="Test.", model=model, tools=list(tools)
-    )
-    return model
 
 
 @pytest.fixture
@@ -261,6 +250,112 @@ def test_approvals_expire_and_the_session_moves_on(user, refunds, settings):
         approve_tool_call(paused, "call-r1")
 
 
+def test_a_decision_after_the_deadline_fails_the_run_even_before_a_sweep(
+    user, refunds, settings, client
+):
+    """With nothing sweeping (the immediate backend has no worker), the decision itself sees
+    that the deadline passed: 410, the run fails as expired and the tool never runs."""
+    asks = call("refund", {"order": "42"}, "call-r1")
+    register("clerk", [asks, asks], [refunds.tool])
+    paused = start(user, "clerk")
+    AgentRun.objects.filter(pk=paused.pk).update(approval_expires_at=Now() - timedelta(seconds=1))
+    failed = []
+
+    def record(sender, run, **kwargs):
+        failed.append(run.status)
+
+    signals.agent_run_failed.connect(record, sender=AgentRun)
+    try:
+        with pytest.raises(ApprovalExpired):
+            approve_tool_call(paused, "call-r1")
+    finally:
+        signals.agent_run_failed.disconnect(record, sender=AgentRun)
+    paused = reload(paused)
+    assert (paused.status, paused.error) == ("failed", APPROVAL_EXPIRED_ERROR)
+    assert failed == ["failed"]
+    assert AgentApproval.objects.get(run=paused).decision == "expired"
+    assert refunds.done == []
+
+    # Over the API: another overdue run answers 410 with a clear message, never 200.
+    late = start(user, "clerk", session_key="late")
+    AgentRun.objects.filter(pk=late.pk).update(approval_expires_at=Now() - timedelta(seconds=1))
+    client.force_login(user)
+    response = client.post(
+        f"/agents/runs/{late.pk}/approve/", {"call_id": "call-r1"}, content_type="application/json"
+    )
+    assert response.status_code == 410
+    assert response.json()["error"]["code"] == "approval_expired"
+    assert reload(late).status == "failed" and refunds.done == []
+
+
+def test_a_cancel_that_lands_just_before_the_pause_ends_the_run_cancelled(user, refunds):
+    """The user cancels while the attempt is about to pause on a call: the run never pauses,
+    so no later approval can run the tool."""
+    from agentic_django.services import cancel_run
+
+    register("clerk", [call("refund", {"order": "42"}, "call-r1"), text("?")], [refunds.tool])
+    with database_faults() as faults:
+        # Just before the pausing UPDATE, the cancel lands (on the pausing connection: SQLite
+        # lets no other writer in once the pause's transaction began).
+        faults.before(PAUSE, lambda: cancel_run(AgentRun.objects.get(agent_key="clerk")))
+        run = start(user, "clerk")
+    assert run.status == "cancelled"
+    assert run.cancel_requested_at is not None and run.approval_expires_at is None
+    assert not AgentApproval.objects.filter(run=run).exists()
+    with pytest.raises(RunNotAwaitingApproval):
+        approve_tool_call(run, "call-r1")
+    assert refunds.done == []
+
+
+def test_a_cancel_requested_before_a_tool_starts_keeps_the_tool_from_running(user, settings):
+    """The model asked for a tool; the cancellation lands as the call is about to be recorded
+    as started: the tool never runs and the run ends cancelled."""
+    from agentic_django.services import cancel_run
+    from tests.waiting import in_thread
+
+    ran: list[str] = []
+
+    @function_tool
+    def ship(order: str) -> str:
+        """Ship an order."""
+        ran.append(order)
+        return "shipped"
+
+    register("shipper", [call("ship", {"order": "7"}, "call-s1"), text("Shipped.")], [ship])
+    with database_faults() as faults:
+        faults.before(
+            TOOL_START,
+            lambda: in_thread(lambda: cancel_run(AgentRun.objects.get(agent_key="shipper"))).join(),
+        )
+        run = start(user, "shipper", "ship order 7")
+    assert run.status == "cancelled", run.error_detail
+    assert ran == []
+
+
+def test_a_decision_while_the_task_queue_is_down_keeps_the_run_for_the_sweep(
+    user, refunds, settings
+):
+    """The decision is spent and answered; the broker refuses the resumed run's task. The run
+    stays pending (never failed for a blip) and the next sweep, with the broker back, runs it."""
+    register(
+        "clerk", [call("refund", {"order": "42"}, "call-r1"), text("Refunded.")], [refunds.tool]
+    )
+    run = start(user, "clerk")
+    settings.TASKS = {"default": {"BACKEND": "tests.core.faults.UnavailableBackend"}}
+    assert approve_tool_call(run, "call-r1") is True
+    run = reload(run)
+    assert (run.status, run.error, run.task_id) == ("pending", "", "")
+    with pytest.raises(RunNotAwaitingApproval):  # 409: the decision is spent
+        reject_tool_call(run, "call-r1")
+    assert refunds.done == []
+
+    settings.TASKS = IMMEDIATE
+    recovery.sweep()
+    run = reload(run)
+    assert (run.status, run.final_output) == ("completed", "Refunded.")
+    assert refunds.done == ["42"]
+
+
 def test_cancelling_a_paused_run_ends_it_at_once(user, refunds):
     from agentic_django.services import cancel_run
 
@@ -271,15 +366,6 @@ def test_cancelling_a_paused_run_ends_it_at_once(user, refunds):
 
 
 # --- crashes around an approved call ------------------------------------------------------------
-
-
-def dies() -> Any:
-    """A model step that kills the worker process (as SIGKILL would) when it is reached."""
-
-    def kill(model_call: Any) -> Any:
-        raise SystemExit("worker killed")
-
-    return ModelStep.respond(kill)
 
 
 def crash_and_recover(run: AgentRun, settings) -> AgentRun:

@@ -33,6 +33,7 @@ from agentic_django.lifecycle import LEASE_EXPIRED_ERROR
 from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSessionItem
 from agentic_django.services import create_run, enqueue_agent_run
 from agentic_django.sessions import SessionWriteRejected, session_for_run
+from agentic_django.toolcalls import repeatable
 from tests.core import registry
 from tests.core.conftest import call, running_elsewhere, text, worker_died
 from tests.core.faults import (
@@ -310,6 +311,7 @@ def test_a_lost_attempt_writes_nothing_and_clients_see_one_attempt(user, client)
     attempt 1's tool returns. Nothing attempt 1 does afterwards is kept."""
     tool_started, release_tool = threading.Event(), threading.Event()
 
+    @repeatable  # a lookup: safe to run again when its worker dies inside it
     @function_tool
     def slow_lookup() -> str:
         """A tool that takes longer than the lease."""

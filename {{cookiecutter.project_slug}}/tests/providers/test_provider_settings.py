@@ -118,17 +118,19 @@ def test_a_key_alone_talks_to_openai_with_the_configured_timeout_and_retries(set
 @pytest.mark.parametrize(
     ("key", "base_url", "tracing", "exports"),
     [
-        ("sk-test", "", None, True),  # OpenAI itself
-        ("sk-test", "https://api.openai.com/v1", None, True),
+        ("sk-test", "", True, True),  # asked for, with OpenAI itself
+        ("sk-test", "https://api.openai.com/v1", True, True),
+        ("sk-test", "", None, False),  # not asked for
+        ("sk-test", "https://api.openai.com/v1", None, False),
         ("sk-test", OLLAMA, None, False),  # another server: prompts stay there
-        ("sk-test", "https://llm.example.com/v1", None, False),
-        ("sk-test", OLLAMA, True, True),  # asked for explicitly
+        ("sk-test", OLLAMA, False, False),
+        ("sk-test", OLLAMA, True, False),  # ...even when asked for
+        ("sk-test", "https://llm.example.com/v1", True, False),
         ("sk-test", "", False, False),  # turned off
-        ("", OLLAMA, True, False),  # no key to export with
-        ("", "", None, False),  # the demo model
+        ("", "", True, False),  # no key to export with: the demo model
     ],
 )
-def test_traces_go_to_openai_only_from_openai_unless_configured(
+def test_traces_go_to_openai_only_when_asked_for_and_talking_to_openai(
     settings, tracing_calls, key, base_url, tracing, exports
 ):
     settings.OPENAI_API_KEY = key

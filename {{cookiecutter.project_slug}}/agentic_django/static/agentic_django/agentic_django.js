@@ -42,7 +42,8 @@
     const state = { source: new EventSource(url), text: "" };
     streams.set(runId, state);
     state.source.addEventListener("delta", (event) => {
-      state.text += JSON.parse(event.data).text;
+      const delta = JSON.parse(event.data);
+      state.text = (delta.start ? "" : state.text) + delta.text;
       render(runId);
     });
     state.source.addEventListener("event", (event) => {

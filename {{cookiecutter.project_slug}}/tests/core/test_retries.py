@@ -1,0 +1,259 @@
+"""Retries after a worker died: attempts are counted and capped, the run timeout covers them
+all, the dead attempt's events never come back, and tool calls keep their idempotency keys.
+
+A worker dies here as ``SystemExit`` raised at a chosen point (a model step, a tool, a
+statement), which unwinds the attempt without any of its handlers: what is left in the
+database is what a SIGKILL at that point leaves (``test_tool_kill`` kills real processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from agents import RunContextWrapper, function_tool
+from agents.testing import ModelStep, function_call
+from django.db.models.functions import Now
+
+from agentic_django import recovery
+from agentic_django.events import visible_events
+from agentic_django.execution import execute, timeout_message
+from agentic_django.lifecycle import attempts_exhausted_error
+from agentic_django.models import AgentApproval, AgentRun, AgentSession, AgentToolCall
+from agentic_django.toolcalls import idempotency_key, repeatable
+from tests.core.conftest import call, dies, register, text, worker_died
+from tests.core.faults import CHECKPOINT_SAVE, database_faults
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+QUEUE = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
+IMMEDIATE = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
+
+
+def new_run(user, key: str, text_input: str = "go") -> AgentRun:
+    return AgentRun.objects.create(
+        session=AgentSession.objects.get_or_create(owner=user, session_key="k")[0],
+        owner=user,
+        agent_key=key,
+        input_payload=text_input,
+    )
+
+
+def reload(run: AgentRun) -> AgentRun:
+    return AgentRun.objects.get(pk=run.pk)
+
+
+def test_a_run_that_kills_its_worker_every_time_fails_after_max_attempts(user, settings):
+    settings.TASKS = QUEUE  # this test plays the workers
+    settings.AGENTIC_DJANGO_MAX_ATTEMPTS = 3
+    model = register("crasher", [dies(), dies(), dies(), text("never")])
+    run = new_run(user, "crasher")
+    for attempt in (1, 2, 3):
+        with pytest.raises(SystemExit):
+            execute(str(run.pk), task_id=f"worker-{attempt}")
+        run = reload(run)
+        assert (run.status, run.attempt) == ("running", attempt)
+        worker_died(run)
+        assert recovery.recover_runs(mode="requeue") == 1
+    run = reload(run)
+    assert (run.status, run.error) == ("failed", attempts_exhausted_error(3))
+    assert len(model.calls) == 3  # the model was paid three times, not forever
+    assert (run.retries, run.finished_at is not None) == (2, True)
+    # A person may still retry it: that starts a fresh count.
+    from agentic_django.services import requeue_run
+
+    settings.TASKS = IMMEDIATE
+    assert requeue_run(run)
+    run = reload(run)
+    assert (run.status, run.final_output, run.retries) == ("completed", "never", 0)
+
+
+def died_after(run: AgentRun, *, seconds: int) -> None:
+    """The run's worker died ``seconds`` (database clock) into its attempt; recovery looks."""
+    with pytest.raises(SystemExit):
+        execute(str(run.pk), task_id="worker")
+    AgentRun.objects.filter(pk=run.pk).update(
+        started_at=Now() - timedelta(seconds=seconds), heartbeat_at=Now()
+    )
+    worker_died(run)
+    assert recovery.recover_runs(mode="requeue") == 1
+
+
+def test_the_run_timeout_counts_every_attempt(user, settings):
+    """Attempt 1 ran 55 of its 60 s before its worker died: the retry gets the 5 s left, and
+    a run that used all of it is not retried at all."""
+    settings.TASKS = QUEUE
+    settings.AGENTIC_DJANGO_RUN_TIMEOUT = 60
+    release = asyncio.Event()
+
+    async def hang(model_call: Any) -> Any:
+        await release.wait()  # a provider that never answers
+
+    register("slow", [dies(), ModelStep.respond(hang)])
+    run = new_run(user, "slow")
+    died_after(run, seconds=55)
+    run = reload(run)
+    assert run.status == "pending" and 55 <= run.elapsed_seconds < 60
+    execute(str(run.pk), task_id="worker-2")  # hangs on the model: stopped after ~5 s
+    run = reload(run)
+    assert (run.status, run.error) == ("failed", timeout_message(60))
+
+    # Over its budget already: the dead attempt's run is failed, not retried.
+    register("slower", [dies()])
+    over = new_run(user, "slower")
+    over.session = AgentSession.objects.create(owner=user, session_key="over")
+    over.save()
+    died_after(over, seconds=61)
+    over = reload(over)
+    assert (over.status, over.error, over.attempt) == ("failed", timeout_message(60), 1)
+
+
+def test_the_events_of_an_attempt_that_died_never_come_back(user, settings, client):
+    """The worker dies right after a tool ran, before the next checkpoint; the retry asks for
+    that turn again, replays the tool and saves its own checkpoint. Clients see each event
+    once: the dead attempt's stay stored, superseded."""
+    ran: list[str] = []
+
+    @function_tool
+    def lookup(order: str) -> str:
+        """Look an order up."""
+        ran.append(order)
+        return f"order {order}: shipped"
+
+    register(
+        "clerk",
+        [
+            call("lookup", {"order": "9"}, "call-a"),
+            call("lookup", {"order": "9"}, "call-b"),  # the retry's new id for the same call
+            text("It shipped."),
+        ],
+        [lookup],
+    )
+    settings.TASKS = QUEUE
+    with database_faults() as faults:
+        faults.fail(CHECKPOINT_SAVE, SystemExit("worker killed"))
+        run = new_run(user, "clerk")
+        with pytest.raises(SystemExit):
+            execute(str(run.pk), task_id="worker-1")
+    settings.TASKS = IMMEDIATE  # the retry runs in-process
+    worker_died(run)
+    assert recovery.recover_runs(mode="requeue") == 1
+    run = reload(run)
+    assert (run.status, run.final_output, ran) == ("completed", "It shipped.", ["9"])
+    assert run.checkpoint_event_sequence > 3  # the retry's checkpoint is past the dead events
+
+    shown = [e.event_type for e in visible_events(run).order_by("sequence")]
+    assert shown == ["agent_updated", "tool_called", "tool_output", "message_output"]
+    client.force_login(user)
+    listed = client.get(f"/agents/runs/{run.pk}/events/").json()["events"]
+    assert [(e["type"], e["attempt"]) for e in listed] == [
+        ("agent_updated", 2),
+        ("tool_called", 2),
+        ("tool_output", 2),
+        ("message_output", 2),
+    ]
+    superseded = run.events.filter(superseded=True).values_list("attempt", "event_type")
+    assert sorted(superseded) == [(1, "agent_updated"), (1, "tool_called"), (1, "tool_output")]
+
+
+def test_two_equal_calls_in_a_turn_get_two_keys_that_survive_a_retry(user, settings):
+    """Two tickets at $5: ``charge(cents=500)`` twice in one turn. The worker dies inside the
+    second charge; the retry asks the model again, which names both calls anew. The payment
+    system sees exactly two keys: each charge once, whatever was retried."""
+    settings.TASKS = QUEUE
+    keys: list[str] = []
+    dying = [True]
+
+    @repeatable  # the payment system deduplicates by key: running it again is safe
+    @function_tool
+    async def charge(context: RunContextWrapper[Any], cents: int) -> str:
+        """Charge the customer."""
+        keys.append(idempotency_key(context))
+        if len(keys) == 2 and dying[0]:
+            raise SystemExit("worker killed inside the tool")
+        return f"charged {cents}"
+
+    def both(suffix: str) -> list[Any]:
+        return [
+            function_call("charge", {"cents": 500}, call_id=f"first-{suffix}"),
+            function_call("charge", {"cents": 500}, call_id=f"second-{suffix}"),
+        ]
+
+    register("tickets", [both("a"), both("b"), text("Two tickets bought.")], [charge])
+    run = new_run(user, "tickets", "two tickets please")
+    with pytest.raises(SystemExit):
+        execute(str(run.pk), task_id="worker-1")
+    first_keys = list(keys)
+    assert len(set(first_keys)) == 2, first_keys  # two calls, two keys
+
+    dying[0] = False
+    worker_died(run)
+    assert recovery.recover_runs(mode="requeue") == 1
+    execute(str(run.pk), task_id="worker-2")
+    run = reload(run)
+    assert (run.status, run.final_output) == ("completed", "Two tickets bought."), run.error
+    assert set(keys) == set(first_keys), keys  # the retries reused the keys
+    calls = AgentToolCall.objects.filter(run=run)
+    assert calls.count() == 2 and not calls.filter(finished_at__isnull=True).exists()
+
+
+def test_a_call_in_doubt_pauses_the_retry_and_its_user_decides(user, settings, client):
+    """A tool not declared repeatable was running when its worker died. The retry asks before
+    anything else: no model call, no tool. "Count it as done" gives the model the message."""
+    settings.TASKS = QUEUE
+    sent: list[str] = []
+    dying = [True]
+
+    @function_tool
+    async def send_invoice(customer: str) -> str:
+        """Send an invoice."""
+        sent.append(customer)
+        if dying[0]:
+            raise SystemExit("worker killed inside the tool")
+        return f"invoice sent to {customer}"
+
+    model = register(
+        "billing",
+        [
+            call("send_invoice", {"customer": "ACME"}, "call-1"),
+            call("send_invoice", {"customer": "ACME"}, "call-1-again"),
+            text("Done."),
+        ],
+        [send_invoice],
+    )
+    run = new_run(user, "billing", "invoice ACME")
+    with pytest.raises(SystemExit):
+        execute(str(run.pk), task_id="worker-1")
+    dying[0] = False
+    worker_died(run)
+    assert recovery.recover_runs(mode="requeue") == 1
+    execute(str(run.pk), task_id="worker-2")
+    run = reload(run)
+    assert run.status == "awaiting_approval"
+    assert len(model.calls) == 1 and sent == ["ACME"]  # nothing paid for or sent again
+    (question,) = run.pending_approvals()
+    assert (question.kind, question.call_id, question.tool_name) == (
+        "in_doubt",
+        "call-1@1",
+        "send_invoice",
+    )
+    assert question.arguments == {"customer": "ACME"}
+
+    client.force_login(user)
+    detail = client.get(f"/agents/runs/{run.pk}/").json()
+    assert detail["approvals"][0]["kind"] == "in_doubt"
+    response = client.post(
+        f"/agents/runs/{run.pk}/reject/",
+        {"call_id": "call-1@1", "message": "It went out at 9:02."},
+        content_type="application/json",
+    )
+    assert response.status_code == 200
+    execute(str(run.pk), task_id="worker-3")
+    run = reload(run)
+    assert (run.status, run.final_output) == ("completed", "Done."), run.error
+    assert sent == ["ACME"]  # never sent twice
+    outputs = [i.get("output") for i in run.session.items.values_list("payload", flat=True)]
+    assert "It went out at 9:02." in outputs
+    assert AgentApproval.objects.get(run=run).decision == "rejected"
