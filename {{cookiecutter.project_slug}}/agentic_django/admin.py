@@ -92,7 +92,7 @@ class SessionItemInline(ReadOnlyInline):
 class RunEventInline(ReadOnlyInline):
     model = AgentEvent
     formset = EventFormSet
-    fields = ("sequence", "attempt", "event_type", "payload_preview", "created_at")
+    fields = ("sequence", "attempt", "superseded", "event_type", "payload_preview", "created_at")
     readonly_fields = fields
     verbose_name_plural = f"events (latest {INLINE_LIMIT})"
 
@@ -104,6 +104,7 @@ class RunEventInline(ReadOnlyInline):
 class ApprovalInline(ReadOnlyInline):
     model = AgentApproval
     fields = (
+        "kind",
         "call_id",
         "tool_name",
         "arguments",
@@ -116,7 +117,7 @@ class ApprovalInline(ReadOnlyInline):
         "decided_at",
     )
     readonly_fields = fields
-    verbose_name_plural = f"tool calls awaiting approval (latest {INLINE_LIMIT})"
+    verbose_name_plural = f"tool calls awaiting a decision (latest {INLINE_LIMIT})"
 
 
 @admin.register(AgentSession)
@@ -173,6 +174,8 @@ class AgentRunAdmin(admin.ModelAdmin):
         "task_id",
         "dispatched_at",
         "attempt",
+        "retries",
+        "elapsed_seconds",
         "lease_expires_at",
         "heartbeat_at",
         "cancel_requested_at",
@@ -262,12 +265,14 @@ class AgentRunAdmin(admin.ModelAdmin):
 
 @admin.register(AgentEvent)
 class AgentEventAdmin(admin.ModelAdmin):
-    list_display = ("run", "sequence", "attempt", "event_type", "created_at")
-    list_filter = ("event_type", "created_at")
+    list_display = ("run", "sequence", "attempt", "superseded", "event_type", "created_at")
+    list_filter = ("event_type", "superseded", "created_at")
     search_fields = ("=run__id", "event_type")
     raw_id_fields = ("run",)
     list_select_related = ("run",)
-    readonly_fields = ("run", "sequence", "attempt", "event_type", "payload", "created_at")
+    readonly_fields = (
+        "run", "sequence", "attempt", "superseded", "event_type", "payload", "created_at"
+    )
     show_full_result_count = False
 
     def has_add_permission(self, request: HttpRequest) -> bool:

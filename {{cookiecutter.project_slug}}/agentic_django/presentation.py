@@ -20,7 +20,7 @@ from django.db.models import Prefetch
 from django.utils.safestring import SafeString, mark_safe
 from markdown_it import MarkdownIt
 
-from agentic_django.models import AgentRun, AgentSession, AgentSessionItem
+from agentic_django.models import AgentApproval, AgentRun, AgentSession, AgentSessionItem
 
 MAX_RUNS_SHOWN = 100
 SUMMARY_CHARS = 80
@@ -180,6 +180,11 @@ class RunView:
     item_count: int = 0
     # The tool calls a paused run waits on (AgentApproval rows), in order.
     approvals: list[Any] = field(default_factory=list)
+
+    @property
+    def in_doubt(self) -> bool:
+        """True when the run asks about calls that may or may not have happened."""
+        return any(a.kind == AgentApproval.Kind.IN_DOUBT for a in self.approvals)
 
     @property
     def final_output_text(self) -> str:

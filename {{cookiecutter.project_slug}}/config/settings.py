@@ -125,7 +125,7 @@ OPENAI_MODEL = env("OPENAI_MODEL", default="gpt-4.1-mini")
 # Seconds to wait for the server: for an answer, and between two chunks of a stream.
 OPENAI_TIMEOUT = env.float("OPENAI_TIMEOUT", default=60.0)
 OPENAI_MAX_RETRIES = env.int("OPENAI_MAX_RETRIES", default=2)  # on 429, 5xx and timeouts
-# Send traces of runs to OpenAI's dashboard; unset: only when talking to OpenAI itself.
+# True: send traces of runs to OpenAI's dashboard (only with a key and OpenAI as the provider).
 OPENAI_TRACING = env.bool("OPENAI_TRACING", default=None)
 AGENTIC_DJANGO_AGENT_REGISTRY = "chat.registry.get_agent_registry"
 AGENTIC_DJANGO_DEFAULT_AGENT_KEY = "assistant"
@@ -140,6 +140,9 @@ AGENTIC_DJANGO_MAX_TURNS = 20  # cap on the max_turns a caller may request
 # Seconds a run may take in all (model calls, tools, retries) before it fails and frees its
 # worker; keep it below the task backend's own job timeout.
 AGENTIC_DJANGO_RUN_TIMEOUT = env.int("AGENTIC_DJANGO_RUN_TIMEOUT", default=300)
+# Attempts a run gets in all: a run whose worker dies this many times fails instead of
+# being retried (a tool that exhausts memory must not take down workers forever).
+AGENTIC_DJANGO_MAX_ATTEMPTS = env.int("AGENTIC_DJANGO_MAX_ATTEMPTS", default=3)
 # Seconds a run paused on tool calls that need approval waits for a decision, then fails.
 AGENTIC_DJANGO_APPROVAL_TIMEOUT = env.int("AGENTIC_DJANGO_APPROVAL_TIMEOUT", default=86_400)
 # A run whose worker stops renewing its lease this long is recoverable.

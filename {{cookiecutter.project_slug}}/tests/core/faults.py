@@ -35,6 +35,7 @@ PAUSE = (
     r'"heartbeat_at" = .*"approval_expires_at"'
 )
 TOOL_START = r'^INSERT INTO "agentic_django_agenttoolcall"'
+TOOL_FINISH = r'^UPDATE "agentic_django_agenttoolcall" SET "output"'
 
 
 @dataclass

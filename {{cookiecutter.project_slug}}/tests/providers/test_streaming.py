@@ -163,6 +163,89 @@ def test_a_client_of_a_retried_run_is_told_to_start_over(user, client):
     assert again[-1].kind == "end" and '"completed"' in again[-1].data
 
 
+def deltas(events: list[Event]) -> list[dict]:
+    return [json.loads(e.data) for e in events if e.kind == "delta"]
+
+
+def test_text_of_an_attempt_that_died_never_mixes_with_the_retry(user, client, settings):
+    """Turn 1 called a tool (so there is a checkpoint after its events); attempt 1 streamed
+    "Hello wor" of its answer and died. While the run waits for its retry, nobody sees that
+    text; a client that saw it is told to start over, then gets the retry's answer alone."""
+    from agentic_django import lifecycle
+    from agentic_django.events import EventRecorder
+    from agentic_django.lifecycle import Fence
+    from agentic_django.models import AgentSession
+    from tests.core.conftest import running_elsewhere, worker_died
+
+    settings.TASKS = QUEUE  # this test plays the workers
+    run = running_elsewhere(AgentSession.objects.create(owner=user, session_key="k"))
+    first = Fence.of(run)
+    recorder = EventRecorder(run)
+    recorder.record("tool_called", {"tool_name": "calculate", "call_id": "c1"})
+    recorder.record("tool_output", {"call_id": "c1", "output": "42"})
+    assert lifecycle.save_checkpoint(first, state="{}", schema_version="1", turn=2)
+    assert lifecycle.stream_text(first, "Hello wor", new_message=True)
+    client.force_login(user)
+    seen = read(client, run, until="delta")
+    assert seen[-1].id == "2:9:1" and deltas(seen) == [{"text": "Hello wor", "start": True}]
+
+    worker_died(run)
+    assert lifecycle.requeue(AgentRun.objects.get(pk=run.pk), stale_only=True)
+    assert AgentRun.objects.get(pk=run.pk).stream_text == ""
+    page = client.get(reverse("agents:run-fragment", args=[run.pk]))
+    assert "Hello wor" not in page.content.decode()
+
+    second = Fence.of(lifecycle.claim(run.pk))
+    assert lifecycle.stream_text(second, "Good morning", new_message=True)
+    lifecycle.finish(
+        second,
+        status="completed",
+        error="",
+        error_detail="",
+        final_output="Good morning",
+        last_response_id="",
+        usage={},
+    )
+    again = read(client, run, last_id=seen[-1].id)
+    assert (again[0].kind, again[0].id) == ("reset", "2")
+    assert json.loads(again[0].data) == {"attempt": 2}
+    assert "Hello" not in "".join(e.data for e in again)
+
+
+def test_without_events_each_streamed_message_starts_afresh(user, client, settings):
+    """The engine's default (no events): a client following a run that streams two messages
+    gets the second as a message of its own, never continued from the first one's length."""
+    from agentic_django import lifecycle
+    from agentic_django.lifecycle import Fence
+    from agentic_django.models import AgentSession
+    from tests.core.conftest import running_elsewhere
+
+    settings.AGENTIC_DJANGO_ENABLE_EVENTS = False
+    run = running_elsewhere(AgentSession.objects.create(owner=user, session_key="k"))
+    fence = Fence.of(run)
+    lifecycle.stream_text(fence, "Let me look that up.", new_message=True, events=False)
+    client.force_login(user)
+    first = read(client, run, until="delta")
+    assert deltas(first) == [{"text": "Let me look that up.", "start": True}]
+    lifecycle.end_stream(fence, None)
+    lifecycle.stream_text(fence, "two.", new_message=True, events=False)
+    rest = read(client, run, last_id=first[-1].id, until="delta")
+    assert deltas(rest) == [{"text": "two.", "start": True}]
+    assert rest[-1].id == "2:4:1"
+
+
+def test_a_run_without_events_numbers_its_streamed_messages(provider, user, settings):
+    """The worker's side of it: with events off, a message a model streams gets the next
+    number (there is no event for it to follow)."""
+    settings.AGENTIC_DJANGO_ENABLE_EVENTS = False
+    settings.TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
+    provider.reply(Text("one two three", deltas=3, delay=0.15))
+    run = create_run(owner=user, session_key="k", input_payload="count")
+    run.refresh_from_db()
+    assert (run.status, run.final_output) == ("completed", "one two three")
+    assert run.stream_sequence == 1 and run.stream_text == ""
+
+
 def test_cancel_while_text_streams_stops_at_once_and_keeps_the_partial_text(streaming_run):
     from agentic_django.services import cancel_run
 

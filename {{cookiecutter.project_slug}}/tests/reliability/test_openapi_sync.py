@@ -365,6 +365,8 @@ RECIPES = [
         lambda w, s: _decide(w.api, "run-approve", w.paused, {"call_id": "call-9"}),
     ),
     Recipe("run-approve", 409, "approval_already_decided", lambda w, s: _decide_twice(w)),
+    Recipe("run-approve", 410, "approval_expired", lambda w, s: _decide_too_late(w, "run-approve")),
+    Recipe("run-reject", 410, "approval_expired", lambda w, s: _decide_too_late(w, "run-reject")),
     Recipe(
         "run-reject",
         400,
@@ -427,6 +429,15 @@ def _decide_twice(w: World) -> Any:
     # The run went on meanwhile; the call stays decided.
     AgentRun.objects.filter(pk=w.paused.pk).update(status="awaiting_approval")
     return _decide(w.api, "run-approve", w.paused)
+
+
+def _decide_too_late(w: World, name: str) -> Any:
+    from datetime import timedelta
+
+    from django.db.models.functions import Now
+
+    AgentRun.objects.filter(pk=w.paused.pk).update(approval_expires_at=Now() - timedelta(seconds=1))
+    return _decide(w.api, name, w.paused)
 
 
 def _database_down(w: World, call: Callable[[World], Any]) -> Any:

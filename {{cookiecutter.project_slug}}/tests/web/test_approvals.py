@@ -105,3 +105,31 @@ def test_decisions_need_the_csrf_token(user):
     run = paused_run(run_client)
     assert decide(client, run, "approve").status_code == 403
     assert AgentRun.objects.get(pk=run.pk).status == "awaiting_approval"
+
+
+def test_a_note_in_doubt_asks_with_its_own_buttons_and_sends_it_once(api, user):
+    """The worker died while send_team_note ran (a call started, never finished): the retried
+    run asks in the chat with "Run it again", "It was done" and "Stop the run". Running it
+    again reuses the call's idempotency key, so the note is stored once."""
+    from agentic_django import lifecycle, recovery
+    from agentic_django.models import AgentToolCall
+    from tests.core.conftest import worker_died
+
+    run = paused_run(api)
+    assert decide(api, run, "approve").status_code == 200
+    call = AgentToolCall.objects.get(run=run)
+    assert TeamNote.objects.count() == 1
+    # As a worker killed inside the tool, just after the note was stored, leaves it: the call
+    # started and never finished, the run running with an expired lease.
+    AgentToolCall.objects.filter(pk=call.pk).update(finished_at=None, output=None)
+    AgentRun.objects.filter(pk=run.pk).update(status="running", final_output=None)
+    worker_died(run)
+    assert lifecycle.requeue(AgentRun.objects.get(pk=run.pk), stale_only=True)
+    recovery.sweep()  # the retry (in-process here) pauses on the call in doubt
+    run.refresh_from_db()
+    assert run.status == "awaiting_approval"
+    page = api.get(reverse("agents:run-fragment", args=[run.pk]), headers=HTMX).content.decode()
+    for label in ("may or may not have acted", "Run it again", "It was done", "Stop the run"):
+        assert label in page, label
+    assert decide(api, run, "approve").json()["status"] == "completed"
+    assert TeamNote.objects.count() == 1  # the same key: the note was not sent twice
