@@ -29,7 +29,16 @@ from pathlib import Path
 from scripts.bake import TEMPLATE, bake
 from scripts.servers import start_postgres
 
-MODULES = ("lifecycle", "dispatch", "recovery", "execution", "sessions", "events")
+MODULES = (
+    "lifecycle",
+    "dispatch",
+    "recovery",
+    "execution",
+    "sessions",
+    "events",
+    "toolcalls",
+    "streams",
+)
 MUTMUT = Path(sys.executable).parent / "mutmut"
 CONFIG = """
 [tool.mutmut]

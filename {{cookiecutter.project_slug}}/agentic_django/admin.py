@@ -271,7 +271,13 @@ class AgentEventAdmin(admin.ModelAdmin):
     raw_id_fields = ("run",)
     list_select_related = ("run",)
     readonly_fields = (
-        "run", "sequence", "attempt", "superseded", "event_type", "payload", "created_at"
+        "run",
+        "sequence",
+        "attempt",
+        "superseded",
+        "event_type",
+        "payload",
+        "created_at",
     )
     show_full_result_count = False
 

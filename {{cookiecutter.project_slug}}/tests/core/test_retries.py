@@ -99,6 +99,7 @@ def test_the_run_timeout_counts_every_attempt(user, settings):
     execute(str(run.pk), task_id="worker-2")  # hangs on the model: stopped after ~5 s
     run = reload(run)
     assert (run.status, run.error) == ("failed", timeout_message(60))
+    assert run.error_detail == ""  # its own deadline stopped it, not the lease keeper's later one
 
     # Over its budget already: the dead attempt's run is failed, not retried.
     register("slower", [dies()])
