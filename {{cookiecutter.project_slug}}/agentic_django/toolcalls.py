@@ -96,6 +96,9 @@ class ToolLedger:
     _matched: set[int] = field(default_factory=set)
     # call id -> which call of its tool with its arguments it is in its turn (0, 1, ...).
     _occurrences: dict[str, int] = field(default_factory=dict)
+    # Calls no model response of this attempt named (approved calls a resumed run makes), per
+    # (turn, tool, arguments): numbered in the order they run.
+    _unplanned: dict[tuple[int, str, str], int] = field(default_factory=dict)
     # call id -> idempotency key, for the calls this attempt runs.
     keys: dict[str, str] = field(default_factory=dict)
 
@@ -115,6 +118,13 @@ class ToolLedger:
             seen[(name, arguments)] = occurrence + 1
             self._occurrences[getattr(item, "call_id", "")] = occurrence
 
+    def _occurrence(self, call_id: str, name: str, arguments: str) -> int:
+        if call_id not in self._occurrences:
+            unplanned = (self.turn, name, arguments)
+            self._occurrences[call_id] = self._unplanned.get(unplanned, 0)
+            self._unplanned[unplanned] = self._occurrences[call_id] + 1
+        return self._occurrences[call_id]
+
     def key_for(self, name: str, arguments: str, occurrence: int) -> str:
         payload = [str(self.fence.run_id), self.turn, name, arguments, occurrence]
         return "agentic-" + hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:40]
@@ -129,7 +139,7 @@ class ToolLedger:
         run's cancellation was requested, ``ToolCallInDoubt`` for a call in doubt nobody
         decided on.
         """
-        occurrence = self._occurrences.get(call_id, 0)
+        occurrence = self._occurrence(call_id, name, arguments)
         # Only a later attempt can find calls of earlier ones.
         earlier = self.fence.attempt > 1
         row = self._earlier(call_id, name, arguments, occurrence) if earlier else None
@@ -148,7 +158,10 @@ class ToolLedger:
     def _earlier(
         self, call_id: str, name: str, arguments: str, occurrence: int
     ) -> AgentToolCall | None:
-        calls = AgentToolCall.objects.filter(run_id=self.fence.run_id).exclude(pk__in=self._matched)
+        # Calls of earlier attempts only: those this attempt started are its own, running.
+        calls = AgentToolCall.objects.filter(
+            run_id=self.fence.run_id, attempt__lt=self.fence.attempt
+        ).exclude(pk__in=self._matched)
         row = calls.filter(call_id=call_id, tool_name=name, arguments=arguments).first()
         if row is None and self.turn == self.resumed_turn:
             same = calls.filter(turn=self.turn, tool_name=name, arguments=arguments)

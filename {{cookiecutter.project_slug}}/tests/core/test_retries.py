@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from agents import RunContextWrapper, function_tool
-from agents.testing import ModelStep, function_call
+from agents.testing import ModelStep, ScriptedModel, function_call
 from django.db.models.functions import Now
 
 from agentic_django import recovery
@@ -22,9 +22,9 @@ from agentic_django.events import visible_events
 from agentic_django.execution import execute, timeout_message
 from agentic_django.lifecycle import attempts_exhausted_error
 from agentic_django.models import AgentApproval, AgentRun, AgentSession, AgentToolCall
-from agentic_django.toolcalls import idempotency_key
+from agentic_django.toolcalls import idempotency_key, repeatable
 from tests.core.conftest import call, dies, register, text, worker_died
-from tests.core.faults import CHECKPOINT_SAVE, TOOL_FINISH, database_faults
+from tests.core.faults import CHECKPOINT_SAVE, TOOL_FINISH, TOOL_START, database_faults
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -248,3 +248,159 @@ def test_a_call_in_doubt_pauses_the_retry_and_its_user_decides(user, settings, c
     outputs = [i.get("output") for i in run.session.items.values_list("payload", flat=True)]
     assert "It went out at 9:02." in outputs
     assert AgentApproval.objects.get(run=run).decision == "rejected"
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["repeatable", "undeclared"])
+def test_a_call_run_again_after_its_worker_died_keeps_its_key(user, settings, declared):
+    """The worker dies as the tool returns (before its output is recorded). A repeatable tool
+    runs again on the retry at once; an undeclared one once its user said "run it again".
+    Either way it runs under the key it had."""
+    settings.TASKS = QUEUE
+    keys: list[str] = []
+
+    def pay(context: RunContextWrapper[Any], cents: int) -> str:
+        """Pay a supplier."""
+        keys.append(idempotency_key(context))
+        return f"paid {cents}"
+
+    tool = function_tool(pay)
+    register(
+        "payer",
+        [
+            call("pay", {"cents": 700}, "call-1"),
+            call("pay", {"cents": 700}, "call-1-again"),
+            text("Paid."),
+        ],
+        [repeatable(tool) if declared else tool],
+    )
+    run = new_run(user, "payer", "pay 7")
+    with database_faults() as faults, pytest.raises(SystemExit):
+        faults.fail(TOOL_FINISH, SystemExit("worker killed"))
+        execute(str(run.pk), task_id="worker-1")
+    worker_died(run)
+    assert recovery.recover_runs(mode="requeue") == 1
+    execute(str(run.pk), task_id="worker-2")
+    if not declared:
+        run = reload(run)
+        assert run.status == "awaiting_approval" and len(keys) == 1
+        from agentic_django.services import approve_tool_call
+
+        approve_tool_call(run, "call-1@1")
+        execute(str(run.pk), task_id="worker-3")
+    run = reload(run)
+    assert (run.status, run.final_output) == ("completed", "Paid."), run.error_detail
+    assert len(keys) == 2 and keys[0] == keys[1]
+    (recorded,) = AgentToolCall.objects.filter(run=run)
+    assert (recorded.idempotency_key, recorded.output) == (keys[0], "paid 700")
+
+
+def test_a_retried_turn_replays_only_that_turns_calls(user, settings):
+    """The same lookup in turns 1 and 2; the worker dies in turn 2 before its lookup started.
+    The retry resumes turn 2 and runs that lookup: turn 1's recorded output is not its own."""
+    settings.TASKS = QUEUE
+    looked: list[str] = []
+
+    @function_tool
+    def lookup(order: str) -> str:
+        """Look an order up."""
+        looked.append(order)
+        return f"order {order}: #{len(looked)}"
+
+    register(
+        "clerk",
+        [
+            call("lookup", {"order": "9"}, "turn-1"),
+            call("lookup", {"order": "9"}, "turn-2"),
+            call("lookup", {"order": "9"}, "turn-2-again"),
+            text("Checked twice."),
+        ],
+        [lookup],
+    )
+    run = new_run(user, "clerk")
+    with database_faults() as faults, pytest.raises(SystemExit):
+        # The first call's start lands; the worker dies as the second one's is written.
+        faults.before(TOOL_START, lambda: None)
+        faults.fail(TOOL_START, SystemExit("worker killed"))
+        execute(str(run.pk), task_id="worker-1")
+    assert looked == ["9"]
+    worker_died(run)
+    assert recovery.recover_runs(mode="requeue") == 1
+    execute(str(run.pk), task_id="worker-2")
+    run = reload(run)
+    assert (run.status, run.final_output) == ("completed", "Checked twice."), run.error_detail
+    assert looked == ["9", "9"]
+    outputs = [i.get("output") for i in run.session.items.values_list("payload", flat=True)]
+    assert [o for o in outputs if o] == ["order 9: #1", "order 9: #2"]
+
+
+def test_keys_tell_apart_runs_tools_and_approved_calls(user, settings):
+    """Two equal calls that needed approval (no model response names them on the resumed
+    attempt) get two keys; another tool with the same arguments and another run get others."""
+    from agentic_django.services import approve_tool_call, create_run
+
+    settings.TASKS = IMMEDIATE
+    keys: dict[str, list[str]] = {"refund": [], "credit": []}
+
+    def refund(context: RunContextWrapper[Any], cents: int) -> str:
+        """Refund."""
+        keys["refund"].append(idempotency_key(context))
+        return "refunded"
+
+    def credit(context: RunContextWrapper[Any], cents: int) -> str:
+        """Credit."""
+        keys["credit"].append(idempotency_key(context))
+        return "credited"
+
+    both = [
+        function_call("refund", {"cents": 500}, call_id="r1"),
+        function_call("refund", {"cents": 500}, call_id="r2"),
+        function_call("credit", {"cents": 500}, call_id="c1"),
+    ]
+    tools = [function_tool(refund, needs_approval=True), function_tool(credit)]
+    register("desk", [both, text("Done."), both, text("Done.")], tools)
+    runs = []
+    for session_key in ("a", "b"):
+        run = create_run(owner=user, session_key=session_key, input_payload="x", agent_key="desk")
+        approve_tool_call(run, "r1")
+        approve_tool_call(run, "r2")
+        runs.append(reload(run))
+    assert [r.status for r in runs] == ["completed", "completed"]
+    first, second = keys["refund"][:2], keys["refund"][2:]
+    assert len(set(first)) == 2 and len(set(second)) == 2  # two approved calls, two keys
+    assert not set(first) & set(second)  # another run
+    assert not set(keys["credit"]) & set(keys["refund"])  # another tool
+    assert len(set(keys["credit"])) == 2
+
+
+def test_outside_a_run_a_wrapped_tool_is_just_called(user):
+    """The ledger's wrapper is installed on the tools once; an agent run without the engine
+    (no ledger) calls the tool as it is, and keys still tell calls apart."""
+    from agents import Agent, Runner
+
+    from agentic_django import toolcalls
+
+    seen: list[tuple[str, str]] = []
+
+    def note(context: RunContextWrapper[Any], text: str) -> str:
+        """Note something."""
+        seen.append((context.tool_call_id, idempotency_key(context)))
+        return "noted"
+
+    agent = Agent(
+        name="Plain",
+        model=ScriptedModel(
+            [
+                [
+                    function_call("note", {"text": "a"}, call_id="n1"),
+                    function_call("note", {"text": "a"}, call_id="n2"),
+                ],
+                text("ok"),
+            ]
+        ),
+        tools=[function_tool(note)],
+    )
+    assert toolcalls.install([agent]) == {"note": False}
+    result = asyncio.run(Runner.run(agent, "note it"))
+    assert result.final_output == "ok"
+    assert sorted(call_id for call_id, _ in seen) == ["n1", "n2"]
+    assert len({key for _, key in seen}) == 2
