@@ -32,20 +32,23 @@ _local = threading.local()
 
 
 def enqueue_on_commit(run_id: str) -> None:
-    """Dispatch ``run_id`` after the current transaction commits (at once outside one)."""
-    transaction.on_commit(lambda: dispatch_run(run_id))
+    """Dispatch ``run_id`` after the current transaction commits (at once outside one): its
+    user is waiting for it, so a task queue that refuses a new run fails it with a message."""
+    transaction.on_commit(lambda: dispatch_run(run_id, submitted=True))
 
 
-def dispatch_run(run_id: str) -> None:
-    """Enqueue a new run's task if it can start now; otherwise a finishing run will do it.
+def dispatch_run(run_id: str, *, submitted: bool = False) -> None:
+    """Enqueue a run's task if it can start now; otherwise a finishing run will do it.
 
-    A run that already has a recent task is left alone (one task per run).
+    A run that already has a recent task is left alone (one task per run). If the queue
+    refuses the task, a run its user just ``submitted`` (and that never started) fails with a
+    clear message; any other stays pending for the next sweep.
     """
     from agentic_django.recovery import ensure_startup_recovery, recover_stale_blockers
 
     ensure_startup_recovery()
     if lifecycle.reserve(run_id):
-        _enqueue(run_id, fail_on_error=True)
+        _enqueue(run_id, fail_on_error=submitted)
         return
     # Blocked or full (or not pending): a dead worker's expired lease must not hold the queue.
     recover_stale_blockers()

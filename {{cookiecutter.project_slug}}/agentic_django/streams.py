@@ -41,7 +41,6 @@ _POSITION = re.compile(r"^(\d{1,18})(?::(\d{1,18}):(\d{1,18}))?$")
 STREAM_FIELDS = (
     "status",
     "attempt",
-    "checkpoint_event_sequence",
     "stream_text",
     "stream_sequence",
     "error",
@@ -84,26 +83,37 @@ def message(kind: str, data: Any, position: Position | None = None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def _snapshot(run_pk: Any, position: Position) -> tuple[AgentRun, list[AgentEvent], bool]:
-    """The run, the visible events after ``position``, and whether what the client has after
-    the run's checkpoint came from an attempt that died (it must start over from there)."""
+def _snapshot(run_pk: Any, position: Position) -> tuple[AgentRun, list[AgentEvent], int | None]:
+    """The run, the visible events after ``position`` and, if part of what the client has
+    came from an attempt that died (or the text it has from another attempt), the event to
+    start over from."""
     run = AgentRun.objects.only(*STREAM_FIELDS).get(pk=run_pk)
-    if _void(run, position):
-        return run, [], True
+    restart = _restart_from(run, position)
+    if restart is not None:
+        return run, [], restart
     after = position.sequence
     events = list(visible_events(run).filter(sequence__gt=after).order_by("sequence")[:BATCH])
-    return run, events, False
+    return run, events, None
 
 
-def _void(run: AgentRun, position: Position) -> bool:
-    if position.offset:
-        # Streamed text is never stored per attempt: text of another attempt is void.
-        return position.attempt != run.attempt
-    if position.sequence <= run.checkpoint_event_sequence:
-        return False  # events up to the checkpoint are never superseded
-    if position.attempt == run.attempt:
-        return False  # no retry since the client last looked
-    return run.events.filter(sequence=position.sequence, superseded=True).exists()
+def _restart_from(run: AgentRun, position: Position) -> int | None:
+    """None while everything the client has is still valid; else the last event it has that
+    is (0: none), from which it must start over.
+
+    What a client has was checked against the attempt in its position; after another attempt
+    started, events it has may since have been superseded (an attempt died; conservatively,
+    any superseded event up to its position, when the position does not say its attempt), and
+    text it has was streamed by another attempt: it is void (the message became an event, or
+    died with its attempt).
+    """
+    if position.attempt == run.attempt or (position.sequence == 0 and not position.offset):
+        return None
+    dead = run.events.filter(superseded=True, sequence__lte=position.sequence)
+    first_dead = dead.order_by("sequence").values_list("sequence", flat=True).first()
+    if first_dead is None:
+        return position.sequence if position.offset else None
+    before = visible_events(run).filter(sequence__lt=first_dead).order_by("-sequence")
+    return before.values_list("sequence", flat=True).first() or 0
 
 
 async def run_events(run_pk: Any, position: Position) -> AsyncIterator[str]:
@@ -119,10 +129,11 @@ async def _run_events(run_pk: Any, position: Position, watch: RunWatch) -> Async
     idle_since = time.monotonic()
     while True:
         mark = watch.mark()  # before the look: a change during it ends the wait below at once
-        run, events, void = await sync_to_async(_snapshot)(run_pk, position)
-        if void:
-            # What this client saw after the checkpoint came from an attempt that died.
-            position = Position(run.checkpoint_event_sequence, attempt=run.attempt)
+        run, events, restart = await sync_to_async(_snapshot)(run_pk, position)
+        if restart is not None:
+            # What this client has after that event came from an attempt that died, or is
+            # text of another attempt.
+            position = Position(restart, attempt=run.attempt)
             yield message("reset", {"attempt": run.attempt}, position)
             continue
         sent = False

@@ -186,13 +186,17 @@ class ToolLedger:
         )
         if not repeatable and decision is None:
             raise ToolCallInDoubt(f"{row.tool_name} {row.call_id} is in doubt and undecided")
-        fenced = AgentToolCall.objects.filter(pk=row.pk).filter(Exists(self.fence.runs()))
+        this_call = AgentToolCall.objects.filter(pk=row.pk)
         if repeatable or decision[0] == AgentApproval.Decision.APPROVED:
-            # Run again under this attempt: if it dies inside the tool again, it is asked again.
-            self._check(fenced.update(attempt=self.fence.attempt), row.tool_name)
+            # Run again under this attempt (if it dies inside the tool again, it is asked
+            # again) -- unless a cancellation was requested: then no tool starts.
+            uncancelled = self.fence.runs().filter(cancel_requested_at__isnull=True)
+            again = this_call.filter(Exists(uncancelled)).update(attempt=self.fence.attempt)
+            self._check(again, row.tool_name)
             return Started(row.pk, row.idempotency_key)
         output = decision[1] or DONE_OUTPUT
-        self._check(fenced.update(output=output, finished_at=timezone.now()), row.tool_name)
+        done = this_call.filter(Exists(self.fence.runs()))
+        self._check(done.update(output=output, finished_at=timezone.now()), row.tool_name)
         row.output = output
         return None
 

@@ -36,6 +36,7 @@ PAUSE = (
 )
 TOOL_START = r'^INSERT INTO "agentic_django_agenttoolcall"'
 TOOL_FINISH = r'^UPDATE "agentic_django_agenttoolcall" SET "output"'
+TOOL_RERUN = r'^UPDATE "agentic_django_agenttoolcall" SET "attempt"'
 
 
 @dataclass

@@ -70,6 +70,18 @@ def test_a_run_whose_task_was_lost_is_dispatched_again(user, scripted_agent, set
     assert (run.status, run.final_output) == ("completed", "finally")
 
 
+def test_a_waiting_run_polled_while_the_task_queue_is_down_stays_queued(user, settings, client):
+    """Its task was lost and the broker is down as its owner polls: the run waits for the
+    next sweep. Only a run its user is submitting right now may fail on a refused task."""
+    settings.AGENTIC_DJANGO_LEASE_SECONDS = 30
+    run = lost_task_run(user, "demo", age_seconds=31)
+    settings.TASKS = {"default": {"BACKEND": "tests.core.faults.UnavailableBackend"}}
+    client.force_login(user)
+    assert client.get(f"/agents/runs/{run.pk}/").status_code == 200
+    run.refresh_from_db()
+    assert (run.status, run.error, run.task_id) == ("pending", "", "")
+
+
 def test_a_waiting_run_is_dispatched_again_at_most_once_per_lease(user, settings):
     settings.AGENTIC_DJANGO_LEASE_SECONDS = 30
     waiting = lost_task_run(user, "demo", age_seconds=31)

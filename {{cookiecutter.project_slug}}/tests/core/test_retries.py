@@ -24,7 +24,13 @@ from agentic_django.lifecycle import attempts_exhausted_error
 from agentic_django.models import AgentApproval, AgentRun, AgentSession, AgentToolCall
 from agentic_django.toolcalls import idempotency_key, repeatable
 from tests.core.conftest import call, dies, register, text, worker_died
-from tests.core.faults import CHECKPOINT_SAVE, TOOL_FINISH, TOOL_START, database_faults
+from tests.core.faults import (
+    CHECKPOINT_SAVE,
+    TOOL_FINISH,
+    TOOL_RERUN,
+    TOOL_START,
+    database_faults,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -404,3 +410,41 @@ def test_outside_a_run_a_wrapped_tool_is_just_called(user):
     assert result.final_output == "ok"
     assert sorted(call_id for call_id, _ in seen) == ["n1", "n2"]
     assert len({key for _, key in seen}) == 2
+
+
+def test_no_tool_starts_after_a_cancellation_not_even_a_call_run_again(user, settings):
+    """A call in doubt its user said to run again: a cancel that lands just before the call
+    starts again keeps the tool from running."""
+    from agentic_django.services import approve_tool_call, cancel_run
+
+    settings.TASKS = QUEUE
+    sent: list[str] = []
+
+    @function_tool
+    def send_invoice(customer: str) -> str:
+        """Send an invoice."""
+        sent.append(customer)
+        return f"invoice sent to {customer}"
+
+    register(
+        "billing",
+        [
+            call("send_invoice", {"customer": "ACME"}, "call-1"),
+            call("send_invoice", {"customer": "ACME"}, "call-1-again"),
+            text("Done."),
+        ],
+        [send_invoice],
+    )
+    run = new_run(user, "billing", "invoice ACME")
+    with database_faults() as faults, pytest.raises(SystemExit):
+        faults.fail(TOOL_FINISH, SystemExit("worker killed"))
+        execute(str(run.pk), task_id="worker-1")
+    worker_died(run)
+    assert recovery.recover_runs(mode="requeue") == 1
+    execute(str(run.pk), task_id="worker-2")
+    assert approve_tool_call(reload(run), "call-1@1") is True
+    with database_faults() as faults:
+        faults.before(TOOL_RERUN, lambda: cancel_run(reload(run)))
+        execute(str(run.pk), task_id="worker-3")
+    run = reload(run)
+    assert (run.status, sent) == ("cancelled", ["ACME"])

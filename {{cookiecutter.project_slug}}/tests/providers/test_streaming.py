@@ -258,3 +258,197 @@ def test_cancel_while_text_streams_stops_at_once_and_keeps_the_partial_text(stre
     assert run.stream_text and reply.text.startswith(run.stream_text)
     assert run.stream_text != reply.text  # it did not wait for the whole message
     assert run.final_output is None
+
+
+# --- Reconnecting across retries and resumes (real runs, scripted models) -----------------------
+
+END_STREAM = r'^UPDATE "agentic_django_agentrun" SET "stream_text" = %s, "stream_sequence" = %s'
+
+
+def client_view(events: list[Event], view: dict[int, str]) -> dict[int, str]:
+    """Apply what a stream sent to a client's view of the run's events {sequence: type}."""
+    for event in events:
+        if event.kind == "reset":
+            keep = int(event.id.split(":")[0])
+            view = {sequence: kind for sequence, kind in view.items() if sequence <= keep}
+        elif event.kind == "event":
+            assert int(event.id) not in view, f"event {event.id} seen twice"
+            view[int(event.id)] = json.loads(event.data)["type"]
+    return view
+
+
+def visible(run: AgentRun) -> dict[int, str]:
+    from agentic_django.events import visible_events
+
+    return dict(visible_events(run).order_by("sequence").values_list("sequence", "event_type"))
+
+
+def slow_step(output: list) -> object:
+    """A model step streaming ``output`` slowly, so its text is written while it streams."""
+    import asyncio
+
+    from agents.testing import ModelStep
+    from agents.testing.model import _stream_events_for_step
+
+    events = _stream_events_for_step(ModelStep(output=output), preserve_raw_usage=False)
+
+    async def stream(model_call):
+        for event in events:
+            await asyncio.sleep(0.12)
+            yield event
+
+    return ModelStep.stream(stream)
+
+
+@pytest.fixture
+def clerk(settings):
+    """Agent "clerk" of the engine's test registry with a lookup tool; returns the register."""
+    from agents import function_tool
+
+    from tests.core import registry
+    from tests.core.conftest import REGISTRY_PATH, register
+
+    @function_tool
+    def lookup(order: str) -> str:
+        """Look an order up."""
+        return f"order {order}: shipped"
+
+    settings.AGENTIC_DJANGO_AGENT_REGISTRY = REGISTRY_PATH
+    settings.AGENTIC_DJANGO_ENABLE_EVENTS = True
+    settings.TASKS = QUEUE  # these tests play the workers
+    yield lambda steps, tools=(lookup,): register("clerk", steps, list(tools))
+    registry.FACTORIES.clear()
+
+
+def new_run(user) -> AgentRun:
+    from agentic_django.models import AgentSession
+
+    return AgentRun.objects.create(
+        session=AgentSession.objects.create(owner=user, session_key="k"),
+        owner=user,
+        agent_key="clerk",
+        input_payload="where are my orders?",
+    )
+
+
+def died_and_retried(run: AgentRun, at: str) -> AgentRun:
+    """The worker dies at statement ``at``; its lease runs out; another worker retries."""
+    from agentic_django import recovery
+    from tests.core.conftest import worker_died
+
+    with database_faults() as faults, pytest.raises(SystemExit):
+        faults.fail(at, SystemExit("worker killed"))
+        execute(str(run.pk), task_id="worker-1")
+    dead = AgentRun.objects.get(pk=run.pk)
+    worker_died(dead)
+    assert recovery.recover_runs(mode="requeue") == 1
+    execute(str(run.pk), task_id="worker-2")
+    return dead
+
+
+def test_a_client_holding_dead_events_is_reset_after_the_retry_checkpointed(clerk, user, client):
+    from tests.core.conftest import call, text
+    from tests.core.faults import CHECKPOINT_SAVE
+
+    clerk(
+        [
+            call("lookup", {"order": "9"}, "call-a"),
+            call("lookup", {"order": "9"}, "call-b"),
+            call("lookup", {"order": "10"}, "call-c"),
+            text("Both shipped."),
+        ]
+    )
+    run = new_run(user)
+    seen = {}
+
+    def before_dying():
+        seen.update(visible(run))
+
+    with database_faults() as faults:
+        faults.before(CHECKPOINT_SAVE, before_dying)  # what a client had when the worker died
+        died_and_retried(run, CHECKPOINT_SAVE)
+    run.refresh_from_db()
+    assert list(seen) == [1, 2, 3] and run.status == "completed"
+    assert run.checkpoint_event_sequence > 3
+    client.force_login(user)
+    rest = read(client, run, last_id="3")
+    assert rest[0].kind == "reset"
+    assert client_view(rest, seen) == visible(run)
+
+
+def test_a_client_holding_dead_text_gets_every_event_of_the_retry(clerk, user, client):
+    from agents.testing import assistant_message
+
+    from tests.core.conftest import call, text
+
+    clerk(
+        [
+            call("lookup", {"order": "9"}, "call-a"),
+            slow_step([assistant_message("partial answer that will die")]),
+            call("lookup", {"order": "10"}, "call-c"),
+            text("Both shipped."),
+        ]
+    )
+    run = new_run(user)
+    dead = died_and_retried(run, END_STREAM)
+    assert dead.stream_text and dead.attempt == 1
+    last_id = f"{dead.stream_sequence}:{len(dead.stream_text)}:1"
+    seen = {s: kind for s, kind in visible(dead).items() if s <= dead.stream_sequence}
+    run.refresh_from_db()
+    assert run.status == "completed", run.error
+    client.force_login(user)
+    rest = read(client, run, last_id=last_id)
+    assert rest[0].kind == "reset"
+    assert client_view(rest, seen) == visible(run)
+    assert "partial answer" not in "".join(e.data for e in rest)
+
+
+def test_a_client_holding_text_gets_the_message_after_an_approval(clerk, user, client):
+    """Not every new attempt is a retry: text streamed before an approval pause became an
+    event, which a client that reconnects after the resume still gets."""
+    from agents import function_tool
+    from agents.testing import assistant_message, function_call
+
+    from agentic_django.services import approve_tool_call
+    from tests.core.conftest import text
+
+    @function_tool(needs_approval=True)
+    def refund(order: str) -> str:
+        """Refund an order."""
+        return f"refunded {order}"
+
+    clerk(
+        [
+            slow_step(
+                [
+                    assistant_message("Let me refund that."),
+                    function_call("refund", {"order": "42"}, call_id="call-r"),
+                ]
+            ),
+            text("Refunded."),
+        ],
+        tools=(refund,),
+    )
+    run = new_run(user)
+    held = {}
+
+    def capture():
+        current = AgentRun.objects.get(pk=run.pk)
+        if current.stream_text and not held:
+            held["id"] = f"{current.stream_sequence}:{len(current.stream_text)}:1"
+            held["seen"] = {
+                s: k for s, k in visible(current).items() if s <= current.stream_sequence
+            }
+
+    with database_faults() as faults:
+        faults.before(END_STREAM, capture)
+        execute(str(run.pk), task_id="worker-1")
+    assert held, "the text was written while it streamed"
+    assert approve_tool_call(AgentRun.objects.get(pk=run.pk), "call-r") is True
+    execute(str(run.pk), task_id="worker-2")
+    run.refresh_from_db()
+    assert run.status == "completed", run.error
+    client.force_login(user)
+    rest = read(client, run, last_id=held["id"])
+    view = client_view(rest, held["seen"])
+    assert view == visible(run) and "message_output" in view.values()
