@@ -198,10 +198,9 @@ def test_two_equal_calls_in_a_turn_get_two_keys(user, settings):
     assert [(c.occurrence, c.idempotency_key in keys) for c in recorded] == [(0, True), (1, True)]
 
 
-def test_a_call_in_doubt_pauses_the_retry_and_its_user_decides(user, settings, client):
-    """A tool not declared repeatable was running when its worker died. The retry asks before
-    anything else: no model call, no tool. "Count it as done" gives the model the message."""
-    settings.TASKS = QUEUE
+def invoice_in_doubt(user) -> tuple[AgentRun, list[str], ScriptedModel]:
+    """A run of an undeclared tool, ``send_invoice``, whose worker died as the tool returned
+    (before its output was recorded), retried: the run, what was sent, and the model."""
     sent: list[str] = []
 
     @function_tool
@@ -221,13 +220,19 @@ def test_a_call_in_doubt_pauses_the_retry_and_its_user_decides(user, settings, c
     )
     run = new_run(user, "billing", "invoice ACME")
     with database_faults() as faults, pytest.raises(SystemExit):
-        # The worker dies as the tool returns, before its output is recorded.
         faults.fail(TOOL_FINISH, SystemExit("worker killed"))
         execute(str(run.pk), task_id="worker-1")
     worker_died(run)
     assert recovery.recover_runs(mode="requeue") == 1
     execute(str(run.pk), task_id="worker-2")
-    run = reload(run)
+    return reload(run), sent, model
+
+
+def test_a_call_in_doubt_pauses_the_retry_and_its_user_decides(user, settings, client):
+    """A tool not declared repeatable was running when its worker died. The retry asks before
+    anything else: no model call, no tool. "Count it as done" gives the model the message."""
+    settings.TASKS = QUEUE
+    run, sent, model = invoice_in_doubt(user)
     assert run.status == "awaiting_approval"
     assert len(model.calls) == 1 and sent == ["ACME"]  # nothing paid for or sent again
     (question,) = run.pending_approvals()
@@ -418,31 +423,8 @@ def test_no_tool_starts_after_a_cancellation_not_even_a_call_run_again(user, set
     from agentic_django.services import approve_tool_call, cancel_run
 
     settings.TASKS = QUEUE
-    sent: list[str] = []
-
-    @function_tool
-    def send_invoice(customer: str) -> str:
-        """Send an invoice."""
-        sent.append(customer)
-        return f"invoice sent to {customer}"
-
-    register(
-        "billing",
-        [
-            call("send_invoice", {"customer": "ACME"}, "call-1"),
-            call("send_invoice", {"customer": "ACME"}, "call-1-again"),
-            text("Done."),
-        ],
-        [send_invoice],
-    )
-    run = new_run(user, "billing", "invoice ACME")
-    with database_faults() as faults, pytest.raises(SystemExit):
-        faults.fail(TOOL_FINISH, SystemExit("worker killed"))
-        execute(str(run.pk), task_id="worker-1")
-    worker_died(run)
-    assert recovery.recover_runs(mode="requeue") == 1
-    execute(str(run.pk), task_id="worker-2")
-    assert approve_tool_call(reload(run), "call-1@1") is True
+    run, sent, _model = invoice_in_doubt(user)
+    assert approve_tool_call(run, "call-1@1") is True
     with database_faults() as faults:
         faults.before(TOOL_RERUN, lambda: cancel_run(reload(run)))
         execute(str(run.pk), task_id="worker-3")
