@@ -91,8 +91,11 @@ async def load(run: AgentRun, agent: Any, checkpoint: AgentCheckpoint) -> Any:
 
 
 def _decisions(run_id: Any) -> dict[str, AgentApproval]:
-    decided = AgentApproval.objects.filter(run_id=run_id, kind=AgentApproval.Kind.APPROVAL).exclude(
-        decision=AgentApproval.Decision.PENDING
+    # Only answers count: a call nobody decided in time (expired) is asked again.
+    decided = AgentApproval.objects.filter(
+        run_id=run_id,
+        kind=AgentApproval.Kind.APPROVAL,
+        decision__in=(AgentApproval.Decision.APPROVED, AgentApproval.Decision.REJECTED),
     )
     return {approval.call_id: approval for approval in decided}
 

@@ -457,6 +457,7 @@ def _roll_back_to_checkpoint(run_id: Any) -> None:
     AgentEvent.objects.filter(
         run_id=run_id, superseded=False, sequence__gt=F("run__checkpoint_event_sequence")
     ).update(superseded=True)
+    AgentRun.objects.filter(pk=run_id).update(rollbacks=F("rollbacks") + 1)
 
 
 # --- Streamed text ---------------------------------------------------------------------------
@@ -583,8 +584,18 @@ def pause(
             AgentApproval(run_id=paused.pk, requested_at=paused.heartbeat_at, **approval)
             for approval in approvals
         ]
-        # A call decided earlier in the run keeps its decision.
+        # A call decided earlier in the run keeps its decision; one nobody decided in time
+        # (the run expired, then was retried) is asked again.
         AgentApproval.objects.bulk_create(requested, ignore_conflicts=True)
+        AgentApproval.objects.filter(
+            run_id=paused.pk,
+            call_id__in=[approval["call_id"] for approval in approvals],
+            decision=AgentApproval.Decision.EXPIRED,
+        ).update(
+            decision=AgentApproval.Decision.PENDING,
+            requested_at=paused.heartbeat_at,
+            decided_at=None,
+        )
     send_safely(agent_run_awaiting_approval, AgentRun, run=paused)
     return paused
 

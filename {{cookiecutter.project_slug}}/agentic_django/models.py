@@ -129,6 +129,9 @@ class AgentRun(models.Model):
     # and the seconds its earlier attempts ran (AGENTIC_DJANGO_RUN_TIMEOUT covers them all).
     retries = models.PositiveIntegerField(default=0)
     elapsed_seconds = models.FloatField(default=0)
+    # Times what an attempt wrote after the checkpoint was rolled back (its items deleted, its
+    # events superseded): streams compare ``attempt + rollbacks`` with what a client was sent.
+    rollbacks = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at"]

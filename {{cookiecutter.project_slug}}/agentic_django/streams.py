@@ -3,10 +3,11 @@
 Events, in order:
 
 - ``event``: a run event (tool call, tool output, message, handoff...), id ``<sequence>``;
-- ``delta``: text of the assistant message streaming in, id ``<sequence>:<offset>:<attempt>``
+- ``delta``: text of the assistant message streaming in, id ``<sequence>:<offset>:<epoch>``
   (the event it follows -- or, for a run that records no events, the message's number --, how
-  far into the message the client now is, and the attempt that streamed it); ``start`` is true
-  on the first text of a message;
+  far into the message the client now is, and the run's epoch as it streamed: ``attempt +
+  rollbacks``, which changes whenever an attempt starts or a dead one's work is rolled back);
+  ``start`` is true on the first text of a message;
 - ``reset``: the run was retried from its checkpoint; what was shown after that event is void
   (events and text of the attempt that died);
 - ``end``: the run finished (or paused for approvals); the stream closes.
@@ -41,6 +42,7 @@ _POSITION = re.compile(r"^(\d{1,18})(?::(\d{1,18}):(\d{1,18}))?$")
 STREAM_FIELDS = (
     "status",
     "attempt",
+    "rollbacks",
     "stream_text",
     "stream_sequence",
     "error",
@@ -50,12 +52,12 @@ STREAM_FIELDS = (
 
 @dataclass
 class Position:
-    """How far a client is: the last event it has, how much of the text after it, and (for
-    text) the attempt that streamed that text."""
+    """How far a client is: the last event it has, how much of the text after it, and the
+    run's epoch as of which that was checked (None: unknown, a reconnect with an event id)."""
 
     sequence: int = 0
     offset: int = 0
-    attempt: int | None = None
+    epoch: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> Position | None:
@@ -70,8 +72,13 @@ class Position:
     @property
     def id(self) -> str:
         if self.offset:
-            return f"{self.sequence}:{self.offset}:{self.attempt}"
+            return f"{self.sequence}:{self.offset}:{self.epoch}"
         return str(self.sequence)
+
+
+def epoch(run: AgentRun) -> int:
+    """Changes whenever an attempt starts or what a dead one wrote is rolled back."""
+    return run.attempt + run.rollbacks
 
 
 def message(kind: str, data: Any, position: Position | None = None) -> str:
@@ -100,13 +107,13 @@ def _restart_from(run: AgentRun, position: Position) -> int | None:
     """None while everything the client has is still valid; else the last event it has that
     is (0: none), from which it must start over.
 
-    What a client has was checked against the attempt in its position; after another attempt
-    started, events it has may since have been superseded (an attempt died; conservatively,
-    any superseded event up to its position, when the position does not say its attempt), and
-    text it has was streamed by another attempt: it is void (the message became an event, or
-    died with its attempt).
+    What a client has was checked as of the epoch in its position; in another epoch, events
+    it has may since have been superseded (an attempt died; conservatively, any superseded
+    event up to its position, when the position does not say its epoch), and text it has was
+    streamed in another epoch: it is void (the message became an event, or died with its
+    attempt).
     """
-    if position.attempt == run.attempt or (position.sequence == 0 and not position.offset):
+    if position.epoch == epoch(run) or (position.sequence == 0 and not position.offset):
         return None
     dead = run.events.filter(superseded=True, sequence__lte=position.sequence)
     first_dead = dead.order_by("sequence").values_list("sequence", flat=True).first()
@@ -133,26 +140,26 @@ async def _run_events(run_pk: Any, position: Position, watch: RunWatch) -> Async
         if restart is not None:
             # What this client has after that event came from an attempt that died, or is
             # text of another attempt.
-            position = Position(restart, attempt=run.attempt)
+            position = Position(restart, epoch=epoch(run))
             yield message("reset", {"attempt": run.attempt}, position)
             continue
         sent = False
         for event in events:
-            position = Position(event.sequence, attempt=run.attempt)
+            position = Position(event.sequence, epoch=epoch(run))
             yield message("event", event_to_dict(event), position)
             sent = True
         if len(events) == BATCH:
             continue
         if not position.offset:
-            position.attempt = run.attempt  # checked against this snapshot: not superseded
+            position.epoch = epoch(run)  # checked against this snapshot: nothing superseded
         if run.stream_sequence > position.sequence:
             # Every visible event up to the one the message follows was sent (those a dead
             # attempt wrote are not shown); without events, the message number moved on.
-            position = Position(run.stream_sequence, attempt=run.attempt)
+            position = Position(run.stream_sequence, epoch=epoch(run))
         text = run.stream_text
         if run.stream_sequence == position.sequence and len(text) > position.offset:
             chunk, start = text[position.offset :], position.offset == 0
-            position = Position(position.sequence, len(text), run.attempt)
+            position = Position(position.sequence, len(text), epoch(run))
             yield message("delta", {"text": chunk, "start": start}, position)
             sent = True
         if run.is_terminal or run.status == AgentRun.Status.AWAITING_APPROVAL:

@@ -31,7 +31,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.db import connection
-from django.db.models import Exists
+from django.db.models import Exists, Max
 from django.utils import timezone
 
 from agentic_django.lifecycle import Fence
@@ -96,9 +96,6 @@ class ToolLedger:
     _matched: set[int] = field(default_factory=set)
     # call id -> which call of its tool with its arguments it is in its turn (0, 1, ...).
     _occurrences: dict[str, int] = field(default_factory=dict)
-    # Calls no model response of this attempt named (approved calls a resumed run makes), per
-    # (turn, tool, arguments): numbered in the order they run.
-    _unplanned: dict[tuple[int, str, str], int] = field(default_factory=dict)
     # call id -> idempotency key, for the calls this attempt runs.
     keys: dict[str, str] = field(default_factory=dict)
 
@@ -119,10 +116,14 @@ class ToolLedger:
             self._occurrences[getattr(item, "call_id", "")] = occurrence
 
     def _occurrence(self, call_id: str, name: str, arguments: str) -> int:
+        """Which call of its tool with its arguments in its turn this is: as the model's
+        response numbered it, or -- for a call no response of this attempt named (an approved
+        call a resumed run makes) -- the next number after those already recorded."""
         if call_id not in self._occurrences:
-            unplanned = (self.turn, name, arguments)
-            self._occurrences[call_id] = self._unplanned.get(unplanned, 0)
-            self._unplanned[unplanned] = self._occurrences[call_id] + 1
+            recorded = AgentToolCall.objects.filter(
+                run_id=self.fence.run_id, turn=self.turn, tool_name=name, arguments=arguments
+            ).aggregate(last=Max("occurrence"))["last"]
+            self._occurrences[call_id] = 0 if recorded is None else recorded + 1
         return self._occurrences[call_id]
 
     def key_for(self, name: str, arguments: str, occurrence: int) -> str:
@@ -139,11 +140,10 @@ class ToolLedger:
         run's cancellation was requested, ``ToolCallInDoubt`` for a call in doubt nobody
         decided on.
         """
-        occurrence = self._occurrence(call_id, name, arguments)
         # Only a later attempt can find calls of earlier ones.
-        earlier = self.fence.attempt > 1
-        row = self._earlier(call_id, name, arguments, occurrence) if earlier else None
+        row = self._earlier(call_id, name, arguments) if self.fence.attempt > 1 else None
         if row is None:
+            occurrence = self._occurrence(call_id, name, arguments)
             key = self.key_for(name, arguments, occurrence)
             started = Started(self._insert(call_id, name, arguments, occurrence, key), key)
         elif row.finished_at is not None:
@@ -155,15 +155,18 @@ class ToolLedger:
         self.keys[call_id] = started.key
         return False, None, started
 
-    def _earlier(
-        self, call_id: str, name: str, arguments: str, occurrence: int
-    ) -> AgentToolCall | None:
+    def _earlier(self, call_id: str, name: str, arguments: str) -> AgentToolCall | None:
+        """The record of this call from an earlier attempt: by call id, or -- for a call the
+        model named anew as it was asked for the turn in progress again -- by tool, arguments
+        and occurrence. A call the SDK replays from a resumed state keeps its id, and only
+        that matches it (an equal call that ran already is another call)."""
         # Calls of earlier attempts only: those this attempt started are its own, running.
         calls = AgentToolCall.objects.filter(
             run_id=self.fence.run_id, attempt__lt=self.fence.attempt
         ).exclude(pk__in=self._matched)
         row = calls.filter(call_id=call_id, tool_name=name, arguments=arguments).first()
-        if row is None and self.turn == self.resumed_turn:
+        if row is None and self.turn == self.resumed_turn and call_id in self._occurrences:
+            occurrence = self._occurrences[call_id]
             same = calls.filter(turn=self.turn, tool_name=name, arguments=arguments)
             row = same.filter(occurrence=occurrence).order_by("pk").first()
             row = row or same.order_by("occurrence", "pk").first()
@@ -184,7 +187,8 @@ class ToolLedger:
             .values_list("decision", "message")
             .first()
         )
-        if not repeatable and decision is None:
+        answered = (AgentApproval.Decision.APPROVED, AgentApproval.Decision.REJECTED)
+        if not repeatable and (decision is None or decision[0] not in answered):
             raise ToolCallInDoubt(f"{row.tool_name} {row.call_id} is in doubt and undecided")
         this_call = AgentToolCall.objects.filter(pk=row.pk)
         if repeatable or decision[0] == AgentApproval.Decision.APPROVED:

@@ -38,6 +38,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name="agentrun",
+            name="rollbacks",
+            field=models.PositiveIntegerField(default=0),
+        ),
+        migrations.AddField(
+            model_name="agentrun",
             name="retries",
             field=models.PositiveIntegerField(default=0),
         ),
