@@ -95,7 +95,7 @@ def _decisions(run_id: Any) -> dict[str, AgentApproval]:
     decided = AgentApproval.objects.filter(
         run_id=run_id,
         kind=AgentApproval.Kind.APPROVAL,
-        decision__in=(AgentApproval.Decision.APPROVED, AgentApproval.Decision.REJECTED),
+        decision__in=AgentApproval.ANSWERS,
     )
     return {approval.call_id: approval for approval in decided}
 

@@ -185,10 +185,9 @@ def calls_in_doubt(run: AgentRun, repeatable: dict[str, bool]) -> list[dict[str,
         run_id=run.pk, finished_at__isnull=True, attempt__lt=run.attempt
     ).order_by("pk")
     # Answered questions; one nobody answered in time (expired) is asked again.
-    answered = (AgentApproval.Decision.APPROVED, AgentApproval.Decision.REJECTED)
     asked = set(
         AgentApproval.objects.filter(
-            run_id=run.pk, kind=AgentApproval.Kind.IN_DOUBT, decision__in=answered
+            run_id=run.pk, kind=AgentApproval.Kind.IN_DOUBT, decision__in=AgentApproval.ANSWERS
         ).values_list("call_id", flat=True)
     )
     found = []

@@ -224,6 +224,9 @@ class AgentApproval(models.Model):
         REJECTED = "rejected", "Rejected"
         EXPIRED = "expired", "Expired"
 
+    # Decisions someone took (an expired call was never answered: it is asked again).
+    ANSWERS = (Decision.APPROVED, Decision.REJECTED)
+
     run = models.ForeignKey(AgentRun, on_delete=models.CASCADE, related_name="approvals")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.APPROVAL)
     call_id = models.CharField(max_length=255)

@@ -127,8 +127,7 @@ class ToolLedger:
         return self._occurrences[call_id]
 
     def key_for(self, name: str, arguments: str, occurrence: int) -> str:
-        payload = [str(self.fence.run_id), self.turn, name, arguments, occurrence]
-        return "agentic-" + hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:40]
+        return _key([str(self.fence.run_id), self.turn, name, arguments, occurrence])
 
     def begin(
         self, call_id: str, name: str, arguments: str, *, repeatable: bool
@@ -187,8 +186,7 @@ class ToolLedger:
             .values_list("decision", "message")
             .first()
         )
-        answered = (AgentApproval.Decision.APPROVED, AgentApproval.Decision.REJECTED)
-        if not repeatable and (decision is None or decision[0] not in answered):
+        if not repeatable and (decision is None or decision[0] not in AgentApproval.ANSWERS):
             raise ToolCallInDoubt(f"{row.tool_name} {row.call_id} is in doubt and undecided")
         this_call = AgentToolCall.objects.filter(pk=row.pk)
         if repeatable or decision[0] == AgentApproval.Decision.APPROVED:
@@ -264,8 +262,11 @@ def idempotency_key(context: Any) -> str:
     ledger = _current.get()
     if ledger is not None and context.tool_call_id in ledger.keys:
         return ledger.keys[context.tool_call_id]
-    payload = ["-", 0, context.tool_name, context.tool_arguments, context.tool_call_id]
-    return "agentic-" + hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:40]
+    return _key(["-", 0, context.tool_name, context.tool_arguments, context.tool_call_id])
+
+
+def _key(parts: list[Any]) -> str:
+    return "agentic-" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:40]
 
 
 def function_tools(agents: Iterable[Any]) -> list[Any]:
