@@ -14,9 +14,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from asgiref.sync import sync_to_async
-
 from agentic_django import lifecycle
+from agentic_django.db import run_sync
 from agentic_django.lifecycle import Fence
 from agentic_django.models import AgentApproval, AgentCheckpoint, AgentRun
 from agentic_django.toolcalls import ToolLedger
@@ -76,7 +75,7 @@ async def load(run: AgentRun, agent: Any, checkpoint: AgentCheckpoint) -> Any:
         )
     except Exception as exc:
         raise UnreadableCheckpoint(f"checkpoint of schema {checkpoint.schema_version}") from exc
-    decisions = await sync_to_async(_decisions)(run.pk)
+    decisions = await run_sync(_decisions)(run.pk)
     for item in state.get_interruptions():
         decision = decisions.get(getattr(item.raw_item, "call_id", None))
         if decision is None:
@@ -131,7 +130,7 @@ class CheckpointHooks:
             self._skip_first = False
             return
         state = serialize(self.result, before_turn=True)
-        saved = await sync_to_async(lifecycle.save_checkpoint)(
+        saved = await run_sync(lifecycle.save_checkpoint)(
             self.fence, state=state, schema_version=schema_version(), turn=turn
         )
         if not saved:

@@ -6,7 +6,6 @@ the cache is dropped whenever a setting changes (tests, ``override_settings``).
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -40,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "DEFAULT_AGENT_KEY": "default",
     "DEFAULT_RUN_OPTIONS": {},
     "CONCURRENCY_LIMIT": None,
+    "WORKER_CONCURRENCY": 50,
+    "WORKER_SHUTDOWN_GRACE": 25,
     "ENABLE_EVENTS": False,
     "RATE_LIMIT": None,
     "MAX_INPUT_BYTES": 20_000,
@@ -92,8 +93,9 @@ class AgenticConfig:
     default_agent_key: str
     default_run_options: dict[str, Any]
     # This process's view; the limit in force is the one the latest worker recorded in the
-    # database (lifecycle.record_concurrency_limit), this value only until one has.
-    concurrency_limit: int
+    # database (lifecycle.record_concurrency_limit). None ("auto"): the slots of the live
+    # workers, or one worker's slots while none has announced itself.
+    concurrency_limit: int | None
     enable_events: bool
     rate_limit: RateLimit | None
     max_input_bytes: int | None
@@ -107,6 +109,10 @@ class AgenticConfig:
     approval_timeout_seconds: int = DEFAULTS["APPROVAL_TIMEOUT"]
     # Attempts a run gets in all: its first, and retries after its worker died.
     max_attempts: int = DEFAULTS["MAX_ATTEMPTS"]
+    # Runs one worker process executes at once (its slots).
+    worker_concurrency: int = DEFAULTS["WORKER_CONCURRENCY"]
+    # Seconds a stopping worker lets its runs in flight finish before it gives them up.
+    worker_shutdown_grace: int = DEFAULTS["WORKER_SHUTDOWN_GRACE"]
 
 
 def _setting(name: str) -> Any:
@@ -116,6 +122,12 @@ def _setting(name: str) -> Any:
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ImproperlyConfigured(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ImproperlyConfigured(f"{name} must be a whole number of seconds, got {value!r}.")
     return value
 
 
@@ -241,7 +253,7 @@ def load_config() -> AgenticConfig:
         agent_registry=registry,
         default_agent_key=default_key,
         default_run_options=default_options,
-        concurrency_limit=limit or os.cpu_count() or 1,
+        concurrency_limit=limit,
         enable_events=enable_events,
         rate_limit=parse_rate_limit(_setting("RATE_LIMIT")),
         max_input_bytes=_optional_positive_int(
@@ -260,6 +272,12 @@ def load_config() -> AgenticConfig:
         ),
         session_serializer=serializer,
         max_attempts=_positive_int(f"{PREFIX}MAX_ATTEMPTS", _setting("MAX_ATTEMPTS")),
+        worker_concurrency=_positive_int(
+            f"{PREFIX}WORKER_CONCURRENCY", _setting("WORKER_CONCURRENCY")
+        ),
+        worker_shutdown_grace=_non_negative_int(
+            f"{PREFIX}WORKER_SHUTDOWN_GRACE", _setting("WORKER_SHUTDOWN_GRACE")
+        ),
     )
 
 

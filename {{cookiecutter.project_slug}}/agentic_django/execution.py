@@ -28,12 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import async_to_sync
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 
 from agentic_django import checkpoints, failures, lifecycle, toolcalls
 from agentic_django.checkpoints import CheckpointHooks, UnreadableCheckpoint, run_context
 from agentic_django.conf import TIMEOUT_GRACE_SECONDS, get_config, validate_run_options
+from agentic_django.db import release_connection, released, run_sync
 from agentic_django.dispatch import dispatch_next, release_unclaimed
 from agentic_django.events import EventRecorder, describe
 from agentic_django.exceptions import AgenticDjangoError
@@ -82,12 +83,30 @@ TRANSIENT_DATABASE_ERRORS = (OperationalError, InterfaceError)
 
 def execute(run_id: str, *, task_id: str = "") -> str:
     """Claim and execute a run (the body of the background task); "skipped" if not claimable."""
-    ensure_startup_recovery()
-    run = lifecycle.claim(run_id, task_id=task_id)
-    if run is None:
-        release_unclaimed(run_id, task_id)
-        return "skipped"
-    return execute_claimed_run(run)
+    try:
+        ensure_startup_recovery()
+        run = lifecycle.claim(run_id, task_id=task_id)
+        if run is None:
+            release_unclaimed(run_id, task_id)
+            return "skipped"
+        return execute_claimed_run(run)
+    finally:
+        release_connection()
+
+
+# The attempts this process is executing, by fence, with their lease keepers.
+_in_flight: dict[Fence, LeaseKeeper] = {}
+_in_flight_lock = threading.Lock()
+
+
+def abandon_in_flight() -> list[Fence]:
+    """Stop renewing the leases of every attempt still executing here (a worker that stops
+    before they finished); their fences, for ``lifecycle.give_up``."""
+    with _in_flight_lock:
+        abandoned = list(_in_flight.items())
+    for _, keeper in abandoned:
+        keeper.abandon()
+    return [fence for fence, _ in abandoned]
 
 
 @dataclass
@@ -123,6 +142,8 @@ def execute_claimed_run(run: AgentRun) -> str:
         elapsed_before=run.elapsed_seconds,
     )
     keeper.start()
+    with _in_flight_lock:
+        _in_flight[fence] = keeper
     try:
         send_safely(agent_run_started, AgentRun, run=run)
         try:
@@ -133,6 +154,8 @@ def execute_claimed_run(run: AgentRun) -> str:
         finished = None if outcome.lost else finish(fence, outcome, keeper)
     finally:
         keeper.stop()
+        with _in_flight_lock:
+            _in_flight.pop(fence, None)
     if finished is None:
         logger.warning(
             "agentic_django: attempt %s of run %s no longer holds the run; result dropped",
@@ -175,6 +198,7 @@ def _execute(run: AgentRun, keeper: LeaseKeeper) -> Outcome:
             return Outcome(Status.AWAITING_APPROVAL, approvals=in_doubt)
         checkpoint = AgentCheckpoint.objects.filter(run_id=run.pk).first()
     recorder = EventRecorder(run) if config.enable_events else None
+    release_connection()  # the run's database work borrows a connection for each step
     return async_to_sync(_stream)(run, agent, options, recorder, keeper, checkpoint)
 
 
@@ -282,13 +306,13 @@ async def _run_agent(
                 streamed = await deltas.complete() if described[0] == "message_output" else False
                 recorded = None
                 if recorder is not None:
-                    recorded = await sync_to_async(recorder.record)(*described)
+                    recorded = await run_sync(recorder.record)(*described)
                     if recorded is None:
                         watch.lose()  # the event was dropped: this attempt lost the run
                 if streamed:
                     # Clients now have the whole message (as an event, when events are on).
                     sequence = recorded.sequence if recorded is not None else None
-                    await sync_to_async(lifecycle.end_stream)(fence, sequence)
+                    await run_sync(lifecycle.end_stream)(fence, sequence)
                 if described[0] in TURN_END_EVENTS:
                     # A turn's tools are done: look now, before the SDK asks the model again.
                     await watch.check()
@@ -419,7 +443,7 @@ class DeltaWriter:
         self._buffer.clear()
         self._written = True
         self._last_write = time.monotonic()
-        await sync_to_async(self._store)(text, new_message)
+        await run_sync(self._store)(text, new_message)
 
     def _store(self, text: str, new_message: bool) -> None:
         lifecycle.stream_text(
@@ -473,7 +497,7 @@ class _CancelWatch:
     async def check(self) -> None:
         if self.cancel_requested or self.lost:
             return
-        state = await sync_to_async(self.fence.state)()
+        state = await run_sync(self.fence.state)()
         if state is None:
             self.lose()
         elif state:
@@ -557,6 +581,10 @@ class LeaseKeeper:
         if self._thread is not threading.current_thread():
             self._thread.join()
 
+    def abandon(self) -> None:
+        """Renew no more: this process gives the attempt up (without waiting for it)."""
+        self._stopped.set()
+
     def on_lost(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` (from the keeper's thread) when the attempt loses its run."""
         self._callbacks.append(callback)
@@ -588,7 +616,7 @@ class LeaseKeeper:
         """One renewal; False once the attempt lost its run."""
         sent = time.monotonic()
         try:
-            held = lifecycle.renew(self.fence)
+            held = released(lifecycle.renew)(self.fence)
         except DatabaseError:
             logger.warning(
                 "agentic_django: could not renew the lease of run %s; retrying",

@@ -59,6 +59,7 @@ from agentic_django.models import (
     AgentRun,
     AgentSession,
     AgentSessionItem,
+    AgentWorker,
     DispatchLock,
 )
 from agentic_django.signals import (
@@ -166,12 +167,29 @@ def occupied_count() -> Subquery:
 
 
 def concurrency_limit() -> Coalesce:
-    """The deployment's concurrency limit: the recorded one, else this process's setting."""
+    """The deployment's concurrency limit: the one the workers recorded; "auto" (none
+    recorded): the slots of the live workers; before any worker announced itself, this
+    process's setting, or one worker's slots."""
     recorded = DispatchLock.objects.filter(name=LOCK_NAME).values("concurrency_limit")[:1]
+    config = get_config()
     return Coalesce(
         Subquery(recorded),
-        Value(get_config().concurrency_limit),
+        live_slots(),
+        Value(config.concurrency_limit or config.worker_concurrency),
         output_field=IntegerField(),
+    )
+
+
+def live_workers() -> QuerySet[AgentWorker]:
+    """Workers that renewed their heartbeat within the last lease."""
+    return AgentWorker.objects.filter(heartbeat_at__gte=lease_ago())
+
+
+def live_slots() -> Subquery:
+    """Subquery: the slots of the live workers (NULL when there are none)."""
+    total = Func(F("slots"), function="SUM", output_field=IntegerField())
+    return Subquery(
+        live_workers().order_by().annotate(n=total).values("n")[:1], output_field=IntegerField()
     )
 
 
@@ -209,9 +227,46 @@ def stale_runs() -> QuerySet[AgentRun]:
     return AgentRun.objects.filter(status=Status.RUNNING, lease_expires_at__lt=Now())
 
 
-def record_concurrency_limit(limit: int) -> None:
-    """Make ``limit`` the concurrency limit of every process of the deployment."""
+def record_concurrency_limit(limit: int | None) -> None:
+    """Make ``limit`` the concurrency limit of every process of the deployment (None: the
+    live workers' slots)."""
     DispatchLock.objects.update_or_create(name=LOCK_NAME, defaults={"concurrency_limit": limit})
+
+
+# --- Workers ---------------------------------------------------------------------------------
+
+
+def announce_worker(worker_id: str, *, slots: int, hostname: str, pid: int) -> None:
+    """Record a worker (or renew its heartbeat): its slots count from now on."""
+    updated = AgentWorker.objects.filter(pk=worker_id).update(heartbeat_at=Now(), slots=slots)
+    if not updated:
+        AgentWorker.objects.create(
+            id=worker_id,
+            slots=slots,
+            hostname=hostname[:255],
+            pid=pid,
+            started_at=Now(),
+            heartbeat_at=Now(),
+        )
+
+
+def retire_worker(worker_id: str) -> None:
+    """A worker stops: its slots no longer count."""
+    AgentWorker.objects.filter(pk=worker_id).delete()
+
+
+def forget_dead_workers() -> int:
+    """Remove the workers whose heartbeat is older than a lease; how many."""
+    return AgentWorker.objects.exclude(heartbeat_at__gte=lease_ago()).delete()[0]
+
+
+def give_up(fences: list[Fence]) -> int:
+    """End the leases of attempts this process will not finish (a worker stopping after its
+    grace period), so the next sweep retries their runs at once; how many it ended."""
+    ended = 0
+    for fence in fences:
+        ended += fence.runs().update(lease_expires_at=Now())
+    return ended
 
 
 # --- Dispatch --------------------------------------------------------------------------------

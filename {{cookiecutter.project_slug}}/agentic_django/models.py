@@ -289,7 +289,8 @@ class DispatchLock(models.Model):
     """A single row locked while claiming a run, so the concurrency limit holds across workers.
 
     It also holds the concurrency limit in force for the whole deployment, recorded by the
-    most recently started worker (see ``lifecycle.record_concurrency_limit``).
+    most recently started worker (see ``lifecycle.record_concurrency_limit``); empty for
+    "auto": the slots of the live workers (``AgentWorker``).
     """
 
     name = models.CharField(max_length=32, primary_key=True)
@@ -300,3 +301,27 @@ class DispatchLock(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class AgentWorker(models.Model):
+    """A worker process that is (or was) taking runs, and how many it runs at once.
+
+    Each worker announces itself when it starts and renews ``heartbeat_at`` every half lease;
+    one whose heartbeat is older than a lease is gone (its row is removed by the next sweep,
+    or by the worker itself when it stops). With ``AGENTIC_DJANGO_CONCURRENCY_LIMIT`` unset,
+    the slots of the live workers are the deployment's concurrency limit.
+    """
+
+    id = models.CharField(max_length=64, primary_key=True)
+    hostname = models.CharField(max_length=255, blank=True)
+    pid = models.PositiveIntegerField(default=0)
+    slots = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name = "worker"
+        ordering = ["started_at"]
+
+    def __str__(self) -> str:
+        return f"{self.hostname}:{self.pid} ({self.slots} slots)"

@@ -12,12 +12,12 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
-from asgiref.sync import sync_to_async
 from django.db import connection, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from agentic_django.conf import get_config
+from agentic_django.db import run_sync
 from agentic_django.exceptions import UnstorableContent
 from agentic_django.lifecycle import Fence
 from agentic_django.models import AgentRun, AgentSession, AgentSessionItem
@@ -97,19 +97,19 @@ class DatabaseSession:
         """Return the history oldest first; with ``limit``, only the latest ``limit`` items."""
         if limit is None and self.session_settings is not None:
             limit = getattr(self.session_settings, "limit", None)
-        return await sync_to_async(self.get_items_sync)(limit)
+        return await run_sync(self.get_items_sync)(limit)
 
     async def add_items(self, items: list[Any]) -> None:
         """Append ``items`` at the end of the history."""
-        await _until_done(sync_to_async(self.add_items_sync)(items))
+        await _until_done(run_sync(self.add_items_sync)(items))
 
     async def pop_item(self) -> Any | None:
         """Remove and return the latest item, or None if the history is empty."""
-        return await _until_done(sync_to_async(self.pop_item_sync)())
+        return await _until_done(run_sync(self.pop_item_sync)())
 
     async def clear_session(self) -> None:
         """Delete the whole history."""
-        await _until_done(sync_to_async(self.clear_session_sync)())
+        await _until_done(run_sync(self.clear_session_sync)())
 
     def get_items_sync(self, limit: int | None = None) -> list[Any]:
         """Synchronous ``get_items`` for code outside an event loop."""

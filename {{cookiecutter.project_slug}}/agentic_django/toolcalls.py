@@ -29,11 +29,11 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.db import connection
 from django.db.models import Exists, Max
 from django.utils import timezone
 
+from agentic_django.db import run_sync
 from agentic_django.lifecycle import Fence
 from agentic_django.models import AgentApproval, AgentToolCall
 from agentic_django.serializers import json_safe
@@ -307,14 +307,14 @@ def _ledgered(
         if ledger is None:
             return await invoke(context, arguments)
         call_id, name = context.tool_call_id, context.tool_name
-        replay, output, started = await sync_to_async(ledger.begin)(
+        replay, output, started = await run_sync(ledger.begin)(
             call_id, name, arguments, repeatable=is_repeatable(tool)
         )
         if replay:
             logger.info("agentic_django: %s %s replayed from its recorded output", name, call_id)
             return output
         output = await invoke(context, arguments)
-        await sync_to_async(ledger.finish)(started, name, storable_copy(json_safe(output)))
+        await run_sync(ledger.finish)(started, name, storable_copy(json_safe(output)))
         return output
 
     return invoke_once

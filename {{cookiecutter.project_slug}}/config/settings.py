@@ -74,9 +74,19 @@ TEMPLATES = [
 ]
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
-DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+# No connection outlives its request or its use: under ASGI every request runs in a thread of
+# its own, and a connection kept by a thread that is gone would stay open, unused, until the
+# database runs out of them. PostgreSQL connections come from a pool per process instead, so
+# a process never holds more than DATABASE_POOL_SIZE, whatever its load (see the README).
+DATABASES["default"]["CONN_MAX_AGE"] = 0
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env.int("DATABASE_POOL_SIZE", default=10),
+        # A process that needs a connection waits this long for one before it errors.
+        "timeout": env.float("DATABASE_POOL_TIMEOUT", default=20.0),
+    }
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web process read while a worker writes; IMMEDIATE avoids lock upgrades.
     DATABASES["default"]["OPTIONS"] = {
         "transaction_mode": "IMMEDIATE",
@@ -130,7 +140,13 @@ OPENAI_TRACING = env.bool("OPENAI_TRACING", default=None)
 AGENTIC_DJANGO_AGENT_REGISTRY = "chat.registry.get_agent_registry"
 AGENTIC_DJANGO_DEFAULT_AGENT_KEY = "assistant"
 AGENTIC_DJANGO_DEFAULT_RUN_OPTIONS = {"max_turns": 6}
+# Unset: the slots of the live workers (see the README's sizing notes).
 AGENTIC_DJANGO_CONCURRENCY_LIMIT = env.int("AGENTIC_DJANGO_CONCURRENCY_LIMIT", default=None)
+# Runs one worker process executes at once: runs wait on model providers nearly all the time,
+# so one process holds many (a thread each; database connections come from its pool).
+AGENTIC_DJANGO_WORKER_CONCURRENCY = env.int("AGENTIC_DJANGO_WORKER_CONCURRENCY", default=50)
+# Seconds a stopping worker lets its runs finish; the rest are retried by another worker.
+AGENTIC_DJANGO_WORKER_SHUTDOWN_GRACE = env.int("AGENTIC_DJANGO_WORKER_SHUTDOWN_GRACE", default=25)
 AGENTIC_DJANGO_ENABLE_EVENTS = env.bool("AGENTIC_DJANGO_ENABLE_EVENTS", default=True)
 AGENTIC_DJANGO_RATE_LIMIT = env("AGENTIC_DJANGO_RATE_LIMIT", default="20/m")
 AGENTIC_DJANGO_MAX_INPUT_BYTES = 20_000

@@ -2,11 +2,20 @@
 
 Whatever the task backend, a worker process:
 
+- runs up to ``AGENTIC_DJANGO_WORKER_CONCURRENCY`` runs at once (its slots), each in a thread
+  of its own with its own event loop: a run spends nearly all its time waiting on a model
+  provider, and a hung provider, a blocking tool or a blocked event loop costs one slot,
+  never the worker. It takes a task only when a slot is free;
 - imports the Agents SDK, the agent registry and the task modules once, at start, and warms
   them up with one in-memory agent run, so no task pays for the import;
-- records the deployment's concurrency limit in the database (``lifecycle``);
+- records the deployment's concurrency limit in the database (``lifecycle``) and announces
+  itself with its slots, renewing that every half lease (``AgentWorker``): unset, the limit
+  is the live workers' slots;
 - sweeps every half lease (``recovery.sweep``): runs whose worker died are recovered and runs
-  that wait are dispatched, so an idle deployment heals itself without cron.
+  that wait are dispatched, so an idle deployment heals itself without cron;
+- on SIGTERM/SIGINT stops taking tasks, lets the runs in flight finish within
+  ``AGENTIC_DJANGO_WORKER_SHUTDOWN_GRACE`` seconds, and ends the leases of the rest so the
+  next sweep (of any worker) retries them at once; a second signal exits at once.
 """
 
 from __future__ import annotations
@@ -14,11 +23,16 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
+import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from django.conf import settings
 from django.db import connections
+from django.utils.crypto import get_random_string
 from django.utils.module_loading import autodiscover_modules, import_string
 
 from agentic_django import lifecycle
@@ -33,14 +47,126 @@ def sweep_interval() -> float:
     return get_config().lease_seconds / 2
 
 
-def start_worker() -> None:
-    """What every worker process does before taking tasks: preload, record the limit, sweep."""
+def start_worker(presence: Presence | None = None) -> None:
+    """What every worker process does before taking tasks: preload, record the limit,
+    announce itself, sweep."""
     preload()
     try:
         lifecycle.record_concurrency_limit(get_config().concurrency_limit)
+        if presence is not None:
+            presence.announce()
     finally:
         connections.close_all()
     sweep_safely()
+
+
+class Presence:
+    """A worker's row in ``AgentWorker``: its slots count while its heartbeat is fresh."""
+
+    def __init__(self, slots: int, worker_id: str = "") -> None:
+        self.slots = slots
+        self.worker_id = worker_id or get_random_string(32)
+
+    def announce(self) -> None:
+        lifecycle.announce_worker(
+            self.worker_id, slots=self.slots, hostname=socket.gethostname(), pid=os.getpid()
+        )
+
+    def beat(self) -> None:
+        """Renew the heartbeat (a failure is logged: the next beat tries again)."""
+        try:
+            self.announce()
+        except Exception:
+            logger.warning("agentic_django: worker heartbeat failed", exc_info=True)
+        finally:
+            connections.close_all()
+
+    def retire(self) -> None:
+        try:
+            lifecycle.retire_worker(self.worker_id)
+        except Exception:
+            logger.warning("agentic_django: could not retire worker", exc_info=True)
+        finally:
+            connections.close_all()
+
+
+class Slots:
+    """Runs up to ``size`` tasks at once, each in a daemon thread of its own (a stopping
+    worker never waits for a thread past its grace period)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.busy = 0
+        self._changed = threading.Condition()
+
+    def acquire(self, timeout: float) -> bool:
+        """Take a free slot, waiting up to ``timeout`` seconds for one; False if none freed."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.busy < self.size, timeout):
+                return False
+            self.busy += 1
+            return True
+
+    def release(self) -> None:
+        """Give back a slot taken with ``acquire`` and not used."""
+        with self._changed:
+            self.busy -= 1
+            self._changed.notify_all()
+
+    def start(self, task: Callable[..., Any], *args: Any) -> None:
+        """Run ``task(*args)`` in the slot taken with ``acquire``; the slot frees after it."""
+        thread = threading.Thread(
+            target=self._run, args=(task, args), name="agentic-django-run", daemon=True
+        )
+        thread.start()
+
+    def _run(self, task: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            task(*args)
+        except Exception:
+            logger.exception("agentic_django: a task failed in its worker slot")
+        finally:
+            connections.close_all()
+            self.release()
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Return when a slot frees (or after ``timeout``)."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every task to end; whether they did."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.busy == 0, timeout)
+
+
+def stop_worker(slots: Slots, presence: Presence, *, wait: bool = True) -> None:
+    """A worker stops: the runs in flight get the grace period to finish (unless not
+    ``wait``); the leases of those still running after it end, so the next sweep (of any
+    worker) retries them now."""
+    grace = get_config().worker_shutdown_grace if wait else 0
+    if slots.busy and grace:
+        logger.info("agentic_django: waiting up to %ss for %d run(s)", grace, slots.busy)
+    if not slots.wait_idle(grace):
+        stop_in_flight()
+    presence.retire()
+
+
+def stop_in_flight() -> None:
+    """Give up the runs still executing in this process (see ``lifecycle.give_up``)."""
+    from agentic_django.execution import abandon_in_flight
+
+    fences = abandon_in_flight()
+    try:
+        ended = lifecycle.give_up(fences)
+    except Exception:
+        logger.exception("agentic_django: could not end the leases of %d run(s)", len(fences))
+    else:
+        logger.warning(
+            "agentic_django: stopped with %d run(s) unfinished; they will be retried", ended
+        )
+    finally:
+        connections.close_all()
 
 
 def preload() -> None:
@@ -93,6 +219,7 @@ def sweep_safely() -> None:
     """One sweep, logged; its database connections are closed afterwards."""
     try:
         result = sweep()
+        lifecycle.forget_dead_workers()
     except Exception:
         logger.exception("agentic_django: sweep failed; the next one will try again")
     else:
@@ -107,10 +234,11 @@ def sweep_safely() -> None:
 
 
 class Sweeper:
-    """Sweeps every ``interval`` seconds from a daemon thread (for non-forking workers)."""
+    """Renews the worker's heartbeat and sweeps every ``interval`` seconds, from a thread."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, presence: Presence | None = None) -> None:
         self.interval = interval
+        self.presence = presence
         self._stopped = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name="agentic-django-sweeper", daemon=True
@@ -125,4 +253,6 @@ class Sweeper:
 
     def _run(self) -> None:
         while not self._stopped.wait(self.interval):
+            if self.presence is not None:
+                self.presence.beat()
             sweep_safely()

@@ -1,52 +1,92 @@
 """The worker of ``django_tasks_db.DatabaseBackend``: django-tasks-db's worker, preloaded,
-sweeping from a thread, and woken by the database when a task is queued.
+running up to ``AGENTIC_DJANGO_WORKER_CONCURRENCY`` tasks at once, sweeping from a thread, and
+woken by the database when a task is queued.
 
-django-tasks-db looks for a task, then sleeps a fixed interval when there was none; here the
-idle wait ends as soon as a task is queued (PostgreSQL NOTIFY, or the SQLite file changing,
-see ``agentic_django.notify``), so an idle worker starts a new run at once and costs next to
-nothing while it waits. The task is still claimed with django-tasks-db's own locking.
+django-tasks-db runs one task at a time and sleeps a fixed interval when there was none; here
+the worker claims a task whenever a slot is free, and the idle wait ends as soon as a task is
+queued (PostgreSQL NOTIFY, or the SQLite file changing, see ``agentic_django.notify``) or a
+slot frees. The task is still claimed with django-tasks-db's own locking.
 """
 
 from __future__ import annotations
 
+import logging
+import signal
+import sys
+from types import FrameType
 from typing import Any
 
 from django.db import close_old_connections
 from django.db.utils import OperationalError
-from django_tasks_db.management.commands.db_worker import Worker, logger
+from django_tasks_db.management.commands.db_worker import Worker
 from django_tasks_db.models import DBTaskResult
 from django_tasks_db.utils import exclusive_transaction, is_locked_database_exception
 
+from agentic_django.conf import get_config
 from agentic_django.notify import TaskWaiter
-from agentic_django.workers import Sweeper, start_worker, sweep_interval
+from agentic_django.workers import (
+    Presence,
+    Slots,
+    Sweeper,
+    start_worker,
+    stop_worker,
+    sweep_interval,
+)
+
+logger = logging.getLogger("agentic_django.workers")
 
 # The longest an idle worker waits before it looks again without a wake-up.
 IDLE_SECONDS = 1.0
 
 
 class DatabaseWorker(Worker):
-    """``db_worker``'s worker, preloaded, sweeping, woken when a task is queued."""
+    """``db_worker``'s worker, preloaded, concurrent, sweeping, woken when a task is queued."""
+
+    def __init__(self, *args: Any, concurrency: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots = Slots(concurrency or get_config().worker_concurrency)
+        self.presence = Presence(self.slots.size, self.worker_id)
+        self.forced = False  # a second signal: stop without waiting for the runs in flight
 
     def run(self) -> None:
-        start_worker()
-        sweeper = Sweeper(sweep_interval())
+        start_worker(self.presence)
+        sweeper = Sweeper(sweep_interval(), self.presence)
         sweeper.start()
         waiter = TaskWaiter()
-        logger.info("Starting worker worker_id=%s queues=%s", self.worker_id, self.queue_names)
+        logger.info(
+            "Starting worker worker_id=%s queues=%s slots=%d",
+            self.worker_id,
+            self.queue_names,
+            self.slots.size,
+        )
         try:
-            while self.running:
-                close_old_connections()
-                task_result = self._claim_next()
-                if task_result is not None:
-                    self.run_task(task_result)
-                elif self.batch:
-                    return
-                close_old_connections()
-                if self.running and task_result is None:
-                    waiter.wait(self.interval)
+            self._work(waiter)
         finally:
             waiter.close()
             sweeper.stop()
+            stop_worker(self.slots, self.presence, wait=not self.forced)
+
+    def _work(self, waiter: TaskWaiter) -> None:
+        while self.running:
+            if not self.slots.acquire(timeout=IDLE_SECONDS):
+                continue  # every slot busy: look again (or stop) once one frees
+            try:
+                task_result = self._claim_next()
+            except BaseException:
+                self.slots.release()
+                raise
+            finally:
+                close_old_connections()
+            if task_result is not None:
+                self.slots.start(self.run_task, task_result)
+                continue
+            self.slots.release()
+            if self.batch:
+                if not self.slots.busy:
+                    return  # nothing queued, nothing running: the burst is over
+                self.slots.wait_for_change(IDLE_SECONDS)  # a run ending may queue the next
+            elif self.running:
+                waiter.wait(self.interval)
 
     def _claim_next(self) -> Any:
         tasks = DBTaskResult.objects.ready().filter(
@@ -63,9 +103,24 @@ class DatabaseWorker(Worker):
                 task_result.claim(self.worker_id)
         return task_result
 
+    def shutdown(self, signum: int, frame: FrameType | None) -> None:
+        """First signal: take no more tasks and let the runs in flight finish (the main loop
+        stops within a second); a second one exits at once."""
+        if not self.running:
+            logger.warning("Received %s - exiting now.", signal.strsignal(signum))
+            self.reset_signals()
+            self.forced = True
+            sys.exit(1)
+        logger.warning(
+            "Received %s - finishing %d run(s), taking no more (again to exit now)",
+            signal.strsignal(signum),
+            self.slots.busy,
+        )
+        self.running = False
+
 
 def run_database_worker(**options: Any) -> None:
-    """Run a ``DatabaseWorker`` until SIGINT/SIGTERM (graceful: the current task finishes)."""
+    """Run a ``DatabaseWorker`` until SIGINT/SIGTERM (graceful: the runs in flight finish)."""
     worker = DatabaseWorker(**options)
     worker.configure_signals()
     worker.run()

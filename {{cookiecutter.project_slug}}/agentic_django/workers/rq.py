@@ -1,45 +1,108 @@
-"""The worker of ``django_tasks_rq.RQBackend``: an RQ worker that preloads and sweeps.
+"""The worker of ``django_tasks_rq.RQBackend``: an RQ worker that runs up to
+``AGENTIC_DJANGO_WORKER_CONCURRENCY`` jobs at once, each in a thread of its own, preloads the
+agent stack and sweeps.
 
-RQ runs each job in a forked "work horse", which inherits everything the parent imported.
-The parent must not share a database connection with its horses, so it sweeps from its own
-loop (RQ's maintenance step, between jobs and while it waits for one) and closes its
-connections after each sweep; no thread runs in a process that forks.
+RQ's own workers fork a "work horse" per job and run one job at a time. An agent run waits on
+its model provider nearly all the time, so here a job runs in a thread of the worker process
+(as RQ's ``SimpleWorker`` does, without forking), and the worker dequeues the next job as soon
+as a slot is free. The broker stays transport and wake-up: the run's row decides whether a job
+may run (``lifecycle.claim``), its lease keeper times it out (no RQ death penalty: signals
+reach only the main thread), and a worker that dies is recovered from the run table.
 """
 
 from __future__ import annotations
 
-import gc
-import time
+import logging
 from typing import Any
 
-from rq.worker import Worker
+from rq.exceptions import StopRequested
+from rq.job import Job
+from rq.queue import Queue
+from rq.timeouts import BaseDeathPenalty
+from rq.worker import SimpleWorker
 
-from agentic_django.workers import start_worker, sweep_interval, sweep_safely
+from agentic_django.conf import get_config
+from agentic_django.workers import (
+    Presence,
+    Slots,
+    Sweeper,
+    start_worker,
+    stop_worker,
+    sweep_interval,
+)
+
+logger = logging.getLogger("agentic_django.workers")
+
+# How often a worker whose slots are all busy looks at its heartbeat and stop requests.
+BUSY_POLL_SECONDS = 1.0
 
 
-class RQWorker(Worker):
-    """``rq.Worker`` that preloads the agent stack once and sweeps every half lease."""
+class NoDeathPenalty(BaseDeathPenalty):
+    """Jobs are not killed by RQ: a run's lease keeper ends it at its timeout."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("maintenance_interval", max(1, int(sweep_interval())))
+    def setup_death_penalty(self) -> None:
+        return None
+
+    def cancel_death_penalty(self) -> None:
+        return None
+
+
+class RQWorker(SimpleWorker):
+    """``rq.SimpleWorker`` running jobs in threads, up to its slots, preloaded and sweeping."""
+
+    death_penalty_class = NoDeathPenalty
+
+    def __init__(self, *args: Any, concurrency: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._next_sweep = 0.0
+        self.slots = Slots(concurrency or get_config().worker_concurrency)
+        self.presence = Presence(self.slots.size)
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
-        start_worker()
-        # Keep the preloaded objects out of the collector: a horse's GC would otherwise touch
-        # (and copy) every inherited page.
-        gc.freeze()
-        self._next_sweep = time.monotonic() + sweep_interval()
-        return super().work(*args, **kwargs)
+        start_worker(self.presence)
+        sweeper = Sweeper(sweep_interval(), self.presence)
+        sweeper.start()
+        forced = False
+        try:
+            return super().work(*args, **kwargs)
+        except SystemExit:
+            forced = True  # a second signal: cold shutdown
+            raise
+        finally:
+            sweeper.stop()
+            stop_worker(self.slots, self.presence, wait=not forced)
 
     @property
     def dequeue_timeout(self) -> int:
-        # Wake up from waiting for a job often enough to sweep on time.
-        return max(1, min(super().dequeue_timeout, int(sweep_interval())))
+        # Jobs run in threads, so the worker is "busy" while it waits for the next: a stop
+        # request only ends the wait when it times out, which it does often.
+        return max(1, min(super().dequeue_timeout, int(BUSY_POLL_SECONDS * 2)))
 
-    def run_maintenance_tasks(self) -> None:
-        super().run_maintenance_tasks()
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + sweep_interval()
-            sweep_safely()
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """The next job, once a slot is free for it (the slot is then taken)."""
+        while True:
+            while not self.slots.acquire(timeout=BUSY_POLL_SECONDS):
+                self.heartbeat()
+                if self._stop_requested:
+                    raise StopRequested()
+            if self._stop_requested:
+                self.slots.release()
+                raise StopRequested()
+            try:
+                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except BaseException:
+                self.slots.release()
+                raise
+            if result is not None:
+                return result
+            self.slots.release()
+            if timeout is not None or not self.slots.busy:
+                return None  # idle too long, or a burst with nothing queued nor running
+            # A burst: a job still running may queue the next run of its conversation.
+            self.slots.wait_for_change(BUSY_POLL_SECONDS)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Start the job in the slot its dequeue took."""
+        execution = self.prepare_execution(job)
+        self.slots.start(self.perform_job, job, queue, execution)

@@ -46,12 +46,17 @@ class Rule:
     error: BaseException | None = None
     before: Callable[[], object] | None = None
     thread: threading.Thread | None = None
+    # Only statements of the thread with this name (say, one run's lease keeper).
+    thread_name: str | None = None
     fired: int = 0
 
     def takes(self, sql: str) -> bool:
         if self.fired >= self.times or not self.pattern.search(sql):
             return False
-        return self.thread is None or self.thread is threading.current_thread()
+        current = threading.current_thread()
+        if self.thread_name is not None and current.name != self.thread_name:
+            return False
+        return self.thread is None or self.thread is current
 
 
 @dataclass

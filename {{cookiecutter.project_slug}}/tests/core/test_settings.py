@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from django.core.checks.registry import registry
 from django.core.exceptions import ImproperlyConfigured
@@ -34,9 +32,12 @@ def test_config_follows_setting_changes(settings):
     assert get_config().enable_events is False
 
 
-def test_concurrency_none_means_cpu_count(settings):
+def test_concurrency_none_means_auto_and_workers_get_slots(settings):
     settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = None
-    assert get_config().concurrency_limit == (os.cpu_count() or 1)
+    assert get_config().concurrency_limit is None
+    assert get_config().worker_concurrency == 50
+    settings.AGENTIC_DJANGO_WORKER_CONCURRENCY = 0
+    assert "AGENTIC_DJANGO_WORKER_CONCURRENCY" in " ".join(agentic_errors())
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from agentic_django.models import AgentRun, AgentSession, DispatchLock
+from agentic_django.models import AgentRun, AgentSession, AgentWorker
 from tests.core.conftest import running_elsewhere, worker_died
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -88,12 +88,9 @@ def wait_for(condition, what: str, log: Path) -> None:
 
 
 def test_an_idle_worker_recovers_a_dead_run_and_dispatches_the_run_behind_it(user, worker):
-    # The worker has started: preloaded, recorded the concurrency limit, swept once.
-    wait_for(
-        lambda: DispatchLock.objects.filter(concurrency_limit__isnull=False).exists(),
-        "the worker to start",
-        worker,
-    )
+    # The worker has started: preloaded, announced its slots, swept once.
+    wait_for(lambda: AgentWorker.objects.exists(), "the worker to start", worker)
+    assert AgentWorker.objects.get().slots == 50
     session = AgentSession.objects.create(owner=user, session_key="idle")
     dead = running_elsewhere(session, agent_key="assistant", text_input="Hello there")
     worker_died(dead)

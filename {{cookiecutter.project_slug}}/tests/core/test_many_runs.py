@@ -1,0 +1,283 @@
+"""Many runs in one worker process: each in a slot of its own, none in the way of the others.
+
+The in-process tests run pending runs through a worker's ``Slots`` exactly as the workers do
+(``execute`` in a thread per slot); the last one kills a real worker process with 50 runs in
+flight. Faults come from the database (``tests.core.faults``), the model (scripted steps that
+wait or block) and the process (SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agents import function_tool
+from agents.testing import ModelStep, ScriptedModel, assistant_message
+from django.conf import settings
+from django.db import OperationalError, connection
+
+from agentic_django.execution import execute
+from agentic_django.models import AgentRun, AgentSession, AgentToolCall, AgentWorker
+from agentic_django.services import create_run
+from agentic_django.workers import Slots
+from tests.core import registry
+from tests.core.crowd_registry import ANSWER
+from tests.core.faults import RENEW, database_faults
+from tests.core.test_faults import async_wait_for
+from tests.core.test_worker import configured_backend, database_url
+from tests.waiting import PATIENCE, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+QUEUE = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
+
+
+def register_each(key: str, steps: Callable[[], Sequence[Any]], tools: Sequence[Any] = ()) -> None:
+    """Register ``key``: every run gets its own scripted model playing ``steps()``."""
+    from agents import Agent
+
+    registry.FACTORIES[key] = lambda: Agent(
+        name="Clerk", instructions="Test.", model=ScriptedModel(list(steps())), tools=list(tools)
+    )
+
+
+def pending_runs(user: Any, agent_key: str, count: int, prefix: str = "c") -> list[AgentRun]:
+    """``count`` pending runs, one per conversation (none waits for another)."""
+    runs = []
+    for index in range(count):
+        session = AgentSession.objects.create(owner=user, session_key=f"{prefix}{index}")
+        runs.append(
+            AgentRun.objects.create(
+                session=session, owner=user, agent_key=agent_key, input_payload="go"
+            )
+        )
+    return runs
+
+
+@pytest.fixture
+def queue(settings) -> None:
+    """The test plays the worker: a run that finishes dispatches into a queue nobody takes."""
+    settings.TASKS = QUEUE
+
+
+def start(slots: Slots, runs: Sequence[AgentRun]) -> None:
+    """Hand each run to a free slot, as a worker does with the tasks it takes."""
+    for run in runs:
+        assert slots.acquire(PATIENCE), "no slot freed"
+        slots.start(execute, str(run.pk))
+
+
+def statuses(runs: Sequence[AgentRun]) -> list[str]:
+    return [AgentRun.objects.get(pk=run.pk).status for run in runs]
+
+
+def connections_held() -> int:
+    """Connections to this test database (only this process uses it)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+        return cursor.fetchone()[0]
+
+
+def test_a_worker_runs_its_slots_at_once_on_a_bounded_pool(user, settings, queue):
+    """20 runs that each wait until all 20 started: only a worker running them at once
+    finishes them. On PostgreSQL the process never holds more connections than its pool allows."""
+    settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = 20
+    runs = pending_runs(user, "together", 20)
+    peak: list[int] = []
+
+    async def together(model_call: Any) -> Any:
+        # Every run started (some may finish before the others look again).
+        everyone = await async_wait_for(
+            lambda: AgentRun.objects.filter(started_at__isnull=False).count() == len(runs)
+        )
+        if connection.vendor == "postgresql":
+            peak.append(await asyncio.to_thread(connections_held))
+        return [assistant_message("together" if everyone else "alone")]
+
+    register_each("together", lambda: [ModelStep.respond(together)])
+    slots = Slots(20)
+    start(slots, runs)
+    assert slots.wait_idle(PATIENCE), [
+        (r.status, r.error, r.attempt) for r in AgentRun.objects.all()
+    ]
+    for run in runs:
+        run.refresh_from_db()
+        assert (run.status, run.final_output, run.attempt) == ("completed", "together", 1)
+    if connection.vendor == "postgresql":
+        pool = settings.DATABASES["default"]["OPTIONS"]["pool"]["max_size"]
+        # The pool, the test's own connection and the one sampling.
+        assert max(peak) <= pool + 2
+
+
+def test_a_blocking_tool_or_event_loop_costs_its_run_one_slot(user, queue):
+    """A sync tool that blocks, and an async tool that blocks its event loop: both hold their
+    own slot only; every other run of the worker starts and finishes meanwhile."""
+    release = threading.Event()
+
+    @function_tool
+    def wait_in_thread() -> str:
+        """Block in the tool's thread."""
+        release.wait(PATIENCE)
+        return "thread released"
+
+    @function_tool
+    async def wait_on_the_loop() -> str:
+        """Block the run's event loop (a sync call inside an async tool)."""
+        release.wait(PATIENCE)
+        return "loop released"
+
+    from agents.testing import function_call
+
+    for name, tool in (("sync", wait_in_thread), ("loop", wait_on_the_loop)):
+        register_each(
+            name,
+            lambda tool=tool: [
+                [function_call(tool.name, {}, call_id="c1")],
+                [assistant_message("blocked no one")],
+            ],
+            [tool],
+        )
+    register_each("quick", lambda: [[assistant_message("quick")]])
+    blocked = pending_runs(user, "sync", 1, "s") + pending_runs(user, "loop", 1, "l")
+    quick = pending_runs(user, "quick", 6, "q")
+    slots = Slots(4)
+    start(slots, blocked)
+    wait_for(
+        lambda: AgentToolCall.objects.filter(run__in=blocked).count() == 2, "both tools to block"
+    )
+    start(slots, quick)  # six runs through the two slots left
+    wait_for(lambda: statuses(quick) == ["completed"] * 6, "the other runs")
+    assert statuses(blocked) == ["running", "running"]
+    release.set()
+    assert slots.wait_idle(PATIENCE)
+    assert [AgentRun.objects.get(pk=r.pk).final_output for r in blocked] == ["blocked no one"] * 2
+
+
+def test_a_failing_renewal_of_one_run_leaves_the_others_alone(user, settings, queue):
+    """The lease renewal of one run fails twice on a transient database error: it retries and
+    keeps its run; the runs beside it never notice. All finish in their first attempt."""
+    settings.AGENTIC_DJANGO_LEASE_SECONDS = 5  # renewals every 1.7 s
+    runs = pending_runs(user, "renewing", 3)
+    flaky = runs[0]
+    with database_faults() as faults:
+        rule = faults.fail(
+            RENEW, OperationalError("server closed the connection unexpectedly"), times=2
+        )
+        rule.thread_name = f"agentic-django-lease-{flaky.pk}"
+
+        async def after_the_hiccups(model_call: Any) -> Any:
+            await async_wait_for(
+                lambda: (
+                    rule.fired == 2
+                    and AgentRun.objects.get(pk=flaky.pk).heartbeat_at
+                    > AgentRun.objects.get(pk=flaky.pk).started_at
+                )
+            )
+            return [assistant_message("kept")]
+
+        register_each("renewing", lambda: [ModelStep.respond(after_the_hiccups)])
+        slots = Slots(3)
+        start(slots, runs)
+        assert slots.wait_idle(PATIENCE)
+    assert rule.fired == 2
+    for run in runs:
+        run.refresh_from_db()
+        assert (run.status, run.final_output, run.attempt) == ("completed", "kept", 1)
+
+
+# A worker process of this project's task backend, serving the crowd registry's agent.
+WORKER = """
+import django
+django.setup()
+from django.conf import settings
+settings.AGENTIC_DJANGO_AGENT_REGISTRY = "tests.core.crowd_registry.get_agent_registry"
+from django.core.management import call_command
+call_command("agentic_django_worker")
+"""
+
+
+def start_worker(tmp_path: Path, name: str) -> subprocess.Popen:
+    log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 (the process owns it)
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "DATABASE_URL": database_url(),
+        "OPENAI_API_KEY": "",
+        "OPENAI_AGENTS_DISABLE_TRACING": "1",
+        "AGENTIC_DJANGO_LEASE_SECONDS": "5",
+        "AGENTIC_DJANGO_WORKER_CONCURRENCY": "60",
+        "TOOL_LOG": str(tmp_path / "tools.log"),
+        "HOLD_FILE": str(tmp_path / "hold"),
+    }
+    return subprocess.Popen(  # noqa: S603 (this interpreter, a fixed script)
+        [sys.executable, "-c", WORKER],
+        cwd=settings.BASE_DIR,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+    process.wait(timeout=PATIENCE)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_50_runs_in_flight_loses_none_and_repeats_no_call(
+    user, settings, tmp_path
+):
+    import config.settings as project_settings
+
+    if "Immediate" in configured_backend():
+        pytest.skip("the immediate task backend has no worker")
+    settings.TASKS = project_settings.TASKS  # runs are queued for the worker processes
+    settings.AGENTIC_DJANGO_AGENT_REGISTRY = "tests.core.crowd_registry.get_agent_registry"
+    hold = tmp_path / "hold"
+    hold.touch()
+    first = start_worker(tmp_path, "first")
+    try:
+        wait_for(lambda: AgentWorker.objects.exists(), "the first worker to start", PATIENCE * 2)
+        runs = [
+            create_run(owner=user, session_key=f"k{i}", input_payload="go", agent_key="crowd")
+            for i in range(50)
+        ]
+        # Every run called its tool, which finished; all wait for their second model turn.
+        wait_for(
+            lambda: AgentToolCall.objects.filter(finished_at__isnull=False).count() == 50,
+            "50 runs in flight at once in one worker",
+            PATIENCE * 2,
+        )
+        assert AgentRun.objects.filter(status="running").count() == 50
+    finally:
+        stop(first, signal.SIGKILL)
+    hold.unlink()
+    second = start_worker(tmp_path, "second")
+    try:
+        wait_for(
+            lambda: all(
+                r.is_terminal for r in AgentRun.objects.filter(pk__in=[r.pk for r in runs])
+            ),
+            "every run recovered and finished",
+            PATIENCE * 3,
+        )
+    finally:
+        stop(second)
+    for run in AgentRun.objects.filter(pk__in=[r.pk for r in runs]):
+        assert (run.status, run.final_output, run.attempt) == ("completed", ANSWER, 2)
+        assert run.session.items.filter(payload__role="assistant").count() == 1
+    # Each call ran once, in the attempt that died, and was never run again.
+    keys = (tmp_path / "tools.log").read_text().split()
+    assert len(keys) == len(set(keys)) == 50
+    assert AgentToolCall.objects.count() == 50
+    assert not AgentWorker.objects.exclude(pid=first.pid).exists()  # the second one retired
