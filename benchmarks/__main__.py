@@ -37,6 +37,7 @@ BENCHMARKS = {
     "events": "run_events",
     "workers": "run_workers",
     "latency": "run_latency",
+    "streams": "run_streams",
 }
 # Benchmarks that bake projects of their own, one per (task_backend, database).
 OWN_PROJECTS = {"latency": [("database", "sqlite"), ("rq", "postgres")]}
@@ -47,6 +48,7 @@ QUICK = {
     "events": [*TINY, "--agent", "tool"],
     "workers": ["--runs", "2", "--workers", "1"],
     "latency": ["--quick"],
+    "streams": ["--streams", "20", "--deltas", "2", "--idle-seconds", "1"],
 }
 
 

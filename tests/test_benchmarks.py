@@ -46,7 +46,7 @@ def quick(tmp_path_factory, names: tuple[str, ...], reports: tuple[str, ...]) ->
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> Bench:
-    names = ("overhead", "polling", "events", "workers")
+    names = ("overhead", "polling", "events", "workers", "streams")
     return quick(tmp_path_factory, names, names)
 
 
@@ -97,6 +97,20 @@ def test_workers_report(bench):
         assert (row["workers"], row["completed"]) == (1, 2), backend
         assert row["runs_per_s"] > 0
     assert report["in_process_ms"] > 0
+
+
+def test_streams_report(bench):
+    report = bench.reports["streams"]
+    (row,) = rows(report)
+    assert (row["streams"], row["deltas"]) == (20, 2)  # every client got every delta
+    assert 0 < row["p50_ms"] <= row["p95_ms"] and row["idle_cpu_percent"] >= 0
+    assert row["connections"] >= 1  # the listener, at least (PostgreSQL)
+    assert [target["target"] for target in report["targets"]] == [
+        "connections held",
+        "p95 delta -> client",
+        "idle CPU of the web process",
+    ]
+    assert "## Open run streams on one web process" in bench.stdout
 
 
 @pytest.mark.xdist_group("benchmarks-latency")  # its own projects: beside the others

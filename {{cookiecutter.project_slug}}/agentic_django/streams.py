@@ -15,18 +15,28 @@ Events, in order:
 Everything sent comes from the database, so a client that reconnects with ``Last-Event-ID``
 (or ``?after=``) gets exactly what it missed: no gap, nothing twice. A connection lives at most
 ``MAX_SECONDS`` (clients reconnect) and gets a comment every ``HEARTBEAT_SECONDS`` while idle.
+
+No stream holds a database connection: it gives back the one its request used before it starts,
+and reads on one of ``READ_THREADS`` shared threads, which give theirs back after each read (to
+the pool, on PostgreSQL). Streams of one run at one position share a read (``RunWatch.shared``),
+so a change of a run followed by a thousand clients costs one read, not a thousand.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.db import close_old_connections, connection
 
 from agentic_django.events import visible_events
 from agentic_django.models import AgentEvent, AgentRun
@@ -37,6 +47,8 @@ HEARTBEAT_SECONDS = 15.0
 MAX_SECONDS = 300.0
 RETRY_MILLISECONDS = 1000
 BATCH = 100
+# Threads (so at most as many connections) that read for every stream of a process.
+READ_THREADS = 3
 _POSITION = re.compile(r"^(\d{1,18})(?::(\d{1,18}):(\d{1,18}))?$")
 # The run's fields a stream reads (not its input, output or history).
 STREAM_FIELDS = (
@@ -48,6 +60,9 @@ STREAM_FIELDS = (
     "error",
     "finished_at",
 )
+# A look at the run: the run, its visible events after the client's position, and the event to
+# start over from (if the client must).
+type Snapshot = tuple[AgentRun, list[AgentEvent], int | None]
 
 
 @dataclass
@@ -90,7 +105,7 @@ def message(kind: str, data: Any, position: Position | None = None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def _snapshot(run_pk: Any, position: Position) -> tuple[AgentRun, list[AgentEvent], int | None]:
+def _snapshot(run_pk: Any, position: Position) -> Snapshot:
     """The run, the visible events after ``position`` and, if part of what the client has
     came from an attempt that died (or the text it has from another attempt), the event to
     start over from."""
@@ -123,20 +138,68 @@ def _restart_from(run: AgentRun, position: Position) -> int | None:
     return before.values_list("sequence", flat=True).first() or 0
 
 
+@cache
+def _readers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(READ_THREADS, thread_name_prefix="agentic-stream-read")
+
+
+# A forked child has none of its parent's threads: it starts its own readers.
+os.register_at_fork(after_in_child=_readers.cache_clear)
+
+
+def _borrowed_snapshot(run_pk: Any, position: Position) -> Snapshot:
+    """``_snapshot`` on a reader thread, which then gives its connection back as a request
+    does when it ends (with ``CONN_MAX_AGE = 0``, and always with a pool, at once)."""
+    try:
+        return _snapshot(run_pk, position)
+    finally:
+        close_old_connections()
+
+
+def _release_connection() -> bool:
+    """Give back the connection of the stream's request (it looked up the user and the run)
+    rather than hold it for the stream's whole life; True. Inside a transaction -- a test's --
+    keep it and say so: that stream must read in the transaction, on this thread, alone, to
+    see what the transaction wrote."""
+    if connection.in_atomic_block:
+        return False
+    connection.close()
+    return True
+
+
+async def _look(
+    watch: RunWatch, mark: Any, run_pk: Any, position: Position, *, shared: bool
+) -> Snapshot:
+    """``_snapshot`` -- read on a reader thread, shared with the streams of the run at the
+    same position -- or, for a stream opened inside a transaction, read on its own."""
+    if not shared:
+        return await sync_to_async(_snapshot)(run_pk, position)
+    at = replace(position)  # the stream moves its own position on while the read may wait
+    loop = asyncio.get_running_loop()
+    return await watch.shared(
+        mark,
+        (at.sequence, at.offset, at.epoch),
+        lambda: loop.run_in_executor(_readers(), _borrowed_snapshot, run_pk, at),
+    )
+
+
 async def run_events(run_pk: Any, position: Position) -> AsyncIterator[str]:
     """The run's stream from ``position`` on, until it ends or ``MAX_SECONDS`` passed."""
+    shared = await sync_to_async(_release_connection)()
     async with RunWatch(run_pk) as watch:
-        async for item in _run_events(run_pk, position, watch):
+        async for item in _run_events(run_pk, position, watch, shared=shared):
             yield item
 
 
-async def _run_events(run_pk: Any, position: Position, watch: RunWatch) -> AsyncIterator[str]:
+async def _run_events(
+    run_pk: Any, position: Position, watch: RunWatch, *, shared: bool
+) -> AsyncIterator[str]:
     yield f"retry: {RETRY_MILLISECONDS}\n\n"
     deadline = time.monotonic() + MAX_SECONDS
     idle_since = time.monotonic()
     while True:
         mark = watch.mark()  # before the look: a change during it ends the wait below at once
-        run, events, restart = await sync_to_async(_snapshot)(run_pk, position)
+        run, events, restart = await _look(watch, mark, run_pk, position, shared=shared)
         if restart is not None:
             # What this client has after that event came from an attempt that died, or is
             # text of another attempt.
