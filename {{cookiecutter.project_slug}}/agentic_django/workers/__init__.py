@@ -143,13 +143,19 @@ class Slots:
 def stop_worker(slots: Slots, presence: Presence, *, wait: bool = True) -> None:
     """A worker stops: the runs in flight get the grace period to finish (unless not
     ``wait``); the leases of those still running after it end, so the next sweep (of any
-    worker) retries them now."""
+    worker) retries them now, and the process exits at once."""
     grace = get_config().worker_shutdown_grace if wait else 0
     if slots.busy and grace:
         logger.info("agentic_django: waiting up to %ss for %d run(s)", grace, slots.busy)
-    if not slots.wait_idle(grace):
-        stop_in_flight()
+    if slots.wait_idle(grace):
+        presence.retire()
+        return
+    stop_in_flight()
     presence.retire()
+    # The runs given up still hold threads the interpreter would wait for at exit (an event
+    # loop's thread is not a daemon): leave now; their work is fenced off and will be retried.
+    logging.shutdown()
+    os._exit(0 if wait else 1)
 
 
 def stop_in_flight() -> None:

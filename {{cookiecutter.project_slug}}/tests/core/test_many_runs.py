@@ -204,9 +204,10 @@ call_command("agentic_django_worker")
 """
 
 
-def start_worker(tmp_path: Path, name: str) -> subprocess.Popen:
+def start_worker(tmp_path: Path, name: str, grace: int = 25) -> subprocess.Popen:
     log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 (the process owns it)
     env = {
+        "AGENTIC_DJANGO_WORKER_SHUTDOWN_GRACE": str(grace),
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "DATABASE_URL": database_url(),
@@ -233,31 +234,85 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     process.wait(timeout=PATIENCE)
 
 
-@pytest.mark.slow
-def test_a_worker_killed_with_50_runs_in_flight_loses_none_and_repeats_no_call(
-    user, settings, tmp_path
-):
+@pytest.fixture
+def real_queue(settings) -> None:
+    """Runs are queued on the project's task backend, for real worker processes."""
     import config.settings as project_settings
 
     if "Immediate" in configured_backend():
         pytest.skip("the immediate task backend has no worker")
-    settings.TASKS = project_settings.TASKS  # runs are queued for the worker processes
+    settings.TASKS = project_settings.TASKS
     settings.AGENTIC_DJANGO_AGENT_REGISTRY = "tests.core.crowd_registry.get_agent_registry"
+
+
+def crowd(user: Any, count: int, prefix: str) -> list[AgentRun]:
+    return [
+        create_run(owner=user, session_key=f"{prefix}{i}", input_payload="go", agent_key="crowd")
+        for i in range(count)
+    ]
+
+
+def all_held(runs: Sequence[AgentRun]) -> bool:
+    """Every run called its tool, which finished: all wait for their second model turn."""
+    done = AgentToolCall.objects.filter(run__in=runs, finished_at__isnull=False).count()
+    return done == len(runs)
+
+
+@pytest.mark.slow
+def test_a_stopping_worker_lets_its_runs_finish_then_hands_the_rest_on(user, tmp_path, real_queue):
+    """SIGTERM: the worker takes no more tasks and its runs finish within the grace period;
+    past it, their leases end at once, so the next worker retries them without waiting."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    patient = start_worker(tmp_path, "patient", grace=int(PATIENCE * 2))
+    try:
+        wait_for(lambda: AgentWorker.objects.exists(), "the worker to start", PATIENCE * 2)
+        finishing = crowd(user, 2, "f")
+        wait_for(lambda: all_held(finishing), "both runs in flight")
+        os.killpg(patient.pid, signal.SIGTERM)
+        wait_for(lambda: "waiting up to" in (tmp_path / "patient.log").read_text(), "SIGTERM")
+        hold.unlink()
+        assert patient.wait(timeout=PATIENCE) == 0
+    finally:
+        stop(patient, signal.SIGKILL)
+    assert statuses(finishing) == ["completed", "completed"]
+    assert {AgentRun.objects.get(pk=r.pk).attempt for r in finishing} == {1}
+    assert not AgentWorker.objects.exists()  # it retired: its slots count no more
+
+    hold.touch()
+    hasty = start_worker(tmp_path, "hasty", grace=0)
+    try:
+        wait_for(lambda: AgentWorker.objects.exists(), "the worker to start", PATIENCE * 2)
+        handed_on = crowd(user, 2, "h")
+        wait_for(lambda: all_held(handed_on), "both runs in flight")
+        os.killpg(hasty.pid, signal.SIGTERM)
+        assert hasty.wait(timeout=PATIENCE) == 0
+    finally:
+        stop(hasty, signal.SIGKILL)
+    from agentic_django import lifecycle
+
+    assert set(lifecycle.stale_runs().values_list("pk", flat=True)) == {r.pk for r in handed_on}
+    hold.unlink()
+    last = start_worker(tmp_path, "last")
+    try:
+        wait_for(lambda: statuses(handed_on) == ["completed"] * 2, "the retries", PATIENCE * 2)
+    finally:
+        stop(last)
+    assert {AgentRun.objects.get(pk=r.pk).attempt for r in handed_on} == {2}
+    assert len((tmp_path / "tools.log").read_text().split()) == 4  # no call ran twice
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_50_runs_in_flight_loses_none_and_repeats_no_call(
+    user, tmp_path, real_queue
+):
     hold = tmp_path / "hold"
     hold.touch()
     first = start_worker(tmp_path, "first")
     try:
         wait_for(lambda: AgentWorker.objects.exists(), "the first worker to start", PATIENCE * 2)
-        runs = [
-            create_run(owner=user, session_key=f"k{i}", input_payload="go", agent_key="crowd")
-            for i in range(50)
-        ]
-        # Every run called its tool, which finished; all wait for their second model turn.
-        wait_for(
-            lambda: AgentToolCall.objects.filter(finished_at__isnull=False).count() == 50,
-            "50 runs in flight at once in one worker",
-            PATIENCE * 2,
-        )
+        runs = crowd(user, 50, "k")
+        wait_for(lambda: all_held(runs), "50 runs in flight at once in one worker", PATIENCE * 2)
         assert AgentRun.objects.filter(status="running").count() == 50
     finally:
         stop(first, signal.SIGKILL)
