@@ -47,14 +47,13 @@ def sweep_interval() -> float:
     return get_config().lease_seconds / 2
 
 
-def start_worker(presence: Presence | None = None) -> None:
+def start_worker(presence: Presence) -> None:
     """What every worker process does before taking tasks: preload, record the limit,
     announce itself, sweep."""
     preload()
     try:
         lifecycle.record_concurrency_limit(get_config().concurrency_limit)
-        if presence is not None:
-            presence.announce()
+        presence.announce()
     finally:
         connections.close_all()
     sweep_safely()
@@ -242,7 +241,7 @@ def sweep_safely() -> None:
 class Sweeper:
     """Renews the worker's heartbeat and sweeps every ``interval`` seconds, from a thread."""
 
-    def __init__(self, interval: float, presence: Presence | None = None) -> None:
+    def __init__(self, interval: float, presence: Presence) -> None:
         self.interval = interval
         self.presence = presence
         self._stopped = threading.Event()
@@ -259,6 +258,5 @@ class Sweeper:
 
     def _run(self) -> None:
         while not self._stopped.wait(self.interval):
-            if self.presence is not None:
-                self.presence.beat()
+            self.presence.beat()
             sweep_safely()
