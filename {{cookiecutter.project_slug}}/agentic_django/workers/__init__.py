@@ -141,14 +141,19 @@ class Slots:
 
 def stop_worker(slots: Slots, presence: Presence, *, wait: bool = True) -> None:
     """A worker stops: the runs in flight get the grace period to finish (unless not
-    ``wait``); the leases of those still running after it end, so the next sweep (of any
-    worker) retries them now, and the process exits at once."""
+    ``wait``, or a second signal cuts it short); the leases of those still running after it
+    end, so the next sweep (of any worker) retries them now, and the process exits at once
+    (status 1 when cut short)."""
     grace = get_config().worker_shutdown_grace if wait else 0
     if slots.busy and grace:
         logger.info("agentic_django: waiting up to %ss for %d run(s)", grace, slots.busy)
-    if slots.wait_idle(grace):
-        presence.retire()
-        return
+    try:
+        if slots.wait_idle(grace):
+            presence.retire()
+            return
+    except (SystemExit, KeyboardInterrupt):
+        # A second signal during the grace period (both workers' handlers raise): stop now.
+        wait = False
     stop_in_flight()
     presence.retire()
     # The runs given up still hold threads the interpreter would wait for at exit (an event
