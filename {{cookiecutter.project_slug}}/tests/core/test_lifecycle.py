@@ -16,7 +16,13 @@ from django.utils import timezone
 
 from agentic_django import lifecycle, signals
 from agentic_django.lifecycle import QUEUED, Fence
-from agentic_django.models import AgentRun, AgentSession, AgentSessionItem, DispatchLock
+from agentic_django.models import (
+    AgentRun,
+    AgentSession,
+    AgentSessionItem,
+    AgentWorker,
+    DispatchLock,
+)
 from tests.core.conftest import running_elsewhere, worker_died
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -115,6 +121,34 @@ def test_the_recorded_limit_wins_over_this_process_setting(user, settings):
     assert [lifecycle.claim(run.pk) is not None for run in runs] == [True, True, False]
     lifecycle.record_concurrency_limit(3)
     assert lifecycle.claim(runs[2].pk) is not None
+
+
+def limit() -> int:
+    return DispatchLock.objects.annotate(n=lifecycle.concurrency_limit()).values("n")[0]["n"]
+
+
+def test_auto_limit_is_the_slots_of_the_live_workers(settings):
+    settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = None
+    settings.AGENTIC_DJANGO_WORKER_CONCURRENCY = 7
+    lifecycle.record_concurrency_limit(None)
+    assert limit() == 7  # no worker yet: one worker's slots, as this process would run
+    lifecycle.announce_worker("a", slots=3, hostname="h", pid=1)
+    lifecycle.announce_worker("b", slots=2, hostname="h", pid=2)
+    assert limit() == 5
+    # A worker that missed its heartbeat for a lease no longer counts, and the sweep forgets it.
+    AgentWorker.objects.filter(pk="b").update(heartbeat_at=Now() - timedelta(seconds=LEASE + 5))
+    assert limit() == 3
+    lifecycle.announce_worker("a", slots=4, hostname="h", pid=1)  # a renewal updates its slots
+    assert limit() == 4
+    AgentWorker.objects.filter(pk="a").update(heartbeat_at=Now() - timedelta(seconds=LEASE - 5))
+    assert lifecycle.forget_dead_workers() == 1
+    assert list(AgentWorker.objects.values_list("pk", flat=True)) == ["a"]
+    lifecycle.announce_worker("b", slots=2, hostname="h", pid=2)  # back: announced anew
+    assert limit() == 6
+    lifecycle.retire_worker("a")
+    assert limit() == 2
+    lifecycle.record_concurrency_limit(9)  # an integer caps the deployment, workers or not
+    assert limit() == 9
 
 
 # --- reserve, record_task_id, release, fail_pending ---------------------------------------------
