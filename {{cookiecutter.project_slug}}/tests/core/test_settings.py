@@ -86,6 +86,9 @@ def test_none_disables_the_input_limits(settings):
         ("AGENTIC_DJANGO_DEFAULT_AGENT_KEY", "", "must be a non-empty string"),
         ("AGENTIC_DJANGO_RUN_TIMEOUT", 0, "AGENTIC_DJANGO_RUN_TIMEOUT must be"),
         ("AGENTIC_DJANGO_LEASE_SECONDS", 1, "at least 5 seconds"),
+        ("AGENTIC_DJANGO_WORKER_CONCURRENCY", "50", "WORKER_CONCURRENCY must be"),
+        ("AGENTIC_DJANGO_WORKER_SHUTDOWN_GRACE", -1, "WORKER_SHUTDOWN_GRACE must be"),
+        ("AGENTIC_DJANGO_WORKER_SHUTDOWN_GRACE", True, "WORKER_SHUTDOWN_GRACE must be"),
         ("AGENTIC_DJANGO_SESSION_SERIALIZER", "json", "must be a dotted path"),
     ],
 )
