@@ -4,6 +4,7 @@ engine's code one small edit at a time, and see whether the engine's tests notic
     make mutation                                        # SQLite, every engine module
     make mutation ARGS="--database postgres"             # PostgreSQL (throwaway server)
     make mutation ARGS="--modules lifecycle sessions"    # some modules
+    make mutation ARGS="--modules lifecycle --mutants 'agentic_django.lifecycle.x_give_up*'"
 
 The project is baked with `task_backend=database` into `--workdir` (default
 `.cache/mutation/<database>`); mutmut (pinned in requirements.txt) copies it to `mutants/`, runs
@@ -38,6 +39,7 @@ MODULES = (
     "events",
     "toolcalls",
     "streams",
+    "db",
 )
 MUTMUT = Path(sys.executable).parent / "mutmut"
 CONFIG = """
@@ -90,7 +92,9 @@ def diff(project: Path, mutant: str) -> str:
 
 
 def report(project: Path, database: str) -> str:
-    statuses = results(project)
+    statuses = {
+        name: status for name, status in results(project).items() if status != "not checked"
+    }
     per_module: dict[str, Counter[str]] = {}
     for name, status in statuses.items():
         module = name.split(".")[1]
@@ -115,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--modules", nargs="+", choices=MODULES, default=list(MODULES))
+    parser.add_argument(
+        "--mutants", nargs="+", default=[], help="only these mutants (mutmut names, * allowed)"
+    )
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             server = start_postgres()
             stack.callback(server.stop)
             env["DATABASE_URL"] = server.url
-        mutmut = [str(MUTMUT), "run", "--max-children", str(args.max_children)]
+        mutmut = [str(MUTMUT), "run", "--max-children", str(args.max_children), *args.mutants]
         subprocess.run(mutmut, cwd=project, env=env, check=False)
         text = report(project, args.database)
     (workdir / "report.md").write_text(text)

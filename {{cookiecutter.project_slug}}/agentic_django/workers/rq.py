@@ -13,9 +13,12 @@ reach only the main thread), and a worker that dies is recovered from the run ta
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from rq.exceptions import StopRequested
+from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import BaseDeathPenalty
@@ -56,6 +59,13 @@ class RQWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.slots = Slots(concurrency or get_config().worker_concurrency)
         self.presence = Presence(self.slots.size)
+        self._executing: dict[str, tuple[Job, Execution]] = {}
+        self._executing_lock = threading.Lock()
+        self._jobs_renewed_at = time.monotonic()
+        # Jobs are renewed with the worker's presence: every half lease (at most rq's interval).
+        self.job_monitoring_interval = max(
+            1, min(self.job_monitoring_interval, int(sweep_interval()))
+        )
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         start_worker(self.presence)
@@ -105,4 +115,37 @@ class RQWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Start the job in the slot its dequeue took."""
         execution = self.prepare_execution(job)
-        self.slots.start(self.perform_job, job, queue, execution)
+        with self._executing_lock:
+            self._executing[execution.id] = (job, execution)
+        self.slots.start(self._perform, job, queue, execution)
+
+    def _perform(self, job: Job, queue: Queue, execution: Execution) -> None:
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            with self._executing_lock:
+                self._executing.pop(execution.id, None)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        # A run is timed out by its lease keeper, not by the job's RQ timeout: its job stays
+        # "started" for as long as it runs.
+        return self.job_monitoring_interval + 60
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """The worker's heartbeat (the main thread sends one at least every two seconds); every
+        ``job_monitoring_interval`` it also renews the jobs running in its threads, which
+        rq's forking worker does from its wait for the work horse: otherwise RQ would take a
+        run longer than that for abandoned and fail its job."""
+        super().heartbeat(timeout, pipeline)
+        if pipeline is not None:
+            return  # part of a job's own heartbeat
+        if time.monotonic() - self._jobs_renewed_at < self.job_monitoring_interval:
+            return
+        self._jobs_renewed_at = time.monotonic()
+        with self._executing_lock:
+            executing = list(self._executing.values())
+        for job, execution in executing:
+            try:
+                self.maintain_heartbeats(job, execution)
+            except Exception:
+                logger.warning("Could not renew the heartbeat of job %s", job.id, exc_info=True)

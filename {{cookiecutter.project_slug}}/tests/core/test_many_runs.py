@@ -246,6 +246,25 @@ def real_queue(settings) -> None:
     settings.AGENTIC_DJANGO_AGENT_REGISTRY = "tests.core.crowd_registry.get_agent_registry"
 
 
+def rq_started_jobs(runs: Sequence[AgentRun]) -> dict[str, float] | None:
+    """The runs' jobs in RQ's registry of started jobs (job id: when its entry expires);
+    None on another backend."""
+    if "RQBackend" not in configured_backend():
+        return None
+    import django_rq
+    from rq.registry import StartedJobRegistry
+
+    connection = django_rq.get_connection("default")
+    entries = connection.zrange(
+        StartedJobRegistry("default", connection=connection).key, 0, -1, withscores=True
+    )
+    jobs = set(
+        AgentRun.objects.filter(pk__in=[r.pk for r in runs]).values_list("task_id", flat=True)
+    )
+    expiries = {entry.decode().split(":")[0]: at for entry, at in entries}
+    return {job: at for job, at in expiries.items() if job in jobs}
+
+
 def crowd(user: Any, count: int, prefix: str) -> list[AgentRun]:
     return [
         create_run(owner=user, session_key=f"{prefix}{i}", input_payload="go", agent_key="crowd")
@@ -324,6 +343,15 @@ def test_a_worker_killed_with_50_runs_in_flight_loses_none_and_repeats_no_call(
         runs = crowd(user, 50, "k")
         wait_for(lambda: all_held(runs), "50 runs in flight at once in one worker", PATIENCE * 2)
         assert AgentRun.objects.filter(status="running").count() == 50
+        started = rq_started_jobs(runs)
+        if started is not None:
+            # RQ's own view: the jobs stay "started" while their runs go on (their entries are
+            # renewed from the worker's main thread), never taken for abandoned.
+            assert len(started) == 50
+            wait_for(
+                lambda: all(rq_started_jobs(runs).get(job, 0) > at for job, at in started.items()),
+                "the jobs' heartbeats",
+            )
     finally:
         stop(first, signal.SIGKILL)
     hold.unlink()
