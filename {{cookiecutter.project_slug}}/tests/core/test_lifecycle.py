@@ -151,6 +151,20 @@ def test_auto_limit_is_the_slots_of_the_live_workers(settings):
     assert limit() == 9
 
 
+def test_give_up_ends_the_leases_of_the_attempts_given_up(user):
+    runs = [
+        running_elsewhere(AgentSession.objects.create(owner=user, session_key=f"g{n}"))
+        for n in range(3)
+    ]
+    given, lost, kept = runs
+    fences = [Fence.of(given), Fence(lost.pk, lost.attempt - 1)]  # `lost` was taken over
+    assert lifecycle.give_up(fences) == 1
+    assert_about(reload(given).lease_expires_at, db_now())  # the next sweep retries it now
+    assert reload(lost).lease_expires_at == lost.lease_expires_at
+    assert reload(kept).lease_expires_at == kept.lease_expires_at
+    assert lifecycle.give_up([Fence.of(kept), Fence.of(lost)]) == 2
+
+
 # --- reserve, record_task_id, release, fail_pending ---------------------------------------------
 
 

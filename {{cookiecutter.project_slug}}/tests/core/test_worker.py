@@ -19,7 +19,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from agentic_django.models import AgentRun, AgentSession, AgentWorker
+from agentic_django import lifecycle
+from agentic_django.models import AgentRun, AgentSession, AgentWorker, DispatchLock
 from tests.core.conftest import running_elsewhere, worker_died
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -54,6 +55,7 @@ def worker(tmp_path: Path) -> Iterator[Path]:
         **os.environ,
         "DATABASE_URL": database_url(),
         "AGENTIC_DJANGO_LEASE_SECONDS": str(LEASE_SECONDS),
+        "AGENTIC_DJANGO_CONCURRENCY_LIMIT": "7",
         "OPENAI_API_KEY": "",
         "OPENAI_AGENTS_DISABLE_TRACING": "1",
         "DJANGO_SETTINGS_MODULE": "config.settings",
@@ -91,6 +93,8 @@ def test_an_idle_worker_recovers_a_dead_run_and_dispatches_the_run_behind_it(use
     # The worker has started: preloaded, announced its slots, swept once.
     wait_for(lambda: AgentWorker.objects.exists(), "the worker to start", worker)
     assert AgentWorker.objects.get().slots == 50
+    # Its concurrency limit holds for every process of the deployment.
+    assert DispatchLock.objects.get(name=lifecycle.LOCK_NAME).concurrency_limit == 7
     session = AgentSession.objects.create(owner=user, session_key="idle")
     dead = running_elsewhere(session, agent_key="assistant", text_input="Hello there")
     worker_died(dead)
