@@ -38,6 +38,7 @@ BENCHMARKS = {
     "workers": "run_workers",
     "latency": "run_latency",
     "streams": "run_streams",
+    "concurrency": "run_concurrency",
 }
 # Benchmarks that bake projects of their own, one per (task_backend, database).
 OWN_PROJECTS = {"latency": [("database", "sqlite"), ("rq", "postgres")]}
@@ -49,6 +50,10 @@ QUICK = {
     "workers": ["--runs", "2", "--workers", "1"],
     "latency": ["--quick"],
     "streams": ["--streams", "20", "--deltas", "2", "--idle-seconds", "1"],
+    "concurrency": [
+        *("--runs", "4", "--many", "4", "--single", "1", "--slots", "4"),
+        *("--reply-seconds", "0.5", "--think-seconds", "0.2"),
+    ],
 }
 
 

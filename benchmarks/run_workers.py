@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,16 @@ def available_kinds() -> list[str]:
 
 
 @contextmanager
-def workers(kind: WorkerKind, count: int, *, database: str, logdir: Path):
-    """Start ``count`` worker processes of ``kind``; stop them (by pid) on exit."""
+def workers(
+    kind: WorkerKind,
+    count: int,
+    *,
+    database: str,
+    logdir: Path,
+    env_of: Callable[[int], dict[str, str]] | None = None,
+):
+    """Start ``count`` worker processes of ``kind`` (``env_of(index)``: more environment for
+    each); stop them (by pid) on exit."""
     from django.conf import settings
 
     env = {
@@ -110,7 +119,7 @@ def workers(kind: WorkerKind, count: int, *, database: str, logdir: Path):
                 process = subprocess.Popen(  # our interpreter, fixed arguments
                     [sys.executable, "manage.py", *kind.command],
                     cwd=settings.BASE_DIR,
-                    env=env,
+                    env={**env, **(env_of(index) if env_of else {})},
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,

@@ -46,7 +46,7 @@ def quick(tmp_path_factory, names: tuple[str, ...], reports: tuple[str, ...]) ->
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> Bench:
-    names = ("overhead", "polling", "events", "workers", "streams")
+    names = ("overhead", "polling", "events", "workers", "streams", "concurrency")
     return quick(tmp_path_factory, names, names)
 
 
@@ -111,6 +111,24 @@ def test_streams_report(bench):
         "idle CPU of the web process",
     ]
     assert "## Open run streams on one web process" in bench.stdout
+
+
+def test_concurrency_report(bench):
+    report = bench.reports["concurrency"]
+    wall, delta, processes, floor = (table["rows"] for table in report["tables"])
+    # --quick: 1 run, then 4 runs twice through one worker, 4 runs through two workers.
+    assert [(row["processes"], row["runs"]) for row in wall] == [(1, 1), (1, 4), (1, 4), (2, 4)]
+    assert all(row["completed"] == f"{row['runs']}/{row['runs']}" for row in wall)
+    assert all(row["wall_s"] >= row["floor_s"] > 0 for row in wall)
+    # Every run's first text was noted, and the fake server's first piece came before it.
+    assert [row["n"] for row in delta] == [1, 4, 4, 4]
+    assert all(row["missing"] == 0 and row["model_p50"] > 0 for row in delta)
+    for row in processes:
+        assert 1 <= row["listening"] <= row["connections"], row
+        assert row["pooled"] <= row["pool_limit"] and row["rss_mb"] > 0, row
+    assert len(floor) == 5 and all(row["wall_s"] > 0 for row in floor)
+    assert len(report["targets"]) == 4
+    assert "## Many runs per worker" in bench.stdout
 
 
 @pytest.mark.xdist_group("benchmarks-latency")  # its own projects: beside the others

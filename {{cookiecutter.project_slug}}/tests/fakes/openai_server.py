@@ -10,7 +10,8 @@ takes the next scripted reply:
         ...  # point OPENAI_BASE_URL at fake.url and run an agent
         fake.requests  # what the client sent, in order
 
-Replies: `Text` (an assistant message, streamed in `deltas` pieces `delay` seconds apart),
+Replies: `Text` (an assistant message, streamed in `deltas` pieces `delay` seconds apart,
+the first after `first_delay` seconds),
 `ToolCall` (a function call; handoffs are function calls too), `Failure` (an HTTP error status
 with OpenAI's JSON error body), `Hang` (never answers) and `Stall` (streams part of a message,
 then goes silent). A request with no reply left gets a 500 and is kept in `unexpected`; an
@@ -36,11 +37,13 @@ ROUTES = {"/v1/responses": "responses", "/v1/chat/completions": "chat_completion
 
 @dataclass(frozen=True)
 class Text:
-    """An assistant message, streamed as `deltas` pieces with `delay` seconds between them."""
+    """An assistant message, streamed as `deltas` pieces with `delay` seconds between them,
+    the first `first_delay` seconds after the response started (the model thinking)."""
 
     text: str
     deltas: int = 1
     delay: float = 0.0
+    first_delay: float = 0.0
 
     def pieces(self) -> list[str]:
         return split(self.text, self.deltas)
@@ -460,6 +463,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         deltas = 0
         delay = reply.delay if isinstance(reply, Text) else 0.0
+        first_delay = reply.first_delay if isinstance(reply, Text) else 0.0
         for frame in frames:
             if frame.delta:
                 if isinstance(reply, Stall) and deltas == reply.after:
@@ -467,8 +471,9 @@ class _Handler(BaseHTTPRequestHandler):
                         self.server.fake._released.wait()
                     self.close_connection = True  # no closing chunk: the body is cut short
                     return
-                if deltas and delay:
-                    time.sleep(delay)
+                pause = delay if deltas else first_delay
+                if pause:
+                    time.sleep(pause)
                 deltas += 1
             self._write_chunk(_encode(frame))
         self._write_chunk(b"")
@@ -486,6 +491,9 @@ def _encode(frame: _Frame) -> bytes:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung request never keeps the test process alive
+    # Many runs at once connect together: a short accept queue would drop their connections
+    # (the client's retry comes a second later).
+    request_queue_size = 1024
     fake: FakeOpenAI
 
 
