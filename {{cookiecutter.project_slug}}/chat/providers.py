@@ -8,27 +8,27 @@
   silence between two chunks) and `OPENAI_MAX_RETRIES` retries 429s, 5xx and timeouts.
 - Traces of runs go to OpenAI's dashboard only when `OPENAI_TRACING=True` and the provider is
   OpenAI itself, with a key: a prompt sent to your own server, or to the demo model, stays on
-  this machine. `configure_tracing()` applies that to the Agents SDK; the registry calls it
-  when it is imported, before any agent of the process runs.
+  this machine. `configure_tracing()` applies that to the Agents SDK; `build_model()` calls it,
+  so it is in force before any sample agent runs.
+
+The Agents SDK and the `openai` client load when a model is built (in a worker), not when
+this module is imported: `manage.py check` (and `migrate`, which runs the checks) only reads
+the settings here.
 """
 
 from __future__ import annotations
 
+import functools
+import ssl
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import httpx2
-from agents import (
-    Model,
-    OpenAIChatCompletionsModel,
-    OpenAIResponsesModel,
-    set_tracing_disabled,
-    set_tracing_export_api_key,
-)
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-from openai import AsyncOpenAI, DefaultAsyncHttpxClient, Timeout
 
-from chat.demo_model import DemoModel
+if TYPE_CHECKING:
+    from agents import Model
+    from openai import AsyncOpenAI
 
 API_MODES = ("responses", "chat_completions")
 OPENAI_URL = "https://api.openai.com/v1"
@@ -56,6 +56,8 @@ def exports_traces() -> bool:
 
 def configure_tracing() -> None:
     """Apply `exports_traces()` to the Agents SDK (process-wide)."""
+    from agents import set_tracing_disabled, set_tracing_export_api_key
+
     if exports_traces():
         # The SDK's own switch, OPENAI_AGENTS_DISABLE_TRACING, still turns it off.
         set_tracing_export_api_key(settings.OPENAI_API_KEY)
@@ -84,15 +86,29 @@ def problems() -> list[str]:
     return found
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context for every client of the process: building one loads the CA bundle,
+    tens of milliseconds of CPU that each run would otherwise pay."""
+    import httpx2
+
+    return httpx2.create_ssl_context()
+
+
 def build_client() -> AsyncOpenAI:
     """An `openai` client for the configured server, for one run."""
+    import httpx2
+    from openai import AsyncOpenAI, DefaultAsyncHttpxClient, Timeout
+
     timeout = Timeout(
         settings.OPENAI_TIMEOUT, connect=min(CONNECT_TIMEOUT, settings.OPENAI_TIMEOUT)
     )
     # Each run has its own event loop, gone when the run ends: a connection kept open for
     # the next request would outlive it and fail to close later.
     http_client = DefaultAsyncHttpxClient(
-        timeout=timeout, limits=httpx2.Limits(max_keepalive_connections=0)
+        timeout=timeout,
+        limits=httpx2.Limits(max_keepalive_connections=0),
+        verify=tls_context(),
     )
     return AsyncOpenAI(
         api_key=settings.OPENAI_API_KEY or NO_KEY,
@@ -105,6 +121,10 @@ def build_client() -> AsyncOpenAI:
 
 def build_model() -> Model:
     """The model every sample agent uses: the configured provider, else the offline demo."""
+    from agents import OpenAIChatCompletionsModel, OpenAIResponsesModel
+
+    from chat.demo_model import DemoModel
+
     configure_tracing()
     if uses_demo_model():
         return DemoModel()

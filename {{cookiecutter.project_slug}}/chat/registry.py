@@ -5,23 +5,29 @@ runs store and API clients send as `agent_key`) to a factory building a fresh `A
 Every sample agent gets its model from `build_model()` (chat/providers.py): the offline
 `DemoModel` until `.env` sets `OPENAI_API_KEY` or `OPENAI_BASE_URL`, then `OPENAI_MODEL` on
 OpenAI or on any OpenAI-compatible server.
+
+The web process imports this module too, to check the agent key of each run it creates, but
+never runs an agent: the factories import the Agents SDK, the model and the tools when they
+build one (in the worker), so the web process never loads the SDK. Import `agents`, and the
+modules that import it, inside your factories too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from agents import Agent
-
-from chat.providers import build_model, configure_tracing
-from chat.tools import TOOLS
-
-# Before any agent of this process runs: traces stay here unless OPENAI_TRACING says so.
-configure_tracing()
+if TYPE_CHECKING:
+    from agents import Agent
 
 
 def build_toolsmith() -> Agent:
     """An agent that answers with its function tools: time, arithmetic, units, word counts."""
+    from agents import Agent
+
+    from chat.providers import build_model  # it applies OPENAI_TRACING to the SDK first
+    from chat.tools import TOOLS
+
     return Agent(
         name="Toolsmith",
         handoff_description="Uses tools for the current time, arithmetic, unit conversion "
@@ -38,6 +44,10 @@ def build_toolsmith() -> Agent:
 
 def build_assistant() -> Agent:
     """A general assistant that hands off to the Toolsmith when tools are needed."""
+    from agents import Agent
+
+    from chat.providers import build_model
+
     return Agent(
         name="Assistant",
         instructions=(

@@ -5,7 +5,6 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 application = get_asgi_application()
 
-# Import (and warm up) the Agents SDK and the agent registry now, not on the first request.
-from agentic_django.workers import preload  # noqa: E402
+from config import startup  # noqa: E402 (needs the settings configured above)
 
-preload()
+startup.start()

@@ -17,7 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from chat import providers
 from chat.demo_model import DemoModel
-from chat.registry import build_model
+from chat.providers import build_model
 
 OLLAMA = "http://localhost:11434/v1"
 
@@ -35,10 +35,12 @@ def _no_provider(settings):
 @pytest.fixture
 def tracing_calls(monkeypatch) -> list[tuple[str, object]]:
     """What configure_tracing asks of the Agents SDK (not applied: tests never trace)."""
+    import agents  # configure_tracing imports these from the SDK when it runs
+
     calls: list[tuple[str, object]] = []
-    monkeypatch.setattr(providers, "set_tracing_disabled", lambda v: calls.append(("disabled", v)))
+    monkeypatch.setattr(agents, "set_tracing_disabled", lambda v: calls.append(("disabled", v)))
     monkeypatch.setattr(
-        providers, "set_tracing_export_api_key", lambda v: calls.append(("export_key", v))
+        agents, "set_tracing_export_api_key", lambda v: calls.append(("export_key", v))
     )
     return calls
 

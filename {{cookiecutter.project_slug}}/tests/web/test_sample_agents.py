@@ -9,7 +9,8 @@ import pytest
 from agents import OpenAIResponsesModel, Runner, RunResultStreaming
 
 from chat.demo_model import DemoModel, plan_tool_requests
-from chat.registry import build_model, get_agent_registry
+from chat.providers import build_model
+from chat.registry import get_agent_registry
 from chat.tools import ToolInputError, calculate, convert_units, current_utc_time, word_count
 
 
