@@ -27,6 +27,8 @@ API_VERSION = "1"
 JSON = "application/json"
 HTML = "text/html"
 FORM = "application/x-www-form-urlencoded"
+# A run stream's event ids (agentic_django.streams.Position).
+EVENT_ID_PATTERN = r"^\d+(:\d+:\d+(:end)?)?$"
 # Paging parameters longer than 18 digits are rejected (agentic_django.http).
 MAX_CURSOR = 10**18 - 1
 
@@ -526,24 +528,25 @@ def _paths() -> dict[str, Any]:
                 "description": (
                     "Events: `event` (a run event, as in run-events; id `<sequence>`), "
                     '`delta` (`{"text": ...}` of the assistant message streaming in; id '
-                    "`<sequence>:<offset>`), `reset` (the run was retried: what came after "
-                    'the id is void), `end` (`{"status", "error"}`: finished or '
-                    "paused; the stream closes). Reconnect with `Last-Event-ID` (or "
-                    "`?after=`) to get exactly what was missed. Comments keep an idle "
-                    "connection alive; a connection lasts at most a few minutes."
+                    "`<sequence>:<offset>:<epoch>`), `reset` (the run was retried: what came "
+                    'after the id is void), `end` (`{"status", "error"}`: finished or '
+                    "paused; the stream closes; id `<sequence>:<offset>:<epoch>:end`). "
+                    "Reconnect with `Last-Event-ID` (or `?after=`) to get exactly what was "
+                    "missed: after the `end` of a finished run, nothing (204). Comments keep "
+                    "an idle connection alive; a connection lasts at most a few minutes."
                 ),
                 "parameters": [
                     RUN_ID,
                     {
                         "name": "Last-Event-ID",
                         "in": "header",
-                        "schema": {"type": "string", "pattern": r"^\d+(:\d+)?$"},
+                        "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
                     },
                     {
                         "name": "after",
                         "in": "query",
                         "description": "As Last-Event-ID, for clients that cannot set it.",
-                        "schema": {"type": "string", "pattern": r"^\d+(:\d+)?$"},
+                        "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
                     },
                 ],
                 "responses": {
@@ -560,12 +563,16 @@ def _paths() -> dict[str, Any]:
                                             "type": "string",
                                             "contentMediaType": JSON,
                                         },
-                                        "id": {"type": "string", "pattern": r"^\d+(:\d+)?$"},
+                                        "id": {"type": "string", "pattern": EVENT_ID_PATTERN},
                                         "retry": {"type": "integer", "minimum": 0},
                                     },
                                 }
                             }
                         },
+                    },
+                    "204": {
+                        "description": "The client got the end of the finished run (its "
+                        "`Last-Event-ID` is the `end`'s): nothing more will come."
                     },
                     **_errors(404),
                 },

@@ -10,10 +10,13 @@ Events, in order:
   ``start`` is true on the first text of a message;
 - ``reset``: the run was retried from its checkpoint; what was shown after that event is void
   (events and text of the attempt that died);
-- ``end``: the run finished (or paused for approvals); the stream closes.
+- ``end``: the run finished (or paused for approvals); the stream closes. Its id is the
+  position it ended at, marked ``<sequence>:<offset>:<epoch>:end``.
 
 Everything sent comes from the database, so a client that reconnects with ``Last-Event-ID``
-(or ``?after=``) gets exactly what it missed: no gap, nothing twice. A connection lives at most
+(or ``?after=``) gets exactly what it missed: no gap, nothing twice. After an ``end`` that is
+nothing, until the run goes on: a finished run's stream answers 204 (an ``EventSource`` stops
+reconnecting), a paused one's waits for the run to go on. A connection lives at most
 ``MAX_SECONDS`` (clients reconnect) and gets a comment every ``HEARTBEAT_SECONDS`` while idle.
 
 No stream holds a database connection: it gives back the one its request used before it starts,
@@ -49,7 +52,7 @@ RETRY_MILLISECONDS = 1000
 BATCH = 100
 # Threads (so at most as many connections) that read for every stream of a process.
 READ_THREADS = 3
-_POSITION = re.compile(r"^(\d{1,18})(?::(\d{1,18}):(\d{1,18}))?$")
+_POSITION = re.compile(r"^(\d{1,18})(?::(\d{1,18}):(\d{1,18})(:end)?)?$")
 # The run's fields a stream reads (not its input, output or history).
 STREAM_FIELDS = (
     "status",
@@ -67,25 +70,30 @@ type Snapshot = tuple[AgentRun, list[AgentEvent], int | None]
 
 @dataclass
 class Position:
-    """How far a client is: the last event it has, how much of the text after it, and the
-    run's epoch as of which that was checked (None: unknown, a reconnect with an event id)."""
+    """How far a client is: the last event it has, how much of the text after it, the run's
+    epoch as of which that was checked (None: unknown, a reconnect with an event id), and
+    whether it got the ``end`` there."""
 
     sequence: int = 0
     offset: int = 0
     epoch: int | None = None
+    ended: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Position | None:
-        """The position an event id (``12`` or ``12:40:2``) names; None if it is not one."""
+        """The position an event id (``12``, ``12:40:2`` or ``12:40:2:end``) names; None if it
+        is not one."""
         match = _POSITION.match(text)
         if not match:
             return None
         if match[2] is None:
             return cls(int(match[1]))
-        return cls(int(match[1]), int(match[2]), int(match[3]))
+        return cls(int(match[1]), int(match[2]), int(match[3]), ended=match[4] is not None)
 
     @property
     def id(self) -> str:
+        if self.ended:
+            return f"{self.sequence}:{self.offset}:{self.epoch}:end"
         if self.offset:
             return f"{self.sequence}:{self.offset}:{self.epoch}"
         return str(self.sequence)
@@ -154,6 +162,22 @@ def _borrowed_snapshot(run_pk: Any, position: Position) -> Snapshot:
         return _snapshot(run_pk, position)
     finally:
         close_old_connections()
+
+
+def _seen_to_the_end(run_pk: Any, position: Position) -> bool:
+    """Whether the run is finished and a client at ``position`` has all of it: nothing came
+    after (or replaced) what it had."""
+    run, events, restart = _snapshot(run_pk, position)
+    text_after = run.stream_sequence > position.sequence or (
+        run.stream_sequence == position.sequence and len(run.stream_text) > position.offset
+    )
+    return run.is_terminal and restart is None and not events and not text_after
+
+
+async def seen_to_the_end(run_pk: Any, position: Position) -> bool:
+    """Whether a client that reconnects from ``position`` got the end of the finished run
+    there, and nothing came since: its stream has nothing to send, ever."""
+    return position.ended and await sync_to_async(_seen_to_the_end)(run_pk, position)
 
 
 def _release_connection() -> bool:
@@ -226,8 +250,13 @@ async def _run_events(
             yield message("delta", {"text": chunk, "start": start}, position)
             sent = True
         if run.is_terminal or run.status == AgentRun.Status.AWAITING_APPROVAL:
-            yield message("end", {"status": run.status, "error": run.error or None})
-            return
+            if not position.ended:
+                position = replace(position, ended=True)
+                yield message("end", {"status": run.status, "error": run.error or None}, position)
+                return
+            if run.is_terminal:
+                return  # the client got it all, the end included, from an earlier connection
+            # Paused where the client got its end: nothing new until the run goes on.
         now = time.monotonic()
         if now > deadline:
             return

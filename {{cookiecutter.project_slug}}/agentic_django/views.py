@@ -47,7 +47,7 @@ from agentic_django.presentation import (
 from agentic_django.ratelimit import enforce_rate_limit
 from agentic_django.recovery import recover_if_stuck
 from agentic_django.serializers import event_to_dict, item_to_dict, run_to_dict, session_to_dict
-from agentic_django.streams import Position
+from agentic_django.streams import Position, seen_to_the_end
 from agentic_django.streams import run_events as stream_events
 from agentic_django.validation import MAX_SESSION_KEY_LENGTH, is_storable_text
 
@@ -337,6 +337,8 @@ async def run_stream(request: HttpRequest, run_id: str) -> HttpResponse:
         return json_error(400, "invalid_after", "Resume from an event id, e.g. 12 or 12:40:1.")
     # A reconnecting EventSource sends the header; the first connection may use the query.
     position = positions[0] if positions else Position()
+    if await seen_to_the_end(pk, position):
+        return HttpResponse(status=204)  # an EventSource stops reconnecting
     response = StreamingHttpResponse(stream_events(pk, position), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # proxies must pass each event on at once

@@ -89,9 +89,11 @@ def test_text_shows_while_the_model_streams_and_the_message_replaces_it(streamin
     assert streamed and reply.text.startswith(streamed)
     assert json.loads(events[first_message].data)["payload"]["text"] == reply.text
     assert kinds[-1] == "end" and '"completed"' in events[-1].data
-    # Ids only grow: a reconnect can resume from any of them.
-    ids = [tuple(map(int, event.id.split(":"))) for event in events if event.id]
+    # Every event has an id, and ids only grow: a reconnect can resume from any of them.
+    assert all(event.id for event in events)
+    ids = [tuple(map(int, event.id.removesuffix(":end").split(":"))) for event in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert events[-1].id.endswith(":end")
     run.refresh_from_db()
     assert (run.status, run.stream_text, run.final_output) == ("completed", "", reply.text)
 
@@ -161,6 +163,40 @@ def test_a_client_of_a_retried_run_is_told_to_start_over(user, client):
     attempts = {json.loads(e.data)["attempt"] for e in again if e.kind == "event"}
     assert attempts == {2}
     assert again[-1].kind == "end" and '"completed"' in again[-1].data
+
+
+def test_a_reconnect_after_the_end_gets_exactly_what_came_after_it(user, client):
+    """The end has an id like every event. A paused run's stream ends; the run goes on and
+    finishes: from the first end's id a client gets the new event and one end. From the id of
+    that end it gets nothing (204: a finished run has nothing more); from the id before it,
+    that same end again and nothing else."""
+    from agentic_django.events import EventRecorder
+    from agentic_django.models import AgentSession
+    from tests.core.conftest import running_elsewhere
+
+    run = running_elsewhere(
+        AgentSession.objects.create(owner=user, session_key="k"), agent_key="assistant"
+    )
+    EventRecorder(run).record("tool_called", {"tool_name": "send_team_note", "call_id": "c1"})
+    AgentRun.objects.filter(pk=run.pk).update(status=AgentRun.Status.AWAITING_APPROVAL)
+    client.force_login(user)
+    paused = read(client, run)
+    assert [(e.kind, e.id) for e in paused] == [("event", "1"), ("end", "1:0:1:end")]
+    assert '"awaiting_approval"' in paused[-1].data
+
+    AgentRun.objects.filter(pk=run.pk).update(status=AgentRun.Status.RUNNING)
+    EventRecorder(run).record("tool_output", {"call_id": "c1", "output": "sent"})
+    AgentRun.objects.filter(pk=run.pk).update(status=AgentRun.Status.COMPLETED)
+    rest = read(client, run, last_id=paused[-1].id)
+    assert [(e.kind, e.id) for e in rest] == [("event", "2"), ("end", "2:0:1:end")]
+    assert '"completed"' in rest[-1].data
+
+    stream = reverse("agents:run-stream", args=[run.pk])
+    after_the_end = client.get(stream, headers={"Last-Event-ID": rest[-1].id})
+    assert after_the_end.status_code == 204
+    assert client.get(stream, {"after": rest[-1].id}).status_code == 204
+    again = read(client, run, last_id=rest[0].id)
+    assert [(e.kind, e.id, e.data) for e in again] == [("end", rest[-1].id, rest[-1].data)]
 
 
 def deltas(events: list[Event]) -> list[dict]:

@@ -306,6 +306,7 @@ RECIPES = [
     Recipe("session-items", 404, "not_found", lambda w, s: w.api.get(url("session-items", "nope"))),
     # --- run-stream
     Recipe("run-stream", 200, None, lambda w, s: _stream(w.api, w.finished.id)),
+    Recipe("run-stream", 204, None, lambda w, s: _stream_after_its_end(w.api, w.finished.id)),
     Recipe("run-stream", 400, "invalid_run_id", lambda w, s: w.api.get(url("run-stream", "x"))),
     Recipe(
         "run-stream",
@@ -414,9 +415,15 @@ def _stream(client: Client, run_id: Any) -> Any:
     async def read() -> bytes:
         return b"".join([chunk async for chunk in response.streaming_content])
 
-    body = async_to_sync(read)()
-    assert b"event: end" in body
+    response.body = async_to_sync(read)()
+    assert b"event: end" in response.body
     return response
+
+
+def _stream_after_its_end(client: Client, run_id: Any) -> Any:
+    """The stream of a finished run, reconnecting with the id of the end it got."""
+    end_id = re.search(r"event: end\nid: (\S+)", _stream(client, run_id).body.decode())[1]
+    return client.get(url("run-stream", run_id), headers={"Last-Event-ID": end_id})
 
 
 def _decide(client: Client, name: str, run: Any, body: Any = None) -> Any:
