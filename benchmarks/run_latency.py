@@ -298,6 +298,98 @@ def dev_stack(
             process.wait()
 
 
+# --- `make dev` itself: start, reload, Ctrl-C ---------------------------------------------
+
+# A file the reloader watches (the Makefile's --reload-dir config).
+DEV_CHANGED_FILE = Path("config/urls.py")
+DEV_LIMITS_MS = {"start_to_answer_ms": 3000.0, "change_to_answer_ms": 2000.0}
+
+
+def _answer_time(url: str, process: Process) -> float:
+    """``time.time()`` when ``url`` first answers 200 (a refused connection is tried again)."""
+    import urllib.request
+
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=TIMEOUT) as answer:
+            if answer.status == 200:
+                return time.time()
+        if process.popen is None or process.popen.poll() is not None:
+            raise RuntimeError(f"{process.name} exited:\n{process.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} never answered:\n{process.tail()}")
+        time.sleep(0.02)
+
+
+def dev_server(index: int, *, logdir: Path) -> dict[str, Any]:
+    """``make dev`` as a developer runs it (migrate, then the web server with --reload and the
+    worker; the commands bare, from this interpreter's environment): from its start to the web
+    answering, from a code change to the new server process answering, and from Ctrl-C
+    (SIGINT to its process group) to every process gone."""
+    port = free_port()
+    env = {**stack_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    argv = ["make", "--no-print-directory", "dev", "RUN=", f"PORT={port}"]
+    make = Process(f"make-dev-{index}", argv, env=env, log=logdir / f"make-dev-{index}.log")
+    url = f"http://127.0.0.1:{port}/healthz/"
+    started = time.time()
+    make.start()
+    try:
+        answered = _answer_time(url, make)
+        seen = len(make.lines)
+        changed = time.time()
+        os.utime(DEV_CHANGED_FILE)
+        noticed = make.wait_line("Reloading", after=seen)
+        make.wait_line(RELOADED, after=make.lines.index(noticed))  # the new server process
+        reloaded = _answer_time(url, make)
+        interrupted = time.time()
+        os.killpg(make.pid, signal.SIGINT)
+        deadline = time.monotonic() + TIMEOUT
+        while group_alive(make.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        gone = time.time() if not group_alive(make.pid) else None
+    finally:
+        make.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(make.pid, signal.SIGKILL)  # whatever outlived make
+    return {
+        "sample": index,
+        "start_to_answer_ms": (answered - started) * 1000,
+        "change_to_answer_ms": (reloaded - changed) * 1000,
+        "noticed_to_answer_ms": (reloaded - noticed.wall) * 1000,
+        "ctrl_c_to_gone_ms": (gone - interrupted) * 1000 if gone else None,
+    }
+
+
+def group_alive(group: int) -> bool:
+    """Whether a process of the group is alive (zombies aside)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group and fields[0] != "Z":
+                return True
+    return False
+
+
+def dev_server_table(combo: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    medians = {
+        key: statistics.median(sample[key] for sample in samples) if samples else None
+        for key in DEV_LIMITS_MS
+    }
+    return {
+        "title": f"{combo}: `make dev` (ms; targets: start -> answering "
+        f"{DEV_LIMITS_MS['start_to_answer_ms']:.0f}, change -> answering "
+        f"{DEV_LIMITS_MS['change_to_answer_ms']:.0f}; medians {medians})",
+        "columns": [
+            ("sample", "sample"),
+            ("start_to_answer_ms", "start -> answering (migrate included)"),
+            ("change_to_answer_ms", "code change -> new process answering"),
+            ("noticed_to_answer_ms", "'Reloading' -> answering"),
+            ("ctrl_c_to_gone_ms", "Ctrl-C -> every process gone"),
+        ],
+        "rows": samples,
+    }
+
+
 # --- the browser -------------------------------------------------------------------------
 
 
@@ -601,6 +693,7 @@ class Results:
     streamed: list[list[float | None]] = field(default_factory=list)
     loads: list[tuple[float, float, float]] = field(default_factory=list)
     phases_s: dict[str, float] = field(default_factory=dict)
+    dev_server: list[dict[str, Any]] = field(default_factory=list)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -730,6 +823,8 @@ def measure_in(browser: Browser, args: argparse.Namespace, *, logdir: Path) -> R
     backend = "rq" if "RQBackend" in settings.TASKS["default"]["BACKEND"] else "database"
     results = Results(backend)
     browser.cookie = session_cookie(common.bench_user("latency"))
+    with results.phase("make dev"):
+        results.dev_server = [dev_server(index, logdir=logdir) for index in range(args.dev_starts)]
     demo_phase(browser, args, results, logdir)
     streaming_phase(browser, args, results, logdir)
     results.loads.append(os.getloadavg())
@@ -844,6 +939,7 @@ def report(results: Results, args: argparse.Namespace) -> dict[str, Any]:
                 ],
                 "rows": steady,
             },
+            dev_server_table(combo, results.dev_server),
             {
                 "title": f"{combo}: idle processes, same {idle[0]['window_s']:.0f} s window",
                 "columns": [
@@ -888,11 +984,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pickups", type=int, default=30, help="runs for an idle worker")
     parser.add_argument("--streams", type=int, default=10, help="streamed replies")
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle window")
+    parser.add_argument("--dev-starts", type=int, default=3, help="`make dev` starts (reloads)")
     parser.add_argument("--json", dest="json_path", help="also write the report as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
         args.cold_starts, args.reload_cold_starts, args.messages = 1, 0, 2
         args.pickups, args.streams, args.idle_seconds = 2, 1, 1.0
+        args.dev_starts = 1
     args.cold_starts, args.streams = max(1, args.cold_starts), max(1, args.streams)
     return args
 
