@@ -77,6 +77,8 @@ def dispatch_next() -> int:
 
 
 def _dispatch_round() -> tuple[int, bool]:
+    if not lifecycle.waiting_for_task().exists():
+        return 0, True  # the common case, after each run: every waiting run has its task
     heads = list(
         lifecycle.session_heads()
         .filter(lifecycle.needs_task())

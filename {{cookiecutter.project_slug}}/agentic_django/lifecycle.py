@@ -212,6 +212,11 @@ def needs_task() -> Q:
     return Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=lease_ago())
 
 
+def waiting_for_task() -> QuerySet[AgentRun]:
+    """Pending runs that need a task (whether they may start now or not)."""
+    return AgentRun.objects.filter(status=Status.PENDING).filter(needs_task())
+
+
 def startable() -> QuerySet[AgentRun]:
     """Pending runs that may start now: first in their session, with a free slot."""
     return AgentRun.objects.filter(status=Status.PENDING).filter(~Exists(blockers()), slot_free())
