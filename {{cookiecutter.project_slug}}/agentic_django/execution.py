@@ -94,6 +94,17 @@ def execute(run_id: str, *, task_id: str = "") -> str:
         release_connection()
 
 
+class _SlotOfThread(threading.local):
+    """How the worker thread executing a run frees its worker slot (see ``workers.Slots``)."""
+
+    release: Callable[[], None] | None = None
+
+
+# Set by a worker for the run its thread executes: an attempt that lost its run (timed out by
+# its keeper, taken over) frees its slot at once, even while a blocked tool or event loop
+# keeps the thread.
+slot_of_thread = _SlotOfThread()
+
 # The attempts this process is executing, by fence, with their lease keepers.
 _in_flight: dict[Fence, LeaseKeeper] = {}
 _in_flight_lock = threading.Lock()
@@ -141,6 +152,8 @@ def execute_claimed_run(run: AgentRun) -> str:
         timeout_seconds=time_left(run) + TIMEOUT_GRACE_SECONDS,
         elapsed_before=run.elapsed_seconds,
     )
+    if slot_of_thread.release is not None:
+        keeper.on_lost(slot_of_thread.release)
     keeper.start()
     with _in_flight_lock:
         _in_flight[fence] = keeper
@@ -149,8 +162,11 @@ def execute_claimed_run(run: AgentRun) -> str:
         try:
             outcome = _execute(run, keeper)
         except Exception as exc:
-            logger.exception("agentic_django: run %s crashed", run.pk)
-            outcome = Outcome.failure(exc)
+            if database_unavailable(exc):
+                outcome = _left_for_retry(fence, exc)
+            else:
+                logger.exception("agentic_django: run %s crashed", run.pk)
+                outcome = Outcome.failure(exc)
         finished = None if outcome.lost else finish(fence, outcome, keeper)
     finally:
         keeper.stop()
@@ -165,6 +181,26 @@ def execute_claimed_run(run: AgentRun) -> str:
     dispatch_next_safely()
     current = finished or AgentRun.objects.filter(pk=run.pk).first()
     return current.status if current else "skipped"
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the database being away or overloaded (a restart, a
+    failover, a full pool), not from the run: the run is retried, not failed."""
+    return any(_caused_by(exc, kind) for kind in TRANSIENT_DATABASE_ERRORS)
+
+
+def _left_for_retry(fence: Fence, exc: BaseException) -> Outcome:
+    """The attempt stops on a database outage; its lease ends (if the database takes the
+    write) so that recovery retries the run from its last checkpoint, as after a worker died
+    (within ``AGENTIC_DJANGO_MAX_ATTEMPTS``)."""
+    logger.warning(
+        "agentic_django: run %s stopped on a database error; it will be retried",
+        fence.run_id,
+        exc_info=exc,
+    )
+    with contextlib.suppress(DatabaseError):
+        released(lifecycle.give_up)([fence])
+    return Outcome(Status.FAILED, lost=True)
 
 
 def time_left(run: AgentRun) -> float:
@@ -329,6 +365,8 @@ async def _run_agent(
     except Exception as exc:
         if watch.lost or _caused_by(exc, ToolCallDropped):
             return Outcome(Status.FAILED, lost=True)
+        if database_unavailable(exc):
+            return _left_for_retry(fence, exc)
         if _caused_by(exc, ToolCallCancelled):
             return _outcome(result, Status.CANCELLED)  # the tool did not run
         if _caused_by(exc, ToolCallInDoubt):
@@ -341,7 +379,7 @@ async def _run_agent(
         # Text streamed so far stays: the partial output of a run that failed or stopped.
         await deltas.close()
         watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, DatabaseError):
             await watcher
     if watch.lost:
         return Outcome(Status.FAILED, lost=True)
@@ -497,7 +535,13 @@ class _CancelWatch:
     async def check(self) -> None:
         if self.cancel_requested or self.lost:
             return
-        state = await run_sync(self.fence.state)()
+        try:
+            state = await run_sync(self.fence.state)()
+        except DatabaseError:
+            # The database is away for a moment: look again at the next poll (the lease
+            # keeper decides whether the attempt still holds its run).
+            logger.warning("agentic_django: could not look for a cancellation", exc_info=True)
+            return
         if state is None:
             self.lose()
         elif state:

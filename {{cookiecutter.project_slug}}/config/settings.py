@@ -80,11 +80,16 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / '
 # a process never holds more than DATABASE_POOL_SIZE, whatever its load (see the README).
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    from psycopg_pool import ConnectionPool
+
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": env.int("DATABASE_POOL_SIZE", default=10),
         # A process that needs a connection waits this long for one before it errors.
         "timeout": env.float("DATABASE_POOL_TIMEOUT", default=20.0),
+        # A connection the server dropped while it waited in the pool (a restart, a failover)
+        # is replaced before use, instead of failing the first query given to it.
+        "check": ConnectionPool.check_connection,
     }
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web process read while a worker writes; IMMEDIATE avoids lock upgrades.

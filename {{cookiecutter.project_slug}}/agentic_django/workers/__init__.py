@@ -15,7 +15,7 @@ Whatever the task backend, a worker process:
   that wait are dispatched, so an idle deployment heals itself without cron;
 - on SIGTERM/SIGINT stops taking tasks, lets the runs in flight finish within
   ``AGENTIC_DJANGO_WORKER_SHUTDOWN_GRACE`` seconds, and ends the leases of the rest so the
-  next sweep (of any worker) retries them at once; a second signal exits at once.
+  next sweep (of any worker) retries them at once; a second signal cuts the wait short.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class Presence:
     def __init__(self, slots: int, worker_id: str = "") -> None:
         self.slots = slots
         self.worker_id = worker_id or get_random_string(32)
+        self.retired = False
 
     def announce(self) -> None:
         lifecycle.announce_worker(
@@ -73,6 +74,8 @@ class Presence:
 
     def beat(self) -> None:
         """Renew the heartbeat (a failure is logged: the next beat tries again)."""
+        if self.retired:
+            return
         try:
             self.announce()
         except Exception:
@@ -120,46 +123,97 @@ class Slots:
         thread.start()
 
     def _run(self, task: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        from agentic_django.execution import slot_of_thread
+
+        # Freed when the task returns, or before if its run is lost while the thread stays
+        # blocked (a tool or event loop that never returns costs a thread, not a slot).
+        slot_of_thread.release = free = self._freer()
         try:
             task(*args)
         except Exception:
             logger.exception("agentic_django: a task failed in its worker slot")
         finally:
+            slot_of_thread.release = None
             connections.close_all()
+            free()
+
+    def _freer(self) -> Callable[[], None]:
+        """A function that releases the slot once, however often it is called."""
+        lock = threading.Lock()
+        freed = False
+
+        def free() -> None:
+            nonlocal freed
+            with lock:
+                if freed:
+                    return
+                freed = True
             self.release()
+
+        return free
 
     def wait_for_change(self, timeout: float) -> None:
         """Return when a slot frees (or after ``timeout``)."""
         with self._changed:
             self._changed.wait(timeout)
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for every task to end; whether they did."""
+    def wait_idle(self, timeout: float, cut_short: threading.Event | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (or until ``cut_short`` is set) for every task to
+        end; whether they did."""
+        deadline = time.monotonic() + timeout
         with self._changed:
-            return self._changed.wait_for(lambda: self.busy == 0, timeout)
+            while self.busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or (cut_short is not None and cut_short.is_set()):
+                    return False
+                # Short waits: a signal handler in this thread sets ``cut_short``.
+                self._changed.wait(min(left, 0.2))
+            return True
 
 
-def stop_worker(slots: Slots, presence: Presence, *, wait: bool = True) -> None:
-    """A worker stops: the runs in flight get the grace period to finish (unless not
-    ``wait``, or a second signal cuts it short); the leases of those still running after it
-    end, so the next sweep (of any worker) retries them now, and the process exits at once
-    (status 1 when cut short)."""
-    grace = get_config().worker_shutdown_grace if wait else 0
+class Stopping:
+    """A worker's stop requests, as its signal handlers record them (they never raise, so a
+    signal cannot cut a shutdown step short): the first asks it to take no more tasks and let
+    its runs finish; a second one, more than a second later, to stop now. (Ctrl-C reaches
+    every process of a terminal's group, and a supervisor may signal as well: a second
+    signal within a second is the same request.)"""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.forced = threading.Event()
+        self._first = 0.0
+
+    def request(self) -> bool:
+        """Record a signal; whether it was the first."""
+        if not self.requested.is_set():
+            self._first = time.monotonic()
+            self.requested.set()
+            return True
+        if time.monotonic() - self._first >= 1.0:
+            self.forced.set()
+        return False
+
+
+def stop_worker(slots: Slots, presence: Presence, sweeper: Sweeper, stopping: Stopping) -> None:
+    """A worker stops: the runs in flight get the grace period to finish (unless a second
+    signal cuts it short), the worker still beating its heartbeat meanwhile; the leases of
+    those still running after it end, so the next sweep (of any worker) retries them now, and
+    the process exits at once (status 1 when cut short)."""
+    grace = 0 if stopping.forced.is_set() else get_config().worker_shutdown_grace
     if slots.busy and grace:
         logger.info("agentic_django: waiting up to %ss for %d run(s)", grace, slots.busy)
-    try:
-        if slots.wait_idle(grace):
-            presence.retire()
-            return
-    except (SystemExit, KeyboardInterrupt):
-        # A second signal during the grace period (both workers' handlers raise): stop now.
-        wait = False
+    finished = slots.wait_idle(grace, cut_short=stopping.forced)
+    sweeper.stop()
+    presence.retired = True  # a beat still under way must not announce it again
+    if finished:
+        presence.retire()
+        return
     stop_in_flight()
     presence.retire()
     # The runs given up still hold threads the interpreter would wait for at exit (an event
     # loop's thread is not a daemon): leave now; their work is fenced off and will be retried.
     logging.shutdown()
-    os._exit(0 if wait else 1)
+    os._exit(1 if stopping.forced.is_set() else 0)
 
 
 def stop_in_flight() -> None:
@@ -258,8 +312,9 @@ class Sweeper:
         self._thread.start()
 
     def stop(self) -> None:
+        """Beat and sweep no more (a sweep under way may finish: the thread is a daemon)."""
         self._stopped.set()
-        self._thread.join()
+        self._thread.join(timeout=1.0)
 
     def _run(self) -> None:
         while not self._stopped.wait(self.interval):

@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from types import FrameType
 from typing import Any
 
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections, connections
 from django.db.utils import OperationalError
 from django_tasks_db.management.commands.db_worker import Worker
 from django_tasks_db.models import DBTaskResult
@@ -27,6 +28,7 @@ from agentic_django.notify import TaskWaiter
 from agentic_django.workers import (
     Presence,
     Slots,
+    Stopping,
     Sweeper,
     start_worker,
     stop_worker,
@@ -46,7 +48,8 @@ class DatabaseWorker(Worker):
         super().__init__(*args, **kwargs)
         self.slots = Slots(concurrency or get_config().worker_concurrency)
         self.presence = Presence(self.slots.size, self.worker_id)
-        self.forced = False  # a second signal: stop without waiting for the runs in flight
+        self.stopping = Stopping()
+        self.taking_tasks = False
 
     def run(self) -> None:
         start_worker(self.presence)
@@ -59,12 +62,12 @@ class DatabaseWorker(Worker):
             self.queue_names,
             self.slots.size,
         )
+        self.taking_tasks = True
         try:
             self._work(waiter)
         finally:
             waiter.close()
-            sweeper.stop()
-            stop_worker(self.slots, self.presence, wait=not self.forced)
+            stop_worker(self.slots, self.presence, sweeper, self.stopping)
 
     def _work(self, waiter: TaskWaiter) -> None:
         while self.running:
@@ -72,6 +75,14 @@ class DatabaseWorker(Worker):
                 continue  # every slot busy: look again (or stop) once one frees
             try:
                 task_result = self._claim_next()
+            except DatabaseError:
+                # The database is away or busy (a restart, a full pool): the worker stays,
+                # and looks again once it may be back.
+                self.slots.release()
+                logger.warning("Could not claim a task; trying again", exc_info=True)
+                connections.close_all()
+                time.sleep(IDLE_SECONDS)
+                continue
             except BaseException:
                 self.slots.release()
                 raise
@@ -105,18 +116,22 @@ class DatabaseWorker(Worker):
 
     def shutdown(self, signum: int, frame: FrameType | None) -> None:
         """First signal: take no more tasks and let the runs in flight finish (the main loop
-        stops within a second); a second one exits at once."""
-        if not self.running:
-            logger.warning("Received %s - exiting now.", signal.strsignal(signum))
+        stops within a second); a second one cuts the wait short. Before the worker takes
+        tasks (while it loads the Agents SDK) a signal stops it at once."""
+        name = signal.strsignal(signum)
+        if not self.taking_tasks:
+            logger.warning("Received %s - exiting now.", name)
             self.reset_signals()
-            self.forced = True
             sys.exit(1)
-        logger.warning(
-            "Received %s - finishing %d run(s), taking no more (again to exit now)",
-            signal.strsignal(signum),
-            self.slots.busy,
-        )
-        self.running = False
+        if self.stopping.request():
+            logger.warning(
+                "Received %s - finishing %d run(s), taking no more (again to stop now)",
+                name,
+                self.slots.busy,
+            )
+            self.running = False
+        elif self.stopping.forced.is_set():
+            logger.warning("Received %s - stopping now.", name)
 
 
 def run_database_worker(**options: Any) -> None:

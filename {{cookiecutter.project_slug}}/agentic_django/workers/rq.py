@@ -28,6 +28,7 @@ from agentic_django.conf import get_config
 from agentic_django.workers import (
     Presence,
     Slots,
+    Stopping,
     Sweeper,
     start_worker,
     stop_worker,
@@ -59,6 +60,8 @@ class RQWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.slots = Slots(concurrency or get_config().worker_concurrency)
         self.presence = Presence(self.slots.size)
+        self.stopping = Stopping()
+        self._waiting_for_jobs = False
         self._executing: dict[str, tuple[Job, Execution]] = {}
         self._executing_lock = threading.Lock()
         self._jobs_renewed_at = time.monotonic()
@@ -71,15 +74,29 @@ class RQWorker(SimpleWorker):
         start_worker(self.presence)
         sweeper = Sweeper(sweep_interval(), self.presence)
         sweeper.start()
-        forced = False
         try:
             return super().work(*args, **kwargs)
-        except SystemExit:
-            forced = True  # a second signal: cold shutdown
-            raise
         finally:
-            sweeper.stop()
-            stop_worker(self.slots, self.presence, wait=not forced)
+            stop_worker(self.slots, self.presence, sweeper, self.stopping)
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """First signal (RQ's warm shutdown): take no more jobs, let those running finish."""
+        self.stopping.request()
+        super().request_stop(signum, frame)
+
+    def _shutdown(self) -> None:
+        # RQ raises StopRequested from the signal handler when the worker is not busy; here
+        # jobs run in threads, so only while the main thread waits for the next job is that
+        # safe (the wait gives its slot back). Elsewhere the loop sees the request itself.
+        if self._waiting_for_jobs:
+            raise StopRequested()
+        self._stop_requested = True
+
+    def request_force_stop(self, signum: int, frame: Any) -> None:
+        """A second signal cuts the wait for the jobs running short (RQ's cold shutdown would
+        raise in whatever the main thread is doing, a step of the shutdown included)."""
+        if not self.stopping.request() and self.stopping.forced.is_set():
+            logger.warning("Worker %s: cold shut down", self.name)
 
     @property
     def dequeue_timeout(self) -> int:
@@ -99,11 +116,14 @@ class RQWorker(SimpleWorker):
             if self._stop_requested:
                 self.slots.release()
                 raise StopRequested()
+            self._waiting_for_jobs = True
             try:
                 result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
             except BaseException:
                 self.slots.release()
                 raise
+            finally:
+                self._waiting_for_jobs = False
             if result is not None:
                 return result
             self.slots.release()

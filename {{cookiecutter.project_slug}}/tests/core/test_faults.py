@@ -31,14 +31,16 @@ from agentic_django.execution import UNSTORABLE_OUTPUT, execute, timeout_message
 from agentic_django.failures import STORE_FAILED
 from agentic_django.lifecycle import LEASE_EXPIRED_ERROR
 from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSessionItem
-from agentic_django.services import create_run, enqueue_agent_run
+from agentic_django.services import cancel_run, create_run, enqueue_agent_run
 from agentic_django.sessions import SessionWriteRejected, session_for_run
 from agentic_django.toolcalls import repeatable
+from agentic_django.workers import Slots
 from tests.core import registry
 from tests.core.conftest import call, running_elsewhere, text, worker_died
 from tests.core.faults import (
     FINISH,
     ITEM_DELETE,
+    ITEM_INSERT,
     RENEW,
     STATUS_CHANGE,
     database_faults,
@@ -144,6 +146,54 @@ def test_a_live_run_whose_event_loop_is_blocked_keeps_its_lease(user, settings):
     run.refresh_from_db()
     assert recovered == [0]
     assert (run.status, run.attempt, run.final_output) == ("completed", 1, "still mine")
+
+
+def test_a_database_outage_during_a_run_leaves_it_to_a_retry_not_failed(user, settings):
+    """The database goes away as a run writes its history (a restart, a failover, a full
+    pool): the attempt stops without failing the run and ends its lease, so the next sweep
+    retries it at once; the retry completes it, its history written once."""
+    settings.TASKS = QUEUE
+    model = register("ok", [text("answered")])
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    run = pending(session, "ok")
+    enqueue_agent_run(str(run.pk))
+    with database_faults() as faults:  # as it stores the user's message
+        rule = faults.fail(ITEM_INSERT, OperationalError("terminating connection"), times=1)
+        assert execute(str(run.pk), task_id="t1") == "running"
+    assert rule.fired == 1
+    run.refresh_from_db()
+    assert (run.status, run.attempt, run.error) == ("running", 1, "")
+    assert lifecycle.stale_runs().filter(pk=run.pk).exists()  # no waiting for its lease
+    settings.TASKS = IMMEDIATE
+    assert recovery.recover_runs(mode="requeue") == 1
+    run.refresh_from_db()
+    assert (run.status, run.attempt, run.final_output) == ("completed", 2, "answered")
+    assert len(model.calls) == 1
+    roles = list(AgentSessionItem.objects.values_list("payload__role", flat=True))
+    assert roles == ["user", "assistant"]
+
+
+def test_a_cancellation_poll_the_database_refuses_is_tried_again(user, settings):
+    """The watcher's look for a cancellation fails on a transient database error: the run
+    goes on, and a cancellation requested after it still stops the run."""
+    settings.TASKS = QUEUE
+    poll = r'^SELECT "agentic_django_agentrun"."cancel_requested_at"'
+
+    async def until_cancelled(model_call: Any) -> Any:
+        await asyncio.sleep(PATIENCE)  # cancelled by the watcher
+        return [assistant_message("not cancelled")]
+
+    register("slow", [ModelStep.respond(until_cancelled)])
+    run = pending(AgentSession.objects.create(owner=user, session_key="k"), "slow")
+    enqueue_agent_run(str(run.pk))
+    with database_faults() as faults:
+        rule = faults.fail(poll, OperationalError("server closed the connection"), times=1)
+        worker = in_thread(lambda: execute(str(run.pk), task_id="t1"))
+        wait_for(lambda: rule.fired == 1, "the failed poll")
+        cancel_run(AgentRun.objects.get(pk=run.pk))
+        worker.join(PATIENCE)
+    run.refresh_from_db()
+    assert (run.status, run.attempt) == ("cancelled", 1)
 
 
 def test_an_attempt_that_cannot_renew_its_lease_stops_and_the_run_is_retried_once(user, settings):
@@ -483,25 +533,30 @@ def test_a_timeout_ends_a_run_whose_event_loop_is_blocked(user, settings):
     @function_tool
     async def blocks_the_loop() -> str:
         """An async tool that blocks its event loop (a bug in a tool)."""
-        release.wait(PATIENCE)
+        release.wait(PATIENCE * 3)  # past the test's own waits
         return "too late"
 
     register("blocking", [call("blocks_the_loop", {}), text("never")], tools=[blocks_the_loop])
     register("next", [text("next answered")])
     session = AgentSession.objects.create(owner=user, session_key="k")
     run, behind = pending(session, "blocking"), pending(session, "next", "then this")
-    worker = in_thread(lambda: enqueue_agent_run(str(run.pk)))
+    slots = Slots(1)  # a worker with one slot
+    assert slots.acquire(0)
+    slots.start(enqueue_agent_run, str(run.pk))
     try:
         wait_for(lambda: AgentRun.objects.get(pk=run.pk).is_terminal, "the lease keeper")
         run.refresh_from_db()
         assert (run.status, run.error) == ("failed", timeout_message(1))
         assert "event loop" in run.error_detail
+        # Its slot is free, though its thread is still blocked: the worker takes more tasks.
+        assert slots.acquire(PATIENCE)
+        slots.release()
         # The keeper also dispatched the run waiting behind it (run here by another thread).
         wait_for(lambda: AgentRun.objects.get(pk=behind.pk).is_terminal, "the run behind")
         assert AgentRun.objects.get(pk=behind.pk).final_output == "next answered"
     finally:
         release.set()
-        worker.join(PATIENCE)
+        assert slots.wait_idle(PATIENCE)
 
 
 # --- 8. Tasks per run ---------------------------------------------------------------------------

@@ -27,7 +27,13 @@ from django.db import OperationalError, connection
 from django.db.models import F
 
 from agentic_django.execution import execute
-from agentic_django.models import AgentRun, AgentSession, AgentToolCall, AgentWorker
+from agentic_django.models import (
+    AgentCheckpoint,
+    AgentRun,
+    AgentSession,
+    AgentToolCall,
+    AgentWorker,
+)
 from agentic_django.services import create_run
 from agentic_django.workers import Slots
 from tests.core import registry
@@ -206,6 +212,9 @@ call_command("agentic_django_worker")
 """
 
 
+WORKER_APP = "agentic-django-test-worker"
+
+
 def start_worker(tmp_path: Path, name: str, grace: int = 25) -> subprocess.Popen:
     log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 (the process owns it)
     env = {
@@ -220,6 +229,7 @@ def start_worker(tmp_path: Path, name: str, grace: int = 25) -> subprocess.Popen
         "AGENTIC_DJANGO_CONCURRENCY_LIMIT": "60",  # the worker's slots are the tighter bound
         "TOOL_LOG": str(tmp_path / "tools.log"),
         "HOLD_FILE": str(tmp_path / "hold"),
+        "PGAPPNAME": WORKER_APP,  # its PostgreSQL connections, told apart from the test's
     }
     return subprocess.Popen(  # noqa: S603 (this interpreter, a fixed script)
         [sys.executable, "-c", WORKER],
@@ -335,6 +345,71 @@ def test_a_stopping_worker_lets_its_runs_finish_then_hands_the_rest_on(user, tmp
         stop(last)
     assert {AgentRun.objects.get(pk=r.pk).attempt for r in handed_on} == {2}
     assert len((tmp_path / "tools.log").read_text().split()) == 4  # no call ran twice
+
+
+def test_a_worker_that_cannot_claim_for_a_moment_carries_on(
+    user, tmp_path, real_queue, monkeypatch
+):
+    """The database refuses the worker's claims (down, or the pool empty for its timeout):
+    the worker waits a moment and claims again, never exits."""
+    if "DatabaseBackend" not in configured_backend():
+        pytest.skip("the database task backend's worker")
+    from agentic_django.notify import TaskWaiter
+    from agentic_django.workers.database import DatabaseWorker
+
+    monkeypatch.setenv("TOOL_LOG", str(tmp_path / "tools.log"))
+    monkeypatch.setenv("HOLD_FILE", str(tmp_path / "no-hold"))
+    runs = crowd(user, 2, "c")
+    worker = DatabaseWorker(
+        queue_names=["default"],
+        interval=1,
+        batch=True,  # until nothing is queued or running
+        backend_name="default",
+        startup_delay=False,
+        max_tasks=None,
+        worker_id="w",
+        excluded_queue_names=[],
+    )
+    with database_faults() as faults:
+        claim = r'^SELECT .* FROM "django_tasks_database_dbtaskresult"'
+        rule = faults.fail(claim, OperationalError("couldn't get a connection"), times=2)
+        worker._work(TaskWaiter())
+    assert rule.fired == 2
+    assert statuses(runs) == ["completed"] * 2
+
+
+@pytest.mark.slow
+def test_a_worker_rides_out_a_database_that_drops_its_connections(user, tmp_path, real_queue):
+    """PostgreSQL drops every connection of the worker (a restart, a failover) while runs are
+    in flight: the worker stays, its runs finish in their first attempt, and it takes the
+    next ones."""
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite has no connections to drop")
+    hold = tmp_path / "hold"
+    hold.touch()
+    worker = start_worker(tmp_path, "worker")
+    try:
+        wait_for(lambda: AgentWorker.objects.exists(), "the worker to start", PATIENCE * 2)
+        runs = crowd(user, 3, "d")
+        # Each run waits on its model (its checkpoint before the call is stored): none writes
+        # when the connections drop. (A write cut short is retried: another test.)
+        wait_for(lambda: AgentCheckpoint.objects.filter(run__in=runs).count() == 3, "the runs")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = %s",
+                [WORKER_APP],
+            )
+            assert cursor.fetchone()[0] >= 1
+        hold.unlink()
+        wait_for(lambda: statuses(runs) == ["completed"] * 3, "the runs in flight to finish")
+        later = crowd(user, 2, "e")
+        wait_for(lambda: statuses(later) == ["completed"] * 2, "the next runs")
+        assert worker.poll() is None
+    finally:
+        stop(worker)
+    assert {AgentRun.objects.get(pk=r.pk).attempt for r in runs + later} == {1}
+    assert len((tmp_path / "tools.log").read_text().split()) == 5  # each call once
 
 
 @pytest.mark.slow
