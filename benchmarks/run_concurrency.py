@@ -441,8 +441,8 @@ def warm_up(processes: list[Any], fake: Any, *, user: Any) -> None:
 # --- the floor: the SDK alone ---------------------------------------------------------------
 
 # How the floor process runs its runs: all on one event loop, or each on a thread and event
-# loop of its own (as a worker runs them); with the provider's client as the project builds it
-# (a new SSL context per run), or with one SSL context shared by the process.
+# loop of its own (as a worker runs them); with a new SSL context per run's client, or with the
+# project's client (one SSL context shared by the process).
 FLOOR_VARIANTS = (
     ("loop", False, 1),
     ("loop", False, None),
@@ -486,8 +486,10 @@ def floor_process(runs: int) -> list[dict[str, Any]]:
     from benchmarks.registry import build_stream
     from chat import providers
 
-    client_class = providers.DefaultAsyncHttpxClient
-    shared = ssl.create_default_context()
+    shared_context = providers.tls_context
+
+    def new_context() -> ssl.SSLContext:
+        return shared_context.__wrapped__()  # not cached: one per client
 
     async def one() -> float:
         started = time.monotonic()
@@ -504,9 +506,7 @@ def floor_process(runs: int) -> list[dict[str, Any]]:
     rows = []
     for how, shared_ssl, count in FLOOR_VARIANTS:
         count = count or runs
-        providers.DefaultAsyncHttpxClient = (
-            (lambda **kw: client_class(verify=shared, **kw)) if shared_ssl else client_class
-        )
+        providers.tls_context = shared_context if shared_ssl else new_context
         firsts: list[float] = [0.0] * count
 
         async def together(count: int = count) -> list[float]:

@@ -141,7 +141,7 @@ def test_latency_report(latency, name):
         "database": "postgresql" if database == "postgres" else "sqlite",
         "backend": backend,
     }
-    cold, warm, idle = (table["rows"] for table in report["tables"])
+    cold, warm, idle, dev = (table["rows"] for table in report["tables"])
     (first,) = cold  # --quick: the one process pair that stays up
     assert 0 < first["ready_to_loaded_ms"] < first["ready_to_reply_ms"]
     assert first["start_to_ready_ms"] > 0
@@ -159,5 +159,9 @@ def test_latency_report(latency, name):
         "web (uvicorn)",
     ]
     assert all(row["window_s"] >= 1 and row["cpu_s"] >= 0 for row in idle)
+    # --quick: one start of `make dev`, one code change, one Ctrl-C that ends every process.
+    (dev_start,) = dev
+    assert 0 < dev_start["noticed_to_answer_ms"] <= dev_start["change_to_answer_ms"], dev_start
+    assert dev_start["start_to_answer_ms"] > 0 and dev_start["ctrl_c_to_gone_ms"] is not None
     assert len(report["targets"]) == 5
     assert f"## {report['title']}" in latency.stdout
