@@ -34,6 +34,8 @@ def remove(*relative_paths: str) -> None:
 def prune() -> None:
     if CI != "github":
         remove(".github")
+    if TASK_BACKEND != "database":
+        remove("tests/core/test_database_worker.py")  # django-tasks-db is not installed
     # Caches from working inside the template checkout never belong in a new project.
     for pattern in ("__pycache__", ".ruff_cache", ".pytest_cache", "test-artifacts"):
         for path in sorted(PROJECT.rglob(pattern), reverse=True):

@@ -347,44 +347,13 @@ def test_a_stopping_worker_lets_its_runs_finish_then_hands_the_rest_on(user, tmp
     assert len((tmp_path / "tools.log").read_text().split()) == 4  # no call ran twice
 
 
-def test_a_worker_that_cannot_claim_for_a_moment_carries_on(
-    user, tmp_path, real_queue, monkeypatch
-):
-    """The database refuses the worker's claims (down, or the pool empty for its timeout):
-    the worker waits a moment and claims again, never exits."""
-    if "DatabaseBackend" not in configured_backend():
-        pytest.skip("the database task backend's worker")
-    from agentic_django.notify import TaskWaiter
-    from agentic_django.workers.database import DatabaseWorker
-
-    monkeypatch.setenv("TOOL_LOG", str(tmp_path / "tools.log"))
-    monkeypatch.setenv("HOLD_FILE", str(tmp_path / "no-hold"))
-    runs = crowd(user, 2, "c")
-    worker = DatabaseWorker(
-        queue_names=["default"],
-        interval=1,
-        batch=True,  # until nothing is queued or running
-        backend_name="default",
-        startup_delay=False,
-        max_tasks=None,
-        worker_id="w",
-        excluded_queue_names=[],
-    )
-    with database_faults() as faults:
-        claim = r'^SELECT .* FROM "django_tasks_database_dbtaskresult"'
-        rule = faults.fail(claim, OperationalError("couldn't get a connection"), times=2)
-        worker._work(TaskWaiter())
-    assert rule.fired == 2
-    assert statuses(runs) == ["completed"] * 2
-
-
 @pytest.mark.slow
 def test_a_worker_rides_out_a_database_that_drops_its_connections(user, tmp_path, real_queue):
     """PostgreSQL drops every connection of the worker (a restart, a failover) while runs are
     in flight: the worker stays, its runs finish in their first attempt, and it takes the
     next ones."""
     if connection.vendor != "postgresql":
-        pytest.skip("SQLite has no connections to drop")
+        pytest.skip("needs PostgreSQL: SQLite has no connections to drop")
     hold = tmp_path / "hold"
     hold.touch()
     worker = start_worker(tmp_path, "worker")
