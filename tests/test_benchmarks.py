@@ -141,7 +141,7 @@ def test_latency_report(latency, name):
         "database": "postgresql" if database == "postgres" else "sqlite",
         "backend": backend,
     }
-    cold, warm, idle, dev = (table["rows"] for table in report["tables"])
+    cold, warm, dev, idle = (table["rows"] for table in report["tables"])
     (first,) = cold  # --quick: the one process pair that stays up
     assert 0 < first["ready_to_loaded_ms"] < first["ready_to_reply_ms"]
     assert first["start_to_ready_ms"] > 0
