@@ -21,6 +21,7 @@ no longer change anything; its writes are dropped.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,7 +42,7 @@ from django.db.models import (
     Value,
 )
 from django.db.models.expressions import CombinedExpression
-from django.db.models.functions import Coalesce, Concat, Now
+from django.db.models.functions import Coalesce, Now
 from django.db.models.lookups import GreaterThan
 from django.db.models.sql import UpdateQuery
 
@@ -534,9 +535,30 @@ def stream_text(fence: Fence, text: str, *, new_message: bool, events: bool = Tr
                 _max_sequence(AgentEvent, fence.run_id) if events else F("stream_sequence") + 1
             ),
         }
-    else:
-        updates = {"stream_text": Concat(F("stream_text"), Value(text))}
-    return bool(fence.runs().update(**updates))
+        return bool(fence.runs().update(**updates))
+    # The text that follows: the most frequent write of a streaming run, so one prebuilt
+    # statement with the fence's conditions (``Fence.runs``), not a compiled queryset.
+    with connection.cursor() as cursor:
+        cursor.execute(_append_sql(connection.vendor), _fence_params(fence, text))
+        return cursor.rowcount > 0
+
+
+@functools.cache
+def _append_sql(vendor: str) -> str:
+    """``UPDATE`` appending to a run's streamed text while ``Fence.runs`` would match it."""
+    name, field = connection.ops.quote_name, AgentRun._meta.get_field
+    text, pk, attempt, status = (
+        name(field(column).column) for column in ("stream_text", "id", "attempt", "status")
+    )
+    return (
+        f"UPDATE {name(AgentRun._meta.db_table)} SET {text} = {text} || %s "  # noqa: S608
+        f"WHERE {pk} = %s AND {attempt} = %s AND {status} = %s"
+    )
+
+
+def _fence_params(fence: Fence, text: str) -> list[Any]:
+    run_id = AgentRun._meta.pk.get_db_prep_value(fence.run_id, connection)
+    return [text, run_id, fence.attempt, Status.RUNNING.value]
 
 
 def end_stream(fence: Fence, sequence: int | None) -> bool:

@@ -281,6 +281,21 @@ def test_finish_writes_the_outcome_once_under_the_fence(session):
     assert reload(claimed).status == "completed"
 
 
+def test_streamed_text_is_added_only_while_the_fence_holds(session, other_user):
+    claimed = lifecycle.claim(new_run(session).pk)
+    elsewhere = AgentSession.objects.create(owner=other_user, session_key="o")
+    other = lifecycle.claim(new_run(elsewhere).pk)
+    fence = Fence.of(claimed)
+    assert lifecycle.stream_text(fence, "Hel", new_message=True, events=False)
+    assert lifecycle.stream_text(fence, "lo", new_message=False)
+    assert reload(claimed).stream_text == "Hello"
+    assert not lifecycle.stream_text(Fence(claimed.pk, claimed.attempt + 1), "!", new_message=False)
+    assert (reload(claimed).stream_text, reload(other).stream_text) == ("Hello", "")
+    lifecycle.finish(fence, status="completed", **OUTCOME)  # which clears the streamed text
+    assert not lifecycle.stream_text(fence, "!", new_message=False)
+    assert reload(claimed).stream_text == ""
+
+
 def test_fence_state_reports_cancellation_and_loss(session):
     claimed = lifecycle.claim(new_run(session).pk)
     fence = Fence.of(claimed)
