@@ -368,3 +368,25 @@ def test_handoffs_and_agent_changes_are_recorded_as_events(user):
     assert (handoff["from_agent"], handoff["to_agent"]) == ("Triage", "Specialist")
     updates = [payload["agent"] for kind, payload in events if kind == "agent_updated"]
     assert updates == ["Triage", "Specialist"]
+
+
+def test_streamed_text_is_written_less_often_the_more_runs_stream():
+    import asyncio
+
+    from agentic_django.execution import DeltaWriter
+    from agentic_django.lifecycle import Fence
+
+    fence = Fence(uuid.uuid4(), 1)
+    before = DeltaWriter._open  # writers of runs still open in this test process (none, or few)
+    alone = DeltaWriter(fence)
+    assert DeltaWriter.interval() == DeltaWriter.INTERVAL
+    crowd = [DeltaWriter(fence) for _ in range(2 * DeltaWriter.WRITES_PER_SECOND - 1)]
+    assert 2.0 <= DeltaWriter.interval() < 2.1  # 500 writers: each writes every 2 s
+
+    async def close_all() -> None:
+        for writer in [*crowd, crowd[0], alone]:  # closing twice counts once
+            await writer.close()
+
+    asyncio.run(close_all())
+    assert DeltaWriter.interval() == DeltaWriter.INTERVAL
+    assert DeltaWriter._open == before
