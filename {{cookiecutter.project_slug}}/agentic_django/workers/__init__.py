@@ -109,10 +109,17 @@ class Slots:
             self.busy += 1
             return True
 
-    def release(self) -> None:
-        """Give back a slot taken with ``acquire`` and not used."""
+    def acquire_free(self, limit: int) -> int:
+        """Take up to ``limit`` more slots, only those free now; how many."""
         with self._changed:
-            self.busy -= 1
+            taken = max(0, min(limit, self.size - self.busy))
+            self.busy += taken
+            return taken
+
+    def release(self, count: int = 1) -> None:
+        """Give back ``count`` slots taken with ``acquire`` (or ``acquire_free``) and not used."""
+        with self._changed:
+            self.busy -= count
             self._changed.notify_all()
 
     def start(self, task: Callable[..., Any], *args: Any) -> None:

@@ -39,6 +39,9 @@ logger = logging.getLogger("agentic_django.workers")
 
 # The longest an idle worker waits before it looks again without a wake-up.
 IDLE_SECONDS = 1.0
+# The most tasks one claim takes (no more than the free slots): a busy worker claims in
+# rounds of a transaction each, so a burst of runs starts without a round per run.
+CLAIM_BATCH = 10
 
 
 class DatabaseWorker(Worker):
@@ -73,25 +76,28 @@ class DatabaseWorker(Worker):
         while self.running:
             if not self.slots.acquire(timeout=IDLE_SECONDS):
                 continue  # every slot busy: look again (or stop) once one frees
+            taken = 1 + self.slots.acquire_free(CLAIM_BATCH - 1)
             try:
-                task_result = self._claim_next()
+                task_results = self._claim(taken)
             except DatabaseError:
                 # The database is away or busy (a restart, a full pool): the worker stays,
                 # and looks again once it may be back.
-                self.slots.release()
+                self.slots.release(taken)
                 logger.warning("Could not claim a task; trying again", exc_info=True)
                 connections.close_all()
                 time.sleep(IDLE_SECONDS)
                 continue
             except BaseException:
-                self.slots.release()
+                self.slots.release(taken)
                 raise
             finally:
                 close_old_connections()
-            if task_result is not None:
+            for task_result in task_results:
                 self.slots.start(self.run_task, task_result)
+            if len(task_results) < taken:
+                self.slots.release(taken - len(task_results))
+            if task_results:
                 continue
-            self.slots.release()
             if self.batch:
                 if not self.slots.busy:
                     return  # nothing queued, nothing running: the burst is over
@@ -99,20 +105,22 @@ class DatabaseWorker(Worker):
             elif self.running:
                 waiter.wait(self.interval)
 
-    def _claim_next(self) -> Any:
+    def _claim(self, limit: int) -> list[Any]:
+        """Claim up to ``limit`` ready tasks, in django-tasks-db's order and with its locking
+        (one transaction, however many)."""
         tasks = DBTaskResult.objects.ready().filter(
             backend_name=self.backend_name, queue_name__in=self.queue_names
         )
         with exclusive_transaction(tasks.db):
             try:
-                task_result = tasks.get_locked()
+                task_results = list(tasks.select_for_update(skip_locked=True)[:limit])
             except OperationalError as error:
                 if is_locked_database_exception(error):
-                    return None  # another worker holds the lock: look again
+                    return []  # another worker holds the lock: look again
                 raise
-            if task_result is not None:
+            for task_result in task_results:
                 task_result.claim(self.worker_id)
-        return task_result
+        return task_results
 
     def shutdown(self, signum: int, frame: FrameType | None) -> None:
         """First signal: take no more tasks and let the runs in flight finish (the main loop

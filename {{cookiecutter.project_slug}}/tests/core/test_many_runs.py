@@ -94,6 +94,15 @@ def connections_held() -> int:
         return cursor.fetchone()[0]
 
 
+def test_slots_taken_together_are_only_the_free_ones():
+    slots = Slots(3)
+    assert slots.acquire(timeout=0)
+    assert (slots.acquire_free(5), slots.busy) == (2, 3)
+    assert (slots.acquire_free(1), slots.busy) == (0, 3)
+    slots.release(2)
+    assert (slots.busy, slots.acquire_free(0)) == (1, 0)
+
+
 def test_a_worker_runs_its_slots_at_once_on_a_bounded_pool(user, settings, queue):
     """20 runs that each wait until all 20 started: only a worker running them at once
     finishes them. On PostgreSQL the process never holds more connections than its pool allows."""
