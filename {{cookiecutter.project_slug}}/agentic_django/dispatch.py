@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from django.db import transaction
+from django.db import connection, transaction
+from django.tasks.backends.immediate import ImmediateBackend
 
 from agentic_django import lifecycle, notify
 from agentic_django.exceptions import EnqueueFailed
@@ -28,7 +29,30 @@ logger = logging.getLogger(__name__)
 # Waiting runs looked at per round of dispatch_next (rounds repeat while they dispatch).
 BATCH = 100
 
+
+class _Turn:
+    """Which thread of this process is dispatching, and whether it is asked for a round more."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+        self.again = False
+
+
+_turn = _Turn()
 _local = threading.local()
+
+
+def _turn_for_this_call() -> _Turn:
+    """The process's turn; a thread's own where tasks run inside ``enqueue`` (the immediate
+    backend): there a dispatching thread executes whole runs, which must not hold up others'."""
+    from agentic_django.tasks import execute_agent_run
+
+    if not isinstance(execute_agent_run.get_backend(), ImmediateBackend):
+        return _turn
+    if not hasattr(_local, "turn"):
+        _local.turn = _Turn()
+    return _local.turn
 
 
 def enqueue_on_commit(run_id: str) -> None:
@@ -57,23 +81,48 @@ def dispatch_run(run_id: str, *, submitted: bool = False) -> None:
 def dispatch_next() -> int:
     """Enqueue waiting runs that can start now (oldest first, within free slots); how many.
 
-    Re-entrant calls (a run executed in-process finishing while this loop enqueues) only ask
-    the running loop for another round, so the stack stays flat whatever the queue length.
+    One thread of a process dispatches at a time: a call while another thread is dispatching
+    (a worker's runs finishing together) only asks that thread for another round, and so does
+    a re-entrant call (a run executed in-process finishing while this loop enqueues), so the
+    stack stays flat whatever the queue length and N runs ending at once cost a few rounds,
+    not N. A call inside a transaction dispatches by itself (another thread would not see what
+    the transaction changed); so does any call once the dispatching thread stopped for a
+    broker error. With the immediate backend each thread dispatches for itself (its runs execute
+    inside ``enqueue``). Returns the runs this call dispatched.
     """
-    if getattr(_local, "active", False):
-        _local.again = True
-        return 0
-    _local.active = True
+    turn = _turn_for_this_call()
+    me = threading.get_ident()
+    with turn.lock:
+        if turn.owner is None:
+            turn.owner = me
+        elif turn.owner == me or not connection.in_atomic_block:
+            turn.again = True
+            return 0
+        else:
+            me = None  # beside the dispatching thread, inside this transaction
     total = 0
     try:
         while True:
-            _local.again = False
+            if me is not None:
+                with turn.lock:
+                    turn.again = False
             dispatched, broker_ok = _dispatch_round()
             total += dispatched
-            if not broker_ok or not (dispatched or _local.again):
+            if not broker_ok:
                 return total
+            if dispatched:
+                continue
+            if me is None:
+                return total
+            with turn.lock:
+                if not turn.again:
+                    turn.owner = None  # checked and released together: no request is lost
+                    return total
     finally:
-        _local.active = False
+        if me is not None:
+            with turn.lock:
+                if turn.owner == me:
+                    turn.owner = None
 
 
 def _dispatch_round() -> tuple[int, bool]:

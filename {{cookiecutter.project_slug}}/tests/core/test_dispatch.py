@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from agentic_django.dispatch import dispatch_next
 from agentic_django.models import AgentRun, AgentSession
 from agentic_django.recovery import recover_runs, sweep
 from agentic_django.services import create_run, enqueue_agent_run
 from tests.core.conftest import echo_steps, running_elsewhere, text, worker_died
+from tests.core.faults import database_faults, queued_run_ids
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 IMMEDIATE_TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
 BROKEN_TASKS = {"default": {"BACKEND": "tests.core.faults.UnavailableBackend"}}
+QUEUE = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
+PATIENCE = 60.0
 
 
 def test_runs_of_one_session_run_in_order_and_see_earlier_history(user, scripted_agent):
@@ -121,7 +128,7 @@ def test_a_task_that_could_not_claim_hands_its_run_to_the_next_dispatch(user, se
     from agentic_django import lifecycle
     from agentic_django.dispatch import dispatch_next
     from agentic_django.execution import execute
-    from tests.core.faults import database_faults, queued_run_ids
+    from tests.core.faults import database_faults
 
     settings.TASKS = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
     session = AgentSession.objects.create(owner=user, session_key="k")
@@ -146,3 +153,50 @@ def test_a_task_that_could_not_claim_hands_its_run_to_the_next_dispatch(user, se
 
 def lifecycle_release_sql() -> str:
     return r'^UPDATE "agentic_django_agentrun" SET "task_id" = %s, "dispatched_at" = %s WHERE'
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_one_thread_of_a_process_dispatches_for_the_runs_ending_beside_it(
+    user, other_user, settings, in_transaction
+):
+    """While a thread dispatches, a run ending in another thread only asks it for one round
+    more (no query of its own), and that thread dispatches the run waiting behind it too; a
+    call inside a transaction dispatches by itself (the other thread cannot see its changes)."""
+    settings.TASKS = QUEUE  # this test plays the workers
+    first = running_elsewhere(AgentSession.objects.create(owner=user, session_key="a"))
+    second = running_elsewhere(AgentSession.objects.create(owner=other_user, session_key="b"))
+    behind_first = create_run(owner=user, session_key="a", input_payload="1", agent_key="demo")
+    behind_second = create_run(
+        owner=other_user, session_key="b", input_payload="2", agent_key="demo"
+    )
+    assert AgentRun.objects.filter(task_id="").count() == 4
+    AgentRun.objects.filter(pk=first.pk).update(status="completed", finished_at=timezone.now())
+    looking, go, dispatched = threading.Event(), threading.Event(), []
+
+    def dispatch() -> None:
+        try:
+            dispatched.append(dispatch_next())
+        finally:
+            connection.close()
+
+    dispatcher = threading.Thread(target=dispatch)
+    with database_faults() as faults:
+        # Hold the dispatching thread at its first statement, the round's first look.
+        faults.before(r"^SELECT", lambda: (looking.set(), go.wait(PATIENCE)), thread=dispatcher)
+        dispatcher.start()
+        assert looking.wait(PATIENCE)
+        AgentRun.objects.filter(pk=second.pk).update(status="completed")
+        with CaptureQueriesContext(connection) as queries:
+            if in_transaction:
+                with transaction.atomic():
+                    beside = dispatch_next()
+            else:
+                beside = dispatch_next()
+        go.set()
+        dispatcher.join(PATIENCE)
+    if in_transaction:
+        assert (beside, dispatched) == (2, [0])
+    else:
+        assert (beside, dispatched, queries.captured_queries) == (0, [2], [])
+    tasks = AgentRun.objects.filter(pk__in=[behind_first.pk, behind_second.pk])
+    assert [run.task_id != "" for run in tasks] == [True, True]
