@@ -57,6 +57,24 @@ def ends_with_the_whole_reply_once(page, element) -> None:
     assert element.inner_text().count("nobody stares at a blank screen") == 1
 
 
+# Records the reply as shown after every change to the page (a MutationObserver reads the DOM
+# once the changing task is done, which is what the next frame paints).
+WATCH_THE_REPLY = """() => {
+  window.replyShown = [];
+  const shown = () => {
+    const run = [...document.querySelectorAll("#turns .agentic-run")].pop();
+    if (!run) return "";
+    return [...run.querySelectorAll(".agentic-msg--assistant")]
+      .filter((element) => !element.hidden)
+      .map((element) => element.innerText)
+      .join(" ");
+  };
+  new MutationObserver(() => window.replyShown.push(shown())).observe(document.body, {
+    subtree: true, childList: true, characterData: true, attributes: true,
+  });
+}"""
+
+
 def live_text_snapshots(page, run_element, run: AgentRun) -> list[str]:
     """What the live text showed, looked at repeatedly until the run ended."""
     seen = []
@@ -70,12 +88,20 @@ def live_text_snapshots(page, run_element, run: AgentRun) -> list[str]:
 
 def test_the_reply_streams_in_before_the_run_completes(chat, chat_user, slow_provider):
     page = chat
+    page.evaluate(WATCH_THE_REPLY)
     run, worker, element = streaming(page, chat_user)
     assert AgentRun.objects.get(pk=run.pk).status == "running"
     assert REPLY.text.startswith(element.locator(".agentic-run__live").inner_text().strip())
     screenshot(page, "chat-streaming")
     ends_with_the_whole_reply_once(page, element)
     worker.join(PATIENCE)
+    # From its first word to the end, the reply never vanishes and never shows twice: not
+    # when the live text becomes a message, not when a poll or the end swaps the fragment.
+    shown = page.evaluate("window.replyShown")
+    first_word = REPLY.text.split()[0]
+    since_it_appeared = shown[next(n for n, text in enumerate(shown) if first_word in text) :]
+    assert all(text.count(first_word) == 1 for text in since_it_appeared), since_it_appeared
+    assert "nobody stares at a blank screen" in since_it_appeared[-1]
 
 
 def test_a_dropped_stream_resumes_without_repeating_text(chat, chat_user, slow_provider):

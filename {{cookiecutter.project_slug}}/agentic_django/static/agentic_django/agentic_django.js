@@ -1,14 +1,19 @@
 // Live runs: while a run fragment works, its text streams in over server-sent events
 // (agents:run-stream) and each new event or the end refreshes the fragment at once. Without
 // EventSource, or while the stream is down, the fragment's own polling carries on alone.
+// The live text stays on screen until a swapped-in fragment shows the message it became, and
+// a swapped-in fragment gets the live text in the same task (htmx:afterSwap, not at settle):
+// no frame shows the reply blank or twice.
 // Include it after htmx on pages that show run fragments; no inline code (strict CSP).
 (() => {
   "use strict";
   if (!("EventSource" in window)) return;
 
-  const streams = new Map(); // run id -> {source, text}
+  const streams = new Map(); // run id -> {source, text, clearAbove}
 
   const fragmentOf = (runId) => document.getElementById(`agent-run-${runId}`);
+  const ENTRIES = ".agentic-msg:not(.agentic-run__live), .agentic-tool";
+  const entries = (element) => (element ? element.querySelectorAll(ENTRIES).length : 0);
 
   function refresh(runId) {
     const element = fragmentOf(runId);
@@ -35,24 +40,37 @@
       close(runId);
       return;
     }
-    if (streams.has(runId)) {
+    const known = streams.get(runId);
+    if (known) {
+      // The message the live text became is in this fragment: show it instead, not both.
+      if (known.clearAbove !== null && entries(element) > known.clearAbove) {
+        known.text = "";
+        known.clearAbove = null;
+      }
       render(runId);
       return;
     }
-    const state = { source: new EventSource(url), text: "" };
+    const state = { source: new EventSource(url), text: "", clearAbove: null };
     streams.set(runId, state);
     state.source.addEventListener("delta", (event) => {
       const delta = JSON.parse(event.data);
-      state.text = (delta.start ? "" : state.text) + delta.text;
+      if (delta.start) {
+        state.text = "";
+        state.clearAbove = null;
+      }
+      state.text += delta.text;
       render(runId);
     });
     state.source.addEventListener("event", (event) => {
-      if (JSON.parse(event.data).type === "message_output") state.text = "";
-      render(runId);
+      // Kept until the refreshed fragment shows the message (clearing now would blank it).
+      if (JSON.parse(event.data).type === "message_output" && state.clearAbove === null) {
+        state.clearAbove = entries(fragmentOf(runId));
+      }
       refresh(runId);
     });
     state.source.addEventListener("reset", () => {
       state.text = "";
+      state.clearAbove = null;
       render(runId);
       refresh(runId);
     });
@@ -68,6 +86,8 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => scan(document));
+  // afterSwap runs in the swap's own task; htmx:load and afterSettle come a settle delay later.
+  document.body?.addEventListener("htmx:afterSwap", (event) => scan(event.target));
   document.body?.addEventListener("htmx:afterSettle", (event) => scan(event.detail.elt));
   document.addEventListener("htmx:load", (event) => scan(event.detail.elt));
 })();
