@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
+from agentic_django.execution import execute
+from agentic_django.models import AgentRun
 from tests.browser.conftest import DEFERRED, last_run, screenshot, send
 from tests.browser.registry import LONG_WORD
+from tests.waiting import PATIENCE, in_thread
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -82,3 +85,38 @@ def test_send_cancel_and_new_chat_are_on_screen_at_390_x_844(chat, settings):
     assert_on_screen(page, page.get_by_role("link", name="New chat"))
     assert page.evaluate(OVERFLOW) == []
     screenshot(page, "phone-390x844")
+
+
+def test_an_approval_comes_into_view_and_the_conversations_fold_away_at_390_x_844(
+    chat, chat_user, settings
+):
+    page = chat
+    page.set_viewport_size({"width": 390, "height": 844})
+    send(page, f"Please check {LONG_WORD} for me")
+    last_run(page).and_(page.locator('[data-terminal="true"]')).wait_for()
+    settings.TASKS = DEFERRED  # the run starts once the reader has scrolled back up
+    send(page, "Send a note to the team: the demo works")
+    run = last_run(page)
+    run.and_(page.locator('[data-status="pending"]')).wait_for()
+    page.locator("#conversation").evaluate("log => log.scrollTo({top: 0, behavior: 'instant'})")
+    pending = AgentRun.objects.get(owner=chat_user, status="pending")
+    worker = in_thread(lambda: execute(str(pending.pk), task_id="worker"))
+
+    run.and_(page.locator('[data-status="awaiting_approval"]')).wait_for()
+    expect(run.get_by_role("button", name="Approve")).to_be_in_viewport(ratio=1)
+    expect(run.get_by_role("button", name="Reject")).to_be_in_viewport(ratio=1)
+    screenshot(page, "phone-390x844-approval")
+    worker.join(PATIENCE)
+
+    # The conversation list is folded away on the phone until asked for, and open on a desk.
+    conversations = page.get_by_role("navigation", name="Conversations")
+    expect(conversations).to_be_hidden()
+    page.get_by_role("button", name="Show conversations").click()
+    expect(conversations.get_by_role("link").first).to_be_visible()
+    assert page.evaluate(OVERFLOW) == []
+    screenshot(page, "phone-390x844-conversations")
+    page.get_by_role("button", name="Hide conversations").click()
+    expect(conversations).to_be_hidden()
+    page.set_viewport_size({"width": 1280, "height": 860})
+    expect(conversations.get_by_role("link").first).to_be_visible()
+    expect(page.get_by_role("button", name="Show conversations")).to_be_hidden()

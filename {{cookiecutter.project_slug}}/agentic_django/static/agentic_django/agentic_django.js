@@ -3,17 +3,29 @@
 // EventSource, or while the stream is down, the fragment's own polling carries on alone.
 // The live text stays on screen until a swapped-in fragment shows the message it became, and
 // a swapped-in fragment gets the live text in the same task (htmx:afterSwap, not at settle):
-// no frame shows the reply blank or twice.
+// no frame shows the reply blank or twice. A run that asks for approval scrolls its
+// Approve/Reject card into view once, wherever the reader had scrolled to.
 // Include it after htmx on pages that show run fragments; no inline code (strict CSP).
 (() => {
   "use strict";
-  if (!("EventSource" in window)) return;
 
   const streams = new Map(); // run id -> {source, text, clearAbove}
 
   const fragmentOf = (runId) => document.getElementById(`agent-run-${runId}`);
   const ENTRIES = ".agentic-msg:not(.agentic-run__live), .agentic-tool";
   const entries = (element) => (element ? element.querySelectorAll(ENTRIES).length : 0);
+
+  const shownApprovals = new Set(); // "run:call,call" cards already brought into view
+
+  function showApprovals(element) {
+    const card = element.querySelector(".agentic-approvals");
+    if (!card) return;
+    const calls = [...card.querySelectorAll("[data-call-id]")].map((call) => call.dataset.callId);
+    const key = `${element.dataset.runId}:${calls.join(",")}`;
+    if (shownApprovals.has(key)) return;
+    shownApprovals.add(key);
+    card.scrollIntoView({ block: "nearest" });
+  }
 
   function refresh(runId) {
     const element = fragmentOf(runId);
@@ -34,6 +46,7 @@
   }
 
   function follow(element) {
+    showApprovals(element);
     const runId = element.dataset.runId;
     const url = element.dataset.streamUrl;
     if (!url || element.dataset.terminal === "true") {
@@ -50,6 +63,7 @@
       render(runId);
       return;
     }
+    if (!("EventSource" in window)) return; // the fragment's polling carries on alone
     const state = { source: new EventSource(url), text: "", clearAbove: null };
     streams.set(runId, state);
     state.source.addEventListener("delta", (event) => {

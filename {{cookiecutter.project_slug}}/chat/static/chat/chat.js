@@ -1,5 +1,6 @@
 // Chat page behaviour that htmx attributes cannot express without inline code (the CSP forbids
-// it): keyboard submit, one run at a time, clearing the input, scrolling and error toasts.
+// it): keyboard submit, one run at a time, clearing the input, scrolling, error toasts and
+// the conversation list folded away on narrow screens.
 (() => {
   "use strict";
 
@@ -12,6 +13,8 @@
   const toast = document.getElementById("toast");
   const idleText = form.querySelector("[data-idle-text]");
   const busyText = form.querySelector("[data-busy-text]");
+  const sidebar = document.querySelector(".sidebar");
+  const foldToggle = document.getElementById("conversations-toggle");
   const MAX_ROWS = 8;
   let submitting = false;
   let stickToBottom = true;
@@ -118,6 +121,17 @@
   document.body.addEventListener("htmx:sendError", () => {
     showToast("Cannot reach the server. Check your connection and try again.");
   });
+
+  // Without this script the list stays open; with it, narrow screens show it on request.
+  if (sidebar && foldToggle) {
+    sidebar.classList.add("sidebar--foldable");
+    foldToggle.hidden = false;
+    foldToggle.addEventListener("click", () => {
+      const open = sidebar.classList.toggle("sidebar--open");
+      foldToggle.setAttribute("aria-expanded", String(open));
+      foldToggle.querySelector("[data-toggle-label]").textContent = open ? "Hide" : "Show";
+    });
+  }
 
   log.addEventListener("scroll", () => {
     stickToBottom = nearBottom();
