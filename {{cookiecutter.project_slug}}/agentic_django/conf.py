@@ -18,6 +18,8 @@ from django.dispatch import receiver
 
 PREFIX = "AGENTIC_DJANGO_"
 RECOVERY_MODES = ("requeue", "fail", "ignore")
+# What a new message does to its conversation's run in progress ("double texting").
+MULTITASK_STRATEGIES = ("enqueue", "reject", "interrupt", "rollback")
 # Run options a caller may set; anything else is rejected instead of reaching Runner.run.
 ALLOWED_RUN_OPTIONS = frozenset({"max_turns"})
 RUN_STATUSES = ("pending", "running", "awaiting_approval", "completed", "failed", "cancelled")
@@ -53,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "LEASE_SECONDS": 60,
     "APPROVAL_TIMEOUT": 86_400,
     "SESSION_SERIALIZER": None,
+    "MULTITASK_STRATEGY": "enqueue",
 }
 
 CLEANUP_DEFAULTS: dict[str, Any] = {
@@ -113,6 +116,8 @@ class AgenticConfig:
     worker_concurrency: int = DEFAULTS["WORKER_CONCURRENCY"]
     # Seconds a stopping worker lets its runs in flight finish before it gives them up.
     worker_shutdown_grace: int = DEFAULTS["WORKER_SHUTDOWN_GRACE"]
+    # What a new run does to the runs its conversation has in progress (MULTITASK_STRATEGIES).
+    multitask_strategy: str = DEFAULTS["MULTITASK_STRATEGY"]
 
 
 def _setting(name: str) -> Any:
@@ -246,6 +251,12 @@ def load_config() -> AgenticConfig:
             f"{PREFIX}SESSION_SERIALIZER must be a dotted path to an item serializer class "
             f"or None, got {serializer!r}."
         )
+    strategy = _setting("MULTITASK_STRATEGY")
+    if strategy not in MULTITASK_STRATEGIES:
+        raise ImproperlyConfigured(
+            f"{PREFIX}MULTITASK_STRATEGY must be one of {', '.join(MULTITASK_STRATEGIES)}, "
+            f"got {strategy!r}."
+        )
     lease = _positive_int(f"{PREFIX}LEASE_SECONDS", _setting("LEASE_SECONDS"))
     if lease < 5:
         raise ImproperlyConfigured(f"{PREFIX}LEASE_SECONDS must be at least 5 seconds.")
@@ -278,6 +289,7 @@ def load_config() -> AgenticConfig:
         worker_shutdown_grace=_non_negative_int(
             f"{PREFIX}WORKER_SHUTDOWN_GRACE", _setting("WORKER_SHUTDOWN_GRACE")
         ),
+        multitask_strategy=strategy,
     )
 
 

@@ -47,6 +47,24 @@ class InvalidRunOptions(InvalidRunInput):
     message = "Invalid run options."
 
 
+class InvalidMultitaskStrategy(InvalidRunInput):
+    """``multitask_strategy`` is not one of enqueue, reject, interrupt, rollback."""
+
+    message = "`multitask_strategy` must be one of enqueue, reject, interrupt, rollback."
+
+
+class ConversationBusy(AgenticDjangoError):
+    """A run of the conversation is in progress and the new one asked to be rejected then."""
+
+    message = "This conversation has a run in progress; wait for it or cancel it first."
+    status_code = 409
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__()
+        self.run_id = str(run_id)
+        self.details = {"run_id": self.run_id}
+
+
 class RunNotCancellable(AgenticDjangoError):
     """The run already finished."""
 

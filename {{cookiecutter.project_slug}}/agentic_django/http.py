@@ -46,13 +46,19 @@ class ApiError(Exception):
     """An HTTP error with a stable machine-readable ``code`` and a short human ``message``."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.details = details or {}  # more fields of the JSON error object (e.g. run_id)
 
     @classmethod
     def from_exception(cls, error: AgenticDjangoError) -> ApiError:
@@ -68,7 +74,7 @@ class ApiError(Exception):
             # Misconfiguration details (module paths) are for the logs, not for users.
             logger.error("agentic_django: %s", error.message)
             message = "The server is misconfigured; the details are in its log."
-        return cls(status, code, message, headers)
+        return cls(status, code, message, headers, getattr(error, "details", None))
 
 
 def is_htmx(request: HttpRequest) -> bool:
@@ -82,10 +88,15 @@ def is_browser_navigation(request: HttpRequest) -> bool:
 
 
 def json_error(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    details: dict[str, Any] | None = None,
 ) -> JsonResponse:
     """The JSON error body every endpoint uses."""
-    response = JsonResponse({"error": {"code": code, "message": message}}, status=status)
+    body = {"code": code, "message": message, **(details or {})}
+    response = JsonResponse({"error": body}, status=status)
     for name, value in (headers or {}).items():
         response[name] = value
     return response
@@ -94,7 +105,7 @@ def json_error(
 def error_response(request: HttpRequest, error: ApiError) -> HttpResponse:
     """Render ``error`` as a visible fragment for htmx, else as JSON."""
     if not is_htmx(request):
-        return json_error(error.status, error.code, error.message, error.headers)
+        return json_error(error.status, error.code, error.message, error.headers, error.details)
     context = {
         "status": error.status,
         "code": error.code,

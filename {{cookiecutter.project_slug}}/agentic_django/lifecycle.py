@@ -51,6 +51,7 @@ from agentic_django.exceptions import (
     ApprovalAlreadyDecided,
     ApprovalExpired,
     ApprovalNotFound,
+    ConversationBusy,
     RunNotAwaitingApproval,
 )
 from agentic_django.models import (
@@ -377,10 +378,59 @@ def finish(
     }
     if status == Status.COMPLETED:
         updates["stream_text"] = ""  # a failed or cancelled run keeps it: its partial output
+    if status == Status.CANCELLED and not error:
+        del updates["error"]  # keeps why it was cancelled (INTERRUPTED_ERROR)
     return _update_returning(fence.runs(), updates)
 
 
 # --- Cancellation and recovery ---------------------------------------------------------------
+
+INTERRUPTED_ERROR = "Stopped for a newer message."
+IN_PROGRESS_STATUSES = (Status.PENDING, Status.RUNNING, Status.AWAITING_APPROVAL)
+
+
+def make_way(session_id: int, strategy: str) -> list[AgentRun]:
+    """Apply a new run's ``multitask_strategy`` to the runs its session has in progress;
+    call it inside the transaction that creates the new run. Returns the runs it cancelled.
+
+    The session's row is taken first (an ``UPDATE``: a row lock on PostgreSQL, the write lock
+    on SQLite), so posts to one conversation take turns and each sees the runs the previous
+    one left. ``enqueue`` leaves them alone (the new run waits its turn); ``reject`` raises
+    ``ConversationBusy`` with the oldest of them; ``interrupt`` cancels waiting and paused
+    runs at once and asks a running one to stop after its current step (it keeps its partial
+    output, and the new run starts when it has stopped); ``rollback`` cancels them all at once,
+    a running one included (its attempt loses the run: nothing it does afterwards is kept),
+    and deletes the history items they wrote.
+    """
+    if strategy == "enqueue":
+        return []
+    AgentSession.objects.filter(pk=session_id).update(updated_at=Now())
+    busy = AgentRun.objects.filter(session_id=session_id, status__in=IN_PROGRESS_STATUSES)
+    if strategy == "reject":
+        oldest = busy.order_by("created_at", "id").values_list("pk", flat=True).first()
+        if oldest is not None:
+            raise ConversationBusy(oldest)
+        return []
+    at_once = busy if strategy == "rollback" else busy.exclude(status=Status.RUNNING)
+    # Locked, so none of them finishes or starts between this read and the UPDATE.
+    ids = list(at_once.select_for_update().values_list("pk", flat=True))
+    AgentRun.objects.filter(pk__in=ids).update(
+        status=Status.CANCELLED,
+        error=INTERRUPTED_ERROR,
+        cancel_requested_at=Now(),
+        finished_at=Now(),
+        lease_expires_at=None,
+    )
+    if strategy == "rollback":
+        AgentSessionItem.objects.filter(run_id__in=ids).delete()
+    else:
+        busy.filter(status=Status.RUNNING, cancel_requested_at__isnull=True).update(
+            cancel_requested_at=Now(), error=INTERRUPTED_ERROR
+        )
+    cancelled = list(AgentRun.objects.filter(pk__in=ids))
+    for run in cancelled:
+        transaction.on_commit(lambda run=run: send_safely(agent_run_cancelled, AgentRun, run=run))
+    return cancelled
 
 
 def cancel(run: AgentRun) -> bool:

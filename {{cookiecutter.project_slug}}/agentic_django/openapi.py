@@ -15,7 +15,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
-from agentic_django.conf import ALLOWED_RUN_OPTIONS, get_config
+from agentic_django.conf import ALLOWED_RUN_OPTIONS, MULTITASK_STRATEGIES, get_config
 from agentic_django.exceptions import AgentRegistryError
 from agentic_django.http import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from agentic_django.models import AgentRun
@@ -37,6 +37,7 @@ ERROR_CODES = (
     "approval_already_decided",
     "approval_expired",
     "approval_not_found",
+    "conversation_busy",
     "database_unavailable",
     "input_too_large",
     "invalid_after",
@@ -46,6 +47,7 @@ ERROR_CODES = (
     "invalid_json",
     "invalid_limit",
     "invalid_message",
+    "invalid_multitask_strategy",
     "invalid_request",
     "invalid_run_id",
     "invalid_run_input",
@@ -69,14 +71,21 @@ ERROR_DESCRIPTIONS = {
     401: "Not logged in (API clients). htmx gets 200 with `HX-Redirect` to the login page.",
     403: "CSRF verification failed: send the `csrftoken` cookie and its `X-CSRFToken` header.",
     404: "No such run or session among the current user's: another user's ids are 404 too.",
-    409: "Nothing changed: the run already finished (cancel), or the tool call was decided "
-    "already or the run is not waiting for approval (approve, reject).",
+    409: "Nothing changed: the run already finished (cancel), the tool call was decided "
+    "already or the run is not waiting for approval (approve, reject), or the conversation "
+    "has a run in progress and `multitask_strategy` is `reject` (create: `error.run_id`).",
     410: "Too late: the run waited past its approval deadline and is now failed (approve, reject).",
     413: "The input is larger than the byte limit or has too many items.",
     429: "The user created too many runs recently; retry after `Retry-After` seconds.",
     503: "The database is unreachable; retry after `Retry-After` seconds.",
 }
 
+MULTITASK_DESCRIPTION = (
+    "What this run does to the conversation's runs in progress: `enqueue` waits for them, "
+    "`reject` answers 409, `interrupt` stops them after their current step (they keep their "
+    "partial output), `rollback` stops them at once and deletes their history. Empty or "
+    "absent: the `AGENTIC_DJANGO_MULTITASK_STRATEGY` setting."
+)
 HTMX_LOGIN_REDIRECT = "without a session, an empty body with `HX-Redirect` to the login page."
 LOGIN_REDIRECT = {
     "description": "Anonymous browser navigation (`Accept: text/html`): redirect to the login page."
@@ -122,7 +131,13 @@ def _schemas() -> dict[str, Any]:
                     {
                         "code": {"type": "string", "enum": list(ERROR_CODES)},
                         "message": {"type": "string", "minLength": 1},
-                    }
+                        "run_id": {
+                            "type": "string",
+                            "format": "uuid",
+                            "description": "`conversation_busy`: the run in progress.",
+                        },
+                    },
+                    required=["code", "message"],
                 )
             }
         ),
@@ -265,6 +280,13 @@ def _schemas() -> dict[str, Any]:
                         "description": "Allowed keys: " + ", ".join(sorted(ALLOWED_RUN_OPTIONS)),
                     }
                 ),
+                "multitask_strategy": _nullable(
+                    {
+                        "type": "string",
+                        "enum": list(MULTITASK_STRATEGIES),
+                        "description": MULTITASK_DESCRIPTION,
+                    }
+                ),
             },
             required=["input"],
         ),
@@ -278,6 +300,11 @@ def _schemas() -> dict[str, Any]:
                     "pattern": r"^$|\S",
                 },
                 "agent_key": {"anyOf": [_agent_key(), {"const": ""}]},
+                "multitask_strategy": {
+                    "type": "string",
+                    "enum": ["", *MULTITASK_STRATEGIES],
+                    "description": MULTITASK_DESCRIPTION,
+                },
                 "next": {
                     "type": "string",
                     "description": "A path on this site to redirect to (302); else ignored.",
@@ -474,7 +501,7 @@ def _paths() -> dict[str, Any]:
                         },
                     },
                     "302": {"description": "Form post with a local-path `next`: redirect there."},
-                    **_errors(403, 413, 429),
+                    **_errors(403, 409, 413, 429),
                 },
             }
         },

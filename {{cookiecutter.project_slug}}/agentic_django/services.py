@@ -11,13 +11,14 @@ from typing import Any
 
 from django.db import transaction
 
-from agentic_django import dispatch
+from agentic_django import dispatch, lifecycle
 from agentic_django.exceptions import RunNotCancellable
 from agentic_django.models import AgentRun, AgentSession
 from agentic_django.registry import resolve_agent_key
 from agentic_django.signals import agent_session_created, send_safely
 from agentic_django.validation import (
     validate_input_payload,
+    validate_multitask_strategy,
     validate_session_key,
     validate_user_run_options,
 )
@@ -44,17 +45,25 @@ def create_run(
     input_payload: str | list[dict[str, Any]],
     agent_key: str | None = None,
     run_options: dict[str, Any] | None = None,
+    multitask_strategy: str | None = None,
 ) -> AgentRun:
     """Validate the request, create a pending run on the owner's session and enqueue it.
 
-    Raises a subclass of ``InvalidRunInput`` (with a user-facing ``message``) on bad input.
+    ``multitask_strategy`` (default ``AGENTIC_DJANGO_MULTITASK_STRATEGY``) says what happens
+    to the session's runs in progress: ``enqueue`` (the new run waits for them), ``reject``
+    (``ConversationBusy``, 409), ``interrupt`` (they stop after their current step and keep
+    their partial output) or ``rollback`` (they stop at once and their history is deleted);
+    see ``lifecycle.make_way``. Raises a subclass of ``InvalidRunInput`` (with a user-facing
+    ``message``) on bad input.
     """
     session_key = validate_session_key(session_key)
     payload = validate_input_payload(input_payload)
     options = validate_user_run_options(run_options)
+    strategy = validate_multitask_strategy(multitask_strategy)
     key = resolve_agent_key(agent_key)
     with transaction.atomic():
         session, created = AgentSession.objects.get_or_create(owner=owner, session_key=session_key)
+        interrupted = lifecycle.make_way(session.pk, strategy)
         run = AgentRun.objects.create(
             session=session,
             owner=owner,
@@ -67,6 +76,8 @@ def create_run(
                 lambda: send_safely(agent_session_created, AgentSession, session=session)
             )
         enqueue_agent_run(str(run.id))
+        if interrupted:
+            transaction.on_commit(dispatch.dispatch_next)  # freed slots go to waiting runs
     return run
 
 

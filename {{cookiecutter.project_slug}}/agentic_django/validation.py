@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from agentic_django.conf import get_config, validate_run_options
+from agentic_django.conf import MULTITASK_STRATEGIES, get_config, validate_run_options
 from agentic_django.exceptions import (
     InputTooLarge,
+    InvalidMultitaskStrategy,
     InvalidRunInput,
     InvalidRunOptions,
     TooManyInputItems,
@@ -99,3 +100,13 @@ def validate_user_run_options(options: Any) -> dict[str, Any]:
         return validate_run_options(options, max_turns=get_config().max_turns, source="Run options")
     except ValueError as exc:
         raise InvalidRunOptions(str(exc)) from exc
+
+
+def validate_multitask_strategy(strategy: Any) -> str:
+    """The strategy asked for (``None`` or ``""``: the configured default), or
+    ``InvalidMultitaskStrategy``."""
+    if strategy is None or strategy == "":
+        return get_config().multitask_strategy
+    if strategy not in MULTITASK_STRATEGIES:
+        raise InvalidMultitaskStrategy()
+    return strategy

@@ -54,7 +54,9 @@ from agentic_django.validation import MAX_SESSION_KEY_LENGTH, is_storable_text
 RUN_FRAGMENT_TEMPLATE = "agentic_django/partials/run_fragment.html"
 CONVERSATION_TEMPLATE = "agentic_django/partials/conversation.html"
 RUN_UPDATE_EVENT = "run-update"
-CREATE_FIELDS = frozenset({"input", "session_key", "agent_key", "run_options"})
+CREATE_FIELDS = frozenset(
+    {"input", "session_key", "agent_key", "run_options", "multitask_strategy"}
+)
 # Reject absurd bodies before parsing them; the precise limit is MAX_INPUT_BYTES (413 too).
 BODY_OVERHEAD_BYTES = 64 * 1024
 
@@ -128,7 +130,7 @@ def _parse_create_request(request: HttpRequest) -> dict[str, Any]:
     # Form fields are text: the message is taken literally, never parsed as JSON.
     data = {
         name: request.POST[name]
-        for name in ("input", "session_key", "agent_key")
+        for name in ("input", "session_key", "agent_key", "multitask_strategy")
         if name in request.POST
     }
     if not data.get("agent_key"):
@@ -139,7 +141,7 @@ def _parse_create_request(request: HttpRequest) -> dict[str, Any]:
 def _check_types(data: dict[str, Any]) -> None:
     if "input" not in data:
         raise ApiError(400, "missing_input", "The `input` field is required.")
-    for name in ("session_key", "agent_key"):
+    for name in ("session_key", "agent_key", "multitask_strategy"):
         if data.get(name) is not None and not isinstance(data[name], str):
             raise ApiError(400, f"invalid_{name}", f"`{name}` must be a string.")
 
@@ -158,6 +160,7 @@ def run_create(request: HttpRequest) -> HttpResponse:
             input_payload=data["input"],
             agent_key=data.get("agent_key"),
             run_options=data.get("run_options"),
+            multitask_strategy=data.get("multitask_strategy"),
         )
     # With an in-process task backend the run may already have finished.
     run.refresh_from_db()

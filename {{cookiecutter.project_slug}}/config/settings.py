@@ -157,6 +157,9 @@ AGENTIC_DJANGO_RATE_LIMIT = env("AGENTIC_DJANGO_RATE_LIMIT", default="20/m")
 AGENTIC_DJANGO_MAX_INPUT_BYTES = 20_000
 AGENTIC_DJANGO_MAX_INPUT_ITEMS = 20
 AGENTIC_DJANGO_STARTUP_RECOVERY = env("AGENTIC_DJANGO_STARTUP_RECOVERY", default="requeue")
+# What a new message does to its conversation's run in progress, unless the request says:
+# enqueue, reject, interrupt or rollback (the chat always sends interrupt).
+AGENTIC_DJANGO_MULTITASK_STRATEGY = env("AGENTIC_DJANGO_MULTITASK_STRATEGY", default="enqueue")
 AGENTIC_DJANGO_MAX_TURNS = 20  # cap on the max_turns a caller may request
 # Seconds a run may take in all (model calls, tools, retries) before it fails and frees its
 # worker; keep it below the task backend's own job timeout.

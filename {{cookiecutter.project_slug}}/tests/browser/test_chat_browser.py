@@ -90,7 +90,8 @@ def test_polling_runs_while_working_and_stops_at_the_end(chat, settings, server)
     run = last_run(page)
     run.and_(page.locator('[data-status="pending"]')).wait_for()
     assert run.get_by_role("status").inner_text() == "Waiting to start…"
-    expect(page.get_by_role("button", name="Send")).to_be_disabled()  # one run at a time
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()  # sending interrupts it
+    expect(page.locator("#composer-hint")).to_contain_text("sending now stops it")
     page.wait_for_timeout(1500)
     assert polls, "a working run polls its fragment"
     screenshot(page, "chat-pending")

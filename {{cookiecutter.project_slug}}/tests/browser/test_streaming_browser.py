@@ -128,6 +128,28 @@ def test_cancel_during_a_stream_stops_it(chat, chat_user, slow_provider):
     worker.join(PATIENCE)
 
 
+def test_a_message_sent_during_a_reply_interrupts_it(chat, chat_user, slow_provider):
+    page = chat
+    slow_provider.reply(Text("Here is the other thing.", deltas=2, delay=0.05))
+    run, worker, _last = streaming(page, chat_user)
+    element = page.locator(f"#agent-run-{run.pk}")  # not the last run once the next is sent
+    expect(page.locator("#composer-hint")).to_contain_text("sending now stops it")
+
+    send(page, "Never mind, tell me something else")
+    element.and_(page.locator('[data-status="cancelled"]')).wait_for(timeout=PATIENCE * 1000)
+    expect(element).to_contain_text("Stopped for a newer message.")
+    expect(element).to_contain_text("The answer was cut off here.")
+    worker.join(PATIENCE)
+    newer = AgentRun.objects.get(owner=chat_user, status="pending")
+    assert newer.input_payload == "Never mind, tell me something else"
+    assert newer.created_at > run.created_at
+    second_worker = in_thread(lambda: execute(str(newer.pk), task_id="worker-2"))
+    last_run(page).and_(page.locator('[data-status="completed"]')).wait_for(timeout=PATIENCE * 1000)
+    expect(last_run(page)).to_contain_text("Here is the other thing.")
+    expect(page.locator("#composer-hint")).to_contain_text("Enter to send")
+    second_worker.join(PATIENCE)
+
+
 def test_without_server_sent_events_the_chat_completes_by_polling(
     chat, chat_user, slow_provider, problems
 ):

@@ -150,6 +150,22 @@ RECIPES = [
     Recipe(
         "run-create",
         400,
+        "invalid_multitask_strategy",
+        lambda w, s: post_json(w.api, CREATE, {"input": "hi", "multitask_strategy": "later"}),
+    ),
+    Recipe(
+        "run-create",
+        409,
+        "conversation_busy",
+        lambda w, s: post_json(
+            w.api,
+            CREATE,
+            {"input": "hi", "session_key": "chat", "multitask_strategy": "reject"},
+        ),
+    ),
+    Recipe(
+        "run-create",
+        400,
         "invalid_request",
         lambda w, s: post_json(w.api, CREATE, {"input": "hi"}, CONTENT_LENGTH="many"),
     ),

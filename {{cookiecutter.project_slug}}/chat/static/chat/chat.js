@@ -1,6 +1,7 @@
 // Chat page behaviour that htmx attributes cannot express without inline code (the CSP forbids
-// it): keyboard submit, one run at a time, clearing the input, scrolling, error toasts and
-// the conversation list folded away on narrow screens.
+// it): keyboard submit, one message in flight at a time (a message sent while a reply is on
+// its way interrupts it: the form posts multitask_strategy=interrupt), clearing the input,
+// scrolling, error toasts and the conversation list folded away on narrow screens.
 (() => {
   "use strict";
 
@@ -26,13 +27,14 @@
     log.scrollTop = log.scrollHeight;
   };
 
-  // Send stays disabled while a request is in flight or any run is still working.
+  // Send is disabled while a message is being sent; while a run works, the hint says that
+  // sending stops it.
   function syncComposer() {
-    const busy = submitting || activeRun() !== null;
-    send.disabled = busy;
-    form.setAttribute("aria-busy", String(busy));
-    idleText.hidden = busy;
-    busyText.hidden = !busy;
+    const working = activeRun() !== null;
+    send.disabled = submitting;
+    form.setAttribute("aria-busy", String(submitting || working));
+    idleText.hidden = working;
+    busyText.hidden = !working;
   }
 
   function resizeInput() {
