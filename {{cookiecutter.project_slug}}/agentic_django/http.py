@@ -40,6 +40,8 @@ _TITLES = {
     429: "Slow down",
     503: "Temporarily unavailable",
 }
+# Titles of errors whose status alone would mislead.
+_CODE_TITLES = {"conversation_busy": "A reply is on its way"}
 
 
 class ApiError(Exception):
@@ -109,7 +111,7 @@ def error_response(request: HttpRequest, error: ApiError) -> HttpResponse:
     context = {
         "status": error.status,
         "code": error.code,
-        "title": _TITLES.get(error.status, "Something went wrong"),
+        "title": _CODE_TITLES.get(error.code) or _TITLES.get(error.status, "Something went wrong"),
         "message": error.message,
     }
     response = render(request, ERROR_TEMPLATE, context, status=error.status)

@@ -400,7 +400,7 @@ def make_way(session_id: int, strategy: str) -> list[AgentRun]:
     runs at once and asks a running one to stop after its current step (it keeps its partial
     output, and the new run starts when it has stopped); ``rollback`` cancels them all at once,
     a running one included (its attempt loses the run: nothing it does afterwards is kept),
-    and deletes the history items they wrote.
+    deletes the history items they wrote and their streamed text, and supersedes their events.
     """
     if strategy == "enqueue":
         return []
@@ -411,9 +411,12 @@ def make_way(session_id: int, strategy: str) -> list[AgentRun]:
         if oldest is not None:
             raise ConversationBusy(oldest)
         return []
-    at_once = busy if strategy == "rollback" else busy.exclude(status=Status.RUNNING)
-    # Locked, so none of them finishes or starts between this read and the UPDATE.
-    ids = list(at_once.select_for_update().values_list("pk", flat=True))
+    # One locking read of every run in progress: a run that changes meanwhile (a running run
+    # pausing for approval, a pending one being claimed) is read as it is once its change
+    # committed, and none changes again before this transaction ends.
+    locked = dict(busy.select_for_update().values_list("pk", "status"))
+    running = [pk for pk, status in locked.items() if status == Status.RUNNING]
+    ids = list(locked) if strategy == "rollback" else [pk for pk in locked if pk not in running]
     AgentRun.objects.filter(pk__in=ids).update(
         status=Status.CANCELLED,
         error=INTERRUPTED_ERROR,
@@ -422,9 +425,12 @@ def make_way(session_id: int, strategy: str) -> list[AgentRun]:
         lease_expires_at=None,
     )
     if strategy == "rollback":
+        # Gone from the conversation: its history, its partial text and (for clients) its events.
         AgentSessionItem.objects.filter(run_id__in=ids).delete()
+        AgentRun.objects.filter(pk__in=ids).update(stream_text="")
+        AgentEvent.objects.filter(run_id__in=ids).update(superseded=True)
     else:
-        busy.filter(status=Status.RUNNING, cancel_requested_at__isnull=True).update(
+        AgentRun.objects.filter(pk__in=running, cancel_requested_at__isnull=True).update(
             cancel_requested_at=Now(), error=INTERRUPTED_ERROR
         )
     cancelled = list(AgentRun.objects.filter(pk__in=ids))

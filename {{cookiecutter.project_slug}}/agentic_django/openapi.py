@@ -283,7 +283,7 @@ def _schemas() -> dict[str, Any]:
                 "multitask_strategy": _nullable(
                     {
                         "type": "string",
-                        "enum": list(MULTITASK_STRATEGIES),
+                        "enum": ["", *MULTITASK_STRATEGIES],
                         "description": MULTITASK_DESCRIPTION,
                     }
                 ),

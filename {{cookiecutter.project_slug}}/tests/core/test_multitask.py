@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import timedelta
 
 import pytest
 from agents import function_tool
-from django.db import close_old_connections
+from django.db import close_old_connections, connection, transaction
 from django.test import Client
+from django.utils import timezone
 
 from agentic_django import signals
 from agentic_django.exceptions import ConversationBusy
 from agentic_django.execution import execute
-from agentic_django.lifecycle import INTERRUPTED_ERROR
-from agentic_django.models import AgentRun, AgentSession, AgentSessionItem
+from agentic_django.lifecycle import INTERRUPTED_ERROR, Fence, pause
+from agentic_django.models import (
+    AgentCheckpoint,
+    AgentEvent,
+    AgentRun,
+    AgentSession,
+    AgentSessionItem,
+)
 from agentic_django.services import create_run
 from tests.core.conftest import call, echo_steps, register
 from tests.waiting import PATIENCE, in_thread, wait_for
@@ -109,8 +117,9 @@ def test_rollback_cancels_the_running_run_at_once_and_nothing_it_did_is_kept(
     finally:
         signals.agent_run_cancelled.disconnect(on_cancel)
     first.refresh_from_db()
-    assert (first.status, first.error) == ("cancelled", INTERRUPTED_ERROR)
+    assert (first.status, first.error, first.stream_text) == ("cancelled", INTERRUPTED_ERROR, "")
     assert not AgentSessionItem.objects.filter(run=first).exists()
+    assert not AgentEvent.objects.filter(run=first, superseded=False).exists()  # none shown
     assert cancelled == [first.pk]
     # The new run does not wait for the old attempt, still inside its tool.
     assert execute(str(second.pk), task_id="t2") == "completed"
@@ -123,6 +132,7 @@ def test_rollback_cancels_the_running_run_at_once_and_nothing_it_did_is_kept(
     first.refresh_from_db()
     assert first.status == "cancelled"
     assert not AgentSessionItem.objects.filter(run=first).exists()  # the old attempt wrote none
+    assert not AgentEvent.objects.filter(run=first, superseded=False).exists()
     assert "looked up" not in str(history(second))
 
 
@@ -157,6 +167,7 @@ def test_reject_answers_409_with_the_busy_run_and_creates_nothing(user, client, 
     assert (error["code"], error["run_id"]) == ("conversation_busy", str(first.pk))
     htmx = client.post("/agents/runs/", body, headers={"HX-Request": "true"})
     assert htmx.status_code == 409
+    assert "A reply is on its way" in htmx.content.decode()
     assert "in progress" in htmx.content.decode()
     for strategy in ("later", 3):
         bad = client.post(
@@ -205,3 +216,59 @@ def test_fifty_posts_at_once_leave_one_run_in_progress(user, queued, settings, s
         assert AgentRun.objects.filter(status="cancelled", error=INTERRUPTED_ERROR).count() == 49
         # The one left is the last post to get the conversation's lock: the newest.
         assert in_progress.get() == AgentRun.objects.order_by("-created_at", "-id").first()
+
+
+def lock_waiters() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("strategy", ["interrupt", "rollback"])
+def test_a_run_pausing_for_approval_while_interrupted_is_cancelled(
+    user, queued, make_run, strategy
+):
+    """The worker's pause is in flight (a slow database holds its transaction open) when the
+    new message arrives: the paused run must not survive and hold the conversation."""
+    lease = timezone.now() + timedelta(hours=1)
+    running = make_run(user, session_key="k", status="running", lease_expires_at=lease)
+    AgentCheckpoint.objects.create(run=running, state="{}", schema_version="1", turn=1, attempt=1)
+    slow, release = threading.Event(), threading.Event()
+
+    def slow_database() -> None:  # holds the checkpoint row that pause's transaction writes
+        with transaction.atomic():
+            AgentCheckpoint.objects.select_for_update().filter(run=running).exists()
+            slow.set()
+            assert release.wait(PATIENCE)
+
+    holder = in_thread(slow_database)
+    assert slow.wait(PATIENCE)
+    approval = {"call_id": "c1", "tool_name": "t", "arguments": {}, "agent_name": "a"}
+    pauser = in_thread(
+        lambda: pause(
+            Fence.of(running),
+            state="{}",
+            schema_version="1",
+            turn=2,
+            approvals=[approval],
+            usage={},
+            elapsed=0.0,
+        )
+    )
+    wait_for(lambda: lock_waiters() >= 1, "pause holding the run row, waiting for the checkpoint")
+    poster = in_thread(
+        lambda: create_run(
+            owner=user, session_key="k", input_payload="new", multitask_strategy=strategy
+        )
+    )
+    wait_for(lambda: lock_waiters() >= 2, "the new message waiting for the run row")
+    release.set()
+    for thread in (holder, pauser, poster):
+        thread.join(PATIENCE)
+    running.refresh_from_db()
+    assert (running.status, running.error) == ("cancelled", INTERRUPTED_ERROR)
+    assert AgentRun.objects.exclude(status="cancelled").count() == 1  # the new one
