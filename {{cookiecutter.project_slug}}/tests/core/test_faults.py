@@ -557,6 +557,12 @@ def test_a_timeout_ends_a_run_whose_event_loop_is_blocked(user, settings):
     finally:
         release.set()
         assert slots.wait_idle(PATIENCE)
+    # The blocked thread ends at last: its slot, freed already, is not freed a second time.
+    wait_for(
+        lambda: not any(t.name == "agentic-django-run" for t in threading.enumerate()),
+        "the blocked run's thread to end",
+    )
+    assert slots.busy == 0
 
 
 # --- 8. Tasks per run ---------------------------------------------------------------------------
