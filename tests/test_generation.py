@@ -19,6 +19,14 @@ from tests.conftest import COMBOS, DEFAULT, Combo, bake, combo_params, manage, r
 # These run the whole generated suite (browser tests, fuzzing); the others skip those, which
 # do not depend on the task backend or CI option.
 FULL_SUITE_COMBOS = {DEFAULT, Combo("database", "sqlite", "none")}
+# The generated suite runs once per task backend and database: the CI option only adds a
+# workflow file (checked in test_compose_ci.py), so its other value would run the same suite.
+SUITE_COMBOS = [
+    combo
+    for combo in COMBOS
+    if combo == DEFAULT
+    or (combo.ci == "none" and (combo.task_backend, combo.database) != ("rq", "postgres"))
+]
 # The top of a generated project: what its owner works with, nothing that measures the template.
 TOP_LEVEL = {
     ".cruft.json", ".dockerignore", ".env", ".env.example", ".gitignore", "Dockerfile",
@@ -148,7 +156,14 @@ def test_deploy_checks_clean_in_production(baked, combo: Combo, request):
     manage(baked(combo), "check", "--deploy", "--fail-level", "WARNING", env=env)
 
 
-@pytest.mark.parametrize("combo", combo_params())
+def test_the_suite_runs_once_per_backend_and_database():
+    assert (DEFAULT.task_backend, DEFAULT.database) == ("rq", "postgres")
+    pairs = [(combo.task_backend, combo.database) for combo in SUITE_COMBOS]
+    assert sorted(pairs) == sorted({(c.task_backend, c.database) for c in COMBOS})
+    assert set(SUITE_COMBOS) >= FULL_SUITE_COMBOS
+
+
+@pytest.mark.parametrize("combo", combo_params(SUITE_COMBOS))
 def test_generated_test_suite_passes(baked, combo: Combo, request):
     project = baked(combo)
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
