@@ -33,6 +33,7 @@ from scripts.servers import start_postgres
 MODULES = (
     "lifecycle",
     "dispatch",
+    "prepared",
     "recovery",
     "execution",
     "sessions",

@@ -23,6 +23,7 @@ from django.tasks.backends.immediate import ImmediateBackend
 from agentic_django import lifecycle, notify
 from agentic_django.exceptions import EnqueueFailed
 from agentic_django.models import AgentRun
+from agentic_django.prepared import Statement
 
 logger = logging.getLogger(__name__)
 
@@ -126,15 +127,9 @@ def dispatch_next() -> int:
 
 
 def _dispatch_round() -> tuple[int, bool]:
-    if not lifecycle.waiting_for_task().exists():
+    if not _ANY_WAITING.rows():
         return 0, True  # the common case, after each run: every waiting run has its task
-    heads = list(
-        lifecycle.session_heads()
-        .filter(lifecycle.needs_task())
-        .annotate(free=lifecycle.free_slots())
-        .order_by("created_at", "id")
-        .values_list("id", "free")[:BATCH]
-    )
+    heads = _HEADS.rows()
     free = heads[0][1] if heads else 0
     count = 0
     for run_id, _free in heads[: max(free, 0)]:
@@ -145,6 +140,19 @@ def _dispatch_round() -> tuple[int, bool]:
             return count, False
         count += 1
     return count, True
+
+
+# Whether any pending run needs a task; the oldest heads of their sessions that do.
+_ANY_WAITING = Statement(lambda: lifecycle.waiting_for_task().values_list("pk")[:1])
+_HEADS = Statement(
+    lambda: (
+        lifecycle.session_heads()
+        .filter(lifecycle.needs_task())
+        .annotate(free=lifecycle.free_slots())
+        .order_by("created_at", "id")
+        .values_list("id", "free")[:BATCH]
+    )
+)
 
 
 def release_unclaimed(run_id: str, task_id: str) -> None:

@@ -45,6 +45,7 @@ from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Now
 from django.db.models.lookups import GreaterThan
 from django.db.models.sql import UpdateQuery
+from django.utils import timezone
 
 from agentic_django.conf import get_config
 from agentic_django.exceptions import (
@@ -64,6 +65,7 @@ from agentic_django.models import (
     AgentWorker,
     DispatchLock,
 )
+from agentic_django.prepared import Statement
 from agentic_django.signals import (
     agent_run_awaiting_approval,
     agent_run_cancelled,
@@ -114,19 +116,34 @@ class Fence:
         """The run, as long as this attempt still holds it (an empty queryset otherwise)."""
         return AgentRun.objects.filter(pk=self.run_id, attempt=self.attempt, status=Status.RUNNING)
 
+    def values(self) -> dict[str, Any]:
+        """The fence as the values of a prepared statement (``FENCE_VALUES``)."""
+        return {"run_id": self.run_id, "attempt": self.attempt}
+
     def exists_sql(self, *, uncancelled: bool = False) -> tuple[str, tuple[Any, ...]]:
         """``EXISTS (...)`` SQL and parameters, true while the fence holds (for raw writes);
         ``uncancelled``: and nobody asked to cancel the run."""
-        runs = self.runs()
-        if uncancelled:
-            runs = runs.filter(cancel_requested_at__isnull=True)
-        sql, params = runs.values("pk").query.sql_with_params()
+        statement = _FENCE_UNCANCELLED if uncancelled else _FENCE_HOLDS
+        sql, params = statement.sql(**self.values())
         return f"EXISTS ({sql})", tuple(params)
 
     def state(self) -> bool | None:
         """None if the claim is lost; otherwise whether cancellation was requested."""
-        rows = list(self.runs().values_list("cancel_requested_at", flat=True)[:1])
-        return None if not rows else rows[0] is not None
+        rows = _FENCE_STATE.rows(**self.values())
+        return None if not rows else rows[0][0] is not None
+
+
+# The values of statements conditional on a fence, prepared as the fields they are compared to.
+FENCE_VALUES = {"run_id": AgentRun._meta.pk, "attempt": AgentRun._meta.get_field("attempt")}
+_FENCE_HOLDS = Statement(lambda **fence: Fence(**fence).runs().values("pk"), values=FENCE_VALUES)
+_FENCE_UNCANCELLED = Statement(
+    lambda **fence: Fence(**fence).runs().filter(cancel_requested_at__isnull=True).values("pk"),
+    values=FENCE_VALUES,
+)
+_FENCE_STATE = Statement(
+    lambda **fence: Fence(**fence).runs().values_list("cancel_requested_at")[:1],
+    values=FENCE_VALUES,
+)
 
 
 def lease_end() -> CombinedExpression:
@@ -285,8 +302,16 @@ def reserve(run_id: Any) -> bool:
     Only as many runs as there are free slots get a task: a slot is counted as taken from the
     moment a run's task is queued, so waiting runs do not pile up tasks that cannot claim.
     """
-    runs = session_heads().filter(pk=run_id).filter(needs_task(), GreaterThan(free_slots(), 0))
-    return bool(runs.update(task_id=QUEUED, dispatched_at=Now()))
+    return bool(_RESERVE.update(run_id=run_id))
+
+
+_RESERVE = Statement(
+    lambda run_id: (
+        session_heads().filter(pk=run_id).filter(needs_task(), GreaterThan(free_slots(), 0)),
+        {"task_id": QUEUED, "dispatched_at": Now()},
+    ),
+    values={"run_id": AgentRun._meta.pk},
+)
 
 
 def record_task_id(run_id: Any, task_id: str) -> None:
@@ -327,7 +352,19 @@ def claim(run_id: Any, *, task_id: str = "") -> AgentRun | None:
     Returns the claimed run (its ``attempt`` is the fence), or None if it is not pending,
     another run of its session runs or comes first, or every slot is taken.
     """
-    claimable = startable().filter(pk=run_id)
+    statement, values = (_CLAIM_TASK, {"task_id": task_id}) if task_id else (_CLAIM, {})
+    if connection.vendor == "sqlite":
+        # SQLite runs one writer at a time: a single UPDATE sees every committed claim.
+        return _first(statement.update_returning(run_id=run_id, **values))
+    with transaction.atomic():
+        # Every claim takes this lock, so the running count in the UPDATE cannot race; the
+        # timestamps are taken once it is held (a run that finished meanwhile came first).
+        if not _LOCK.rows():
+            DispatchLock.objects.select_for_update().get_or_create(name=LOCK_NAME)
+        return _first(statement.update_returning(run_id=run_id, **values))
+
+
+def _claim_updates(**task: Any) -> dict[str, Any]:
     updates: dict[str, Any] = {
         "status": Status.RUNNING,
         "started_at": Now(),
@@ -336,22 +373,43 @@ def claim(run_id: Any, *, task_id: str = "") -> AgentRun | None:
         "attempt": F("attempt") + 1,
         # A retry streams its own text: a dead attempt's partial text goes.
         "stream_text": "",
+        **task,
     }
-    if task_id:
-        updates["task_id"] = task_id
-    if connection.vendor == "sqlite":
-        # SQLite runs one writer at a time: a single UPDATE sees every committed claim.
-        return _update_returning(claimable, updates)
-    with transaction.atomic():
-        # Every claim takes this lock, so the running count in the UPDATE cannot race; the
-        # timestamps are taken once it is held (a run that finished meanwhile came first).
-        DispatchLock.objects.select_for_update().get_or_create(name=LOCK_NAME)
-        return _update_returning(claimable, updates)
+    return updates
+
+
+RUN_FIELDS = tuple(AgentRun._meta.concrete_fields)
+_CLAIM = Statement(
+    lambda run_id: (startable().filter(pk=run_id), _claim_updates()),
+    values={"run_id": AgentRun._meta.pk},
+    returning=RUN_FIELDS,
+)
+_CLAIM_TASK = Statement(
+    lambda run_id, task_id: (startable().filter(pk=run_id), _claim_updates(task_id=task_id)),
+    values={"run_id": AgentRun._meta.pk, "task_id": AgentRun._meta.get_field("task_id")},
+    returning=RUN_FIELDS,
+)
+_LOCK = Statement(
+    lambda: DispatchLock.objects.select_for_update().filter(name=LOCK_NAME).values_list("name")
+)
+
+
+def _first(runs: list[AgentRun]) -> AgentRun | None:
+    return runs[0] if runs else None
 
 
 def renew(fence: Fence) -> bool:
     """Extend the attempt's lease; False if the attempt no longer holds its run."""
-    return bool(fence.runs().update(heartbeat_at=Now(), lease_expires_at=lease_end()))
+    return bool(_RENEW.update(**fence.values()))
+
+
+_RENEW = Statement(
+    lambda **fence: (
+        Fence(**fence).runs(),
+        {"heartbeat_at": Now(), "lease_expires_at": lease_end()},
+    ),
+    values=FENCE_VALUES,
+)
 
 
 def finish(
@@ -365,22 +423,36 @@ def finish(
     usage: dict[str, int],
 ) -> AgentRun | None:
     """Record the attempt's terminal state; None (nothing written) if the fence was lost."""
-    updates = {
+    written = {
         "status": status,
         "error": error,
         "error_detail": error_detail,
         "final_output": final_output,
         "last_response_id": last_response_id,
-        "finished_at": Now(),
-        "heartbeat_at": Now(),
-        "lease_expires_at": None,
         **usage,
     }
-    if status == Status.COMPLETED:
-        updates["stream_text"] = ""  # a failed or cancelled run keeps it: its partial output
     if status == Status.CANCELLED and not error:
-        del updates["error"]  # keeps why it was cancelled (INTERRUPTED_ERROR)
-    return _update_returning(fence.runs(), updates)
+        del written["error"]  # keeps why it was cancelled (INTERRUPTED_ERROR)
+    # A failed or cancelled run keeps its streamed text: its partial output.
+    statement = _finish_statement(tuple(written), clear_stream=status == Status.COMPLETED)
+    return _first(statement.update_returning(**written, **fence.values()))
+
+
+@functools.cache
+def _finish_statement(names: tuple[str, ...], *, clear_stream: bool) -> Statement:
+    def build(run_id: Any, attempt: int, **written: Any) -> Any:
+        updates = {
+            **written,
+            "finished_at": Now(),
+            "heartbeat_at": Now(),
+            "lease_expires_at": None,
+        }
+        if clear_stream:
+            updates["stream_text"] = ""
+        return Fence(run_id, attempt).runs(), updates
+
+    fields = {name: AgentRun._meta.get_field(name) for name in names}
+    return Statement(build, values={**fields, **FENCE_VALUES}, returning=RUN_FIELDS)
 
 
 # --- Cancellation and recovery ---------------------------------------------------------------
@@ -585,13 +657,8 @@ def stream_text(fence: Fence, text: str, *, new_message: bool, events: bool = Tr
     which follows the run's latest event -- or, when the run records no ``events``, gets the
     next message number); False if the fence was lost."""
     if new_message:
-        updates = {
-            "stream_text": Value(text),
-            "stream_sequence": (
-                _max_sequence(AgentEvent, fence.run_id) if events else F("stream_sequence") + 1
-            ),
-        }
-        return bool(fence.runs().update(**updates))
+        statement = _NEW_MESSAGE_AFTER_EVENTS if events else _NEW_MESSAGE
+        return bool(statement.update(text=text, **fence.values()))
     # The text that follows: the most frequent write of a streaming run, so one prebuilt
     # statement with the fence's conditions (``Fence.runs``), not a compiled queryset.
     with connection.cursor() as cursor:
@@ -612,6 +679,21 @@ def _append_sql(vendor: str) -> str:
     )
 
 
+def _new_message(*, events: bool) -> Statement:
+    def build(text: str, run_id: Any, attempt: int) -> Any:
+        sequence = _max_sequence(AgentEvent, run_id) if events else F("stream_sequence") + 1
+        updates = {"stream_text": Value(text), "stream_sequence": sequence}
+        return Fence(run_id, attempt).runs(), updates
+
+    return Statement(
+        build, values={"text": AgentRun._meta.get_field("stream_text"), **FENCE_VALUES}
+    )
+
+
+_NEW_MESSAGE_AFTER_EVENTS = _new_message(events=True)
+_NEW_MESSAGE = _new_message(events=False)
+
+
 def _fence_params(fence: Fence, text: str) -> list[Any]:
     run_id = AgentRun._meta.pk.get_db_prep_value(fence.run_id, connection)
     return [text, run_id, fence.attempt, Status.RUNNING.value]
@@ -621,8 +703,20 @@ def end_stream(fence: Fence, sequence: int | None) -> bool:
     """The streamed message is complete: it is event ``sequence`` now (None: the run records
     no events, and the message keeps its number)."""
     if sequence is None:
-        return bool(fence.runs().update(stream_text=""))
-    return bool(fence.runs().update(stream_text="", stream_sequence=sequence))
+        return bool(_END_STREAM.update(**fence.values()))
+    return bool(_END_STREAM_AS_EVENT.update(sequence=sequence, **fence.values()))
+
+
+_END_STREAM = Statement(
+    lambda **fence: (Fence(**fence).runs(), {"stream_text": ""}), values=FENCE_VALUES
+)
+_END_STREAM_AS_EVENT = Statement(
+    lambda sequence, **fence: (
+        Fence(**fence).runs(),
+        {"stream_text": "", "stream_sequence": sequence},
+    ),
+    values={"sequence": AgentRun._meta.get_field("stream_sequence"), **FENCE_VALUES},
+)
 
 
 # --- Checkpoints and approvals ---------------------------------------------------------------
@@ -642,15 +736,27 @@ def _checkpoint_marks(run_id: Any) -> dict[str, Any]:
     }
 
 
+_CHECKPOINT_MARKS = Statement(
+    lambda run_id, attempt: (Fence(run_id, attempt).runs(), _checkpoint_marks(run_id)),
+    values=FENCE_VALUES,
+)
+
+
 def _store_checkpoint(fence: Fence, state: str, schema_version: str, turn: int) -> None:
-    AgentCheckpoint.objects.update_or_create(
+    # One upsert (INSERT ... ON CONFLICT DO UPDATE): no read, no savepoints.
+    checkpoint = AgentCheckpoint(
         run_id=fence.run_id,
-        defaults={
-            "state": state,
-            "schema_version": schema_version,
-            "turn": turn,
-            "attempt": fence.attempt,
-        },
+        state=state,
+        schema_version=schema_version,
+        turn=turn,
+        attempt=fence.attempt,
+        updated_at=timezone.now(),
+    )
+    AgentCheckpoint.objects.bulk_create(
+        [checkpoint],
+        update_conflicts=True,
+        unique_fields=["run"],
+        update_fields=["state", "schema_version", "turn", "attempt", "updated_at"],
     )
 
 
@@ -659,7 +765,7 @@ def save_checkpoint(fence: Fence, *, state: str, schema_version: str, turn: int)
     nothing stored) if the fence was lost."""
     with transaction.atomic():
         # The fenced UPDATE locks the run row: no transition can slip in before the commit.
-        if not fence.runs().update(**_checkpoint_marks(fence.run_id)):
+        if not _CHECKPOINT_MARKS.update(**fence.values()):
             return False
         _store_checkpoint(fence, state, schema_version, turn)
     return True

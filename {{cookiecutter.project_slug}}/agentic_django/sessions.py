@@ -21,6 +21,7 @@ from agentic_django.db import run_sync
 from agentic_django.exceptions import UnstorableContent
 from agentic_django.lifecycle import Fence
 from agentic_django.models import AgentRun, AgentSession, AgentSessionItem
+from agentic_django.prepared import Statement
 from agentic_django.serializers import json_safe
 from agentic_django.validation import is_storable
 
@@ -120,7 +121,7 @@ class DatabaseSession:
             payloads = list(items.order_by("-sequence").values_list("payload", flat=True)[:limit])
             payloads.reverse()
         else:
-            payloads = list(items.order_by("sequence").values_list("payload", flat=True))
+            payloads = [row[0] for row in _HISTORY.rows(session_id=self.session_pk)]
         return [self.serializer.loads(payload) for payload in payloads]
 
     def add_items_sync(self, items: list[Any]) -> None:
@@ -134,14 +135,12 @@ class DatabaseSession:
             # SQLite runs one writer at a time, so one INSERT ... SELECT is atomic on its own.
             inserted = self._insert(payloads)
             if inserted and not self._touched:
-                AgentSession.objects.filter(pk=self.session_pk).update(updated_at=timezone.now())
+                _TOUCH.update(session_id=self.session_pk, now=timezone.now())
                 self._touched = True
         else:
             with transaction.atomic():
                 # Row lock (serializes writers on the session) and touch in one statement.
-                if not AgentSession.objects.filter(pk=self.session_pk).update(
-                    updated_at=timezone.now()
-                ):
+                if not _TOUCH.update(session_id=self.session_pk, now=timezone.now()):
                     raise AgentSession.DoesNotExist(
                         f"Agent session {self.session_pk} does not exist."
                     )
@@ -235,6 +234,21 @@ class DatabaseSession:
         # Under the session lock: recovery takes it too before it changes the run's claim.
         if self._fence is not None and not self._fence.runs().exists():
             self._reject()
+
+
+# A run's most frequent session statements, compiled once (see ``prepared``).
+_HISTORY = Statement(
+    lambda session_id: (
+        AgentSessionItem.objects.filter(session_id=session_id)
+        .order_by("sequence")
+        .values_list("payload")
+    ),
+    values={"session_id": AgentSession._meta.pk},
+)
+_TOUCH = Statement(
+    lambda session_id, now: (AgentSession.objects.filter(pk=session_id), {"updated_at": now}),
+    values={"session_id": AgentSession._meta.pk, "now": AgentSession._meta.get_field("updated_at")},
+)
 
 
 def session_for_run(run: AgentRun) -> DatabaseSession:
