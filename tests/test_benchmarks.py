@@ -44,13 +44,13 @@ def quick(tmp_path_factory, names: tuple[str, ...], reports: tuple[str, ...]) ->
     return Bench(by_name, result.stdout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process, whatever runs between
 def bench(tmp_path_factory) -> Bench:
     names = ("overhead", "polling", "events", "workers", "streams", "concurrency")
     return quick(tmp_path_factory, names, names)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process, whatever runs between
 def latency(tmp_path_factory) -> Bench:
     """Both combinations, about 30 s each on a loaded 2-core machine."""
     return quick(tmp_path_factory, ("latency",), LATENCY_REPORTS)
