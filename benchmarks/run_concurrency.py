@@ -98,10 +98,12 @@ def fake_model(model: Model) -> Any:
             super()._answer(api, body, reply)
 
         def _write_chunk(self, data: bytes) -> None:
-            super()._write_chunk(data)
+            # Noted before the write: on a busy machine the run can store the text before this
+            # thread runs again, and the piece must never seem to arrive before it was sent.
             if not self.sent_text and b'"response.output_text.delta"' in data:
                 self.sent_text = True
                 self.server.fake.first_delta[self.token] = time.time()
+            super()._write_chunk(data)
 
     fake = openai_server.FakeOpenAI()
     fake.model = model

@@ -156,6 +156,15 @@ def test_deploy_checks_clean_in_production(baked, combo: Combo, request):
     manage(baked(combo), "check", "--deploy", "--fail-level", "WARNING", env=env)
 
 
+@pytest.mark.xdist_group("grouping-check")
+def test_xdist_keeps_a_group_on_one_worker(request):
+    """Each combination is baked once, on the one worker its group goes to: with a pytest that
+    xdist's loadgroup does not work with, every worker would bake and test every combination."""
+    if not hasattr(request.config, "workerinput"):
+        pytest.skip("not under xdist")
+    assert request.node.nodeid.endswith("@grouping-check"), request.node.nodeid
+
+
 def test_the_suite_runs_once_per_backend_and_database():
     assert (DEFAULT.task_backend, DEFAULT.database) == ("rq", "postgres")
     pairs = [(combo.task_backend, combo.database) for combo in SUITE_COMBOS]
