@@ -34,8 +34,9 @@ from django.db.models import Exists, Max
 from django.utils import timezone
 
 from agentic_django.db import run_sync
-from agentic_django.lifecycle import Fence
+from agentic_django.lifecycle import FENCE_VALUES, Fence
 from agentic_django.models import AgentApproval, AgentToolCall
+from agentic_django.prepared import Statement
 from agentic_django.serializers import json_safe
 from agentic_django.validation import storable_copy
 
@@ -236,8 +237,10 @@ class ToolLedger:
 
     def finish(self, started: Started, name: str, output: Any) -> None:
         """Record the call's output, if this attempt still holds its run."""
-        fenced = AgentToolCall.objects.filter(pk=started.pk).filter(Exists(self.fence.runs()))
-        self._check(fenced.update(output=output, finished_at=timezone.now()), name)
+        written = _FINISH.update(
+            pk=started.pk, output=output, now=timezone.now(), **self.fence.values()
+        )
+        self._check(written, name)
 
     def _check(self, written: int, name: str) -> None:
         if written:
@@ -248,6 +251,21 @@ class ToolLedger:
                 f"{name}; nothing more of it is recorded."
             )
         raise ToolCallCancelled(f"Run {self.fence.run_id} was cancelled before {name} ran.")
+
+
+# A call's output, written while the attempt holds its run (compiled once: see ``prepared``).
+_FINISH = Statement(
+    lambda pk, output, now, **fence: (
+        AgentToolCall.objects.filter(pk=pk).filter(Exists(Fence(**fence).runs())),
+        {"output": output, "finished_at": now},
+    ),
+    values={
+        "pk": AgentToolCall._meta.pk,
+        "output": AgentToolCall._meta.get_field("output"),
+        "now": AgentToolCall._meta.get_field("finished_at"),
+        **FENCE_VALUES,
+    },
+)
 
 
 def deactivate(token: Token[ToolLedger | None]) -> None:
