@@ -224,7 +224,9 @@ call_command("agentic_django_worker")
 WORKER_APP = "agentic-django-test-worker"
 
 
-def start_worker(tmp_path: Path, name: str, grace: int = 25) -> subprocess.Popen:
+def start_worker(
+    tmp_path: Path, name: str, grace: int = 25, concurrency: int = 50
+) -> subprocess.Popen:
     log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 (the process owns it)
     env = {
         "AGENTIC_DJANGO_WORKER_SHUTDOWN_GRACE": str(grace),
@@ -234,7 +236,7 @@ def start_worker(tmp_path: Path, name: str, grace: int = 25) -> subprocess.Popen
         "OPENAI_API_KEY": "",
         "OPENAI_AGENTS_DISABLE_TRACING": "1",
         "AGENTIC_DJANGO_LEASE_SECONDS": "5",
-        "AGENTIC_DJANGO_WORKER_CONCURRENCY": "50",
+        "AGENTIC_DJANGO_WORKER_CONCURRENCY": str(concurrency),
         "AGENTIC_DJANGO_CONCURRENCY_LIMIT": "60",  # the worker's slots are the tighter bound
         "TOOL_LOG": str(tmp_path / "tools.log"),
         "HOLD_FILE": str(tmp_path / "hold"),
@@ -310,7 +312,8 @@ def test_a_stopping_worker_lets_its_runs_finish_then_hands_the_rest_on(user, tmp
     retries them without waiting."""
     hold = tmp_path / "hold"
     hold.touch()
-    patient = start_worker(tmp_path, "patient", grace=int(PATIENCE * 2))
+    # Two slots for two runs: a worker whose slots are all busy must still hear the signal.
+    patient = start_worker(tmp_path, "patient", grace=int(PATIENCE * 2), concurrency=2)
     try:
         wait_for(lambda: AgentWorker.objects.exists(), "the worker to start", PATIENCE * 2)
         finishing = crowd(user, 2, "f")
