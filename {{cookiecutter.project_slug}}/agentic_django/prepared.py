@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from django.conf import settings
 from django.db import connections, router
 from django.db.models import Field
 from django.db.models.sql import UpdateQuery
+from django.db.transaction import TransactionManagementError
 
 from agentic_django.conf import get_config
 
@@ -38,7 +40,8 @@ def _marker(name: str, field: Field) -> Any:
         return f"agentic-django-marker-{digest.hex()[:16]}"
     if internal == "DateTimeField":
         micro = int.from_bytes(digest[:3], "big") % 1_000_000
-        return datetime(2001, 2, 3, 4, 5, 6, micro, tzinfo=UTC)
+        # As aware as the project's datetimes (SQLite refuses an aware one without USE_TZ).
+        return datetime(2001, 2, 3, 4, 5, 6, micro, tzinfo=UTC if settings.USE_TZ else None)
     raise TypeError(f"no marker for a {internal} value ({name})")
 
 
@@ -77,10 +80,17 @@ class Statement:
     # --- Calls -----------------------------------------------------------------------------
 
     def rows(self, **values: Any) -> list[tuple[Any, ...]]:
-        """The rows the query selects, converted as the ORM would."""
-        alias = router.db_for_read(self._model())
-        compiled, params = self._prepare(alias, values)
+        """The rows the query selects, converted as the ORM would. A locking read
+        (``select_for_update``) goes where the ORM sends it, to the database for writes, and
+        only inside a transaction there."""
+        model = self._model()
+        alias = (router.db_for_write if self._locking else router.db_for_read)(model)
         connection = connections[alias]
+        if self._locking and connection.get_autocommit():
+            raise TransactionManagementError(
+                "select_for_update cannot be used outside of a transaction."
+            )
+        compiled, params = self._prepare(alias, values)
         with connection.cursor() as cursor:
             cursor.execute(compiled.sql, params)
             rows = cursor.fetchall()
@@ -120,8 +130,9 @@ class Statement:
         if model is None:
             markers = {name: _marker(name, field) for name, field in self._values.items()}
             built = self._build(**markers)
-            model = (built[0] if isinstance(built, tuple) else built).model
-            self._model_class = model
+            queryset = built[0] if isinstance(built, tuple) else built
+            self._locking = bool(queryset.query.select_for_update)
+            model = self._model_class = queryset.model
         return model
 
     def _prepare(self, alias: str, values: dict[str, Any]) -> tuple[_Compiled, list[Any]]:

@@ -4,10 +4,12 @@ would put them, and a settings change compiles them again (the lease and the lim
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
+from django.db import transaction
 from django.db.models.functions import Now
+from django.db.transaction import TransactionManagementError
 
 from agentic_django import lifecycle
 from agentic_django.lifecycle import Fence
@@ -76,3 +78,40 @@ def test_a_statement_must_take_every_value_it_declares(user):
     run = new_run(user, "b")
     assert takes_it.rows(run_id=run.pk) == [(run.pk, run.created_at)]  # converted as the ORM does
     assert takes_it.rows(run_id=str(run.pk)) == [(run.pk, run.created_at)]
+
+
+class ReadsFromAReplica:
+    """A primary/replica router; the replica alias does not exist here, so a statement sent
+    to it fails at once."""
+
+    def db_for_read(self, model, **hints):
+        return "replica"
+
+    def db_for_write(self, model, **hints):
+        return "default"
+
+
+@pytest.mark.postgres
+def test_a_locking_read_goes_to_the_database_for_writes_inside_the_transaction(user, settings):
+    run = new_run(user, "a")
+    settings.DATABASE_ROUTERS = [f"{__name__}.ReadsFromAReplica"]
+    assert lifecycle.claim(run.pk) is not None  # its lock row is read FOR UPDATE on "default"
+    locking = Statement(
+        lambda: AgentSession.objects.select_for_update().filter(pk=0).values_list("pk")
+    )
+    with transaction.atomic():
+        assert locking.rows() == []  # compiled here
+    with pytest.raises(TransactionManagementError):
+        locking.rows()  # as the ORM: no row lock outside a transaction, compiled or not
+
+
+def test_statements_with_datetimes_work_with_naive_datetimes_too(user, settings):
+    settings.USE_TZ = False
+    session = AgentSession.objects.create(owner=user, session_key="naive")
+    touch = Statement(
+        lambda pk, now: (AgentSession.objects.filter(pk=pk), {"updated_at": now}),
+        values={"pk": AgentSession._meta.pk, "now": AgentSession._meta.get_field("updated_at")},
+    )
+    moment = datetime(2030, 1, 2, 3, 4, 5)
+    assert touch.update(pk=session.pk, now=moment) == 1
+    assert AgentSession.objects.get(pk=session.pk).updated_at == moment
