@@ -3,7 +3,8 @@
 Agent "crowd" calls ``tally`` once, then answers. ``tally`` writes its idempotency key to the
 file ``TOOL_LOG`` names -- the outside world that sees every call. While the file
 ``HOLD_FILE`` names exists, the model holds its second turn (after the call), so the test can
-kill the worker with every run in flight there. The model decides from the history, as a real
+kill the worker with every run in flight there -- all but a run whose message is ``QUICK``,
+which answers at once. The model decides from the history, as a real
 one does, so a retried run that already has the call's output answers.
 """
 
@@ -21,6 +22,7 @@ from agents.testing import ModelStep, ScriptedModel, assistant_message, function
 from agentic_django.toolcalls import idempotency_key
 
 ANSWER = "Counted."
+QUICK = "quick"
 
 
 @function_tool
@@ -38,10 +40,17 @@ def _has_output(items: Any) -> bool:
     )
 
 
+def _asks_quickly(items: Any) -> bool:
+    return any(
+        isinstance(item, dict) and item.get("role") == "user" and item.get("content") == QUICK
+        for item in (items if isinstance(items, list) else [])
+    )
+
+
 async def _decide(call: Any) -> list[Any]:
     if not _has_output(call.input):
         return [function_call("tally", {}, call_id=f"tally-{uuid.uuid4().hex[:8]}")]
-    while os.path.exists(os.environ["HOLD_FILE"]):
+    while os.path.exists(os.environ["HOLD_FILE"]) and not _asks_quickly(call.input):
         await asyncio.sleep(0.05)  # killed in here
     return [assistant_message(ANSWER)]
 

@@ -37,7 +37,7 @@ from agentic_django.models import (
 from agentic_django.services import create_run
 from agentic_django.workers import Slots
 from tests.core import registry
-from tests.core.crowd_registry import ANSWER
+from tests.core.crowd_registry import ANSWER, QUICK
 from tests.core.faults import RENEW, database_faults
 from tests.core.test_faults import async_wait_for
 from tests.core.test_worker import configured_backend, database_url
@@ -336,6 +336,7 @@ def test_a_stopping_worker_lets_its_runs_finish_then_hands_the_rest_on(user, tmp
         wait_for(lambda: AgentWorker.objects.exists(), "the worker to start", PATIENCE * 2)
         handed_on = crowd(user, 2, "h")
         wait_for(lambda: all_held(handed_on), "both runs in flight")
+        quick_runs = ended_beside(user, handed_on)
         os.killpg(hasty.pid, signal.SIGTERM)
         wait_for(lambda: "waiting up to" in (tmp_path / "hasty.log").read_text(), "SIGTERM")
         while hasty.poll() is None:  # (RQ ignores a second signal within a second of the first)
@@ -356,7 +357,33 @@ def test_a_stopping_worker_lets_its_runs_finish_then_hands_the_rest_on(user, tmp
     finally:
         stop(last)
     assert {AgentRun.objects.get(pk=r.pk).attempt for r in handed_on} == {2}
-    assert len((tmp_path / "tools.log").read_text().split()) == 4  # no call ran twice
+    # No call ran twice.
+    assert len((tmp_path / "tools.log").read_text().split()) == 4 + len(quick_runs)
+
+
+def rq_execution_keys(run: AgentRun) -> list[bytes]:
+    """The keys RQ keeps for the run's job's executions."""
+    import django_rq
+
+    job = AgentRun.objects.get(pk=run.pk).task_id
+    return django_rq.get_connection("default").keys(f"rq:execution:{job}:*")
+
+
+def ended_beside(user: Any, running: Sequence[AgentRun]) -> list[AgentRun]:
+    """RQ: a run that ends while others go on is done with for good -- the worker stops
+    renewing its job, whose execution RQ deleted. The runs it created (none elsewhere)."""
+    if rq_started_jobs(running) is None:
+        return []
+    quick = create_run(owner=user, session_key="q", input_payload=QUICK, agent_key="crowd")
+    wait_for(lambda: AgentRun.objects.get(pk=quick.pk).is_terminal, "the quick run to end")
+    wait_for(lambda: not rq_execution_keys(quick), "RQ to delete its job's execution")
+    ended = rq_started_jobs(running)
+    wait_for(
+        lambda: all(rq_started_jobs(running).get(job, 0) > at for job, at in ended.items()),
+        "the running jobs' next renewal",
+    )
+    assert not rq_started_jobs([quick]) and not rq_execution_keys(quick)
+    return [quick]
 
 
 @pytest.mark.slow
