@@ -365,7 +365,7 @@ def claim(run_id: Any, *, task_id: str = "") -> AgentRun | None:
 
 
 def _claim_updates(**task: Any) -> dict[str, Any]:
-    updates: dict[str, Any] = {
+    return {
         "status": Status.RUNNING,
         "started_at": Now(),
         "heartbeat_at": Now(),
@@ -375,7 +375,6 @@ def _claim_updates(**task: Any) -> dict[str, Any]:
         "stream_text": "",
         **task,
     }
-    return updates
 
 
 RUN_FIELDS = tuple(AgentRun._meta.concrete_fields)

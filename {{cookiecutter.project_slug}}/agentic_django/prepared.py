@@ -174,11 +174,7 @@ class Statement:
             sql, params = compiler.as_sql()
             columns = [select[0] for select in compiler.select]
             returning_params = None
-        converters = []
-        for index, column in enumerate(columns):
-            found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
-            if found:
-                converters.append((index, column, found))
+        converters = column_converters(columns, connection)
         slots = []
         for name, marker in markers.items():
             prepared = self._values[name].get_db_prep_save(marker, connection)
@@ -198,14 +194,25 @@ def _same(param: Any, prepared: Any) -> bool:
     return param == prepared
 
 
+def column_converters(columns: list[Any], connection: Any) -> list[tuple[int, Any, list[Any]]]:
+    """(index, column, converters) of the columns whose values need converting: the backend's
+    converters, then the field's, as the ORM's compiler applies them."""
+    converters = []
+    for index, column in enumerate(columns):
+        found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+        if found:
+            converters.append((index, column, found))
+    return converters
+
+
+def convert_row(row: Any, converters: Any, connection: Any) -> list[Any]:
+    """``row``'s values converted by ``column_converters``'s result."""
+    values = list(row)
+    for index, column, found in converters:
+        for converter in found:
+            values[index] = converter(values[index], column, connection)
+    return values
+
+
 def _convert(rows: list[Any], compiled: _Compiled, connection: Any) -> list[tuple[Any, ...]]:
-    if not compiled.converters:
-        return [tuple(row) for row in rows]
-    converted = []
-    for row in rows:
-        values = list(row)
-        for index, column, converters in compiled.converters:
-            for converter in converters:
-                values[index] = converter(values[index], column, connection)
-        converted.append(tuple(values))
-    return converted
+    return [tuple(convert_row(row, compiled.converters, connection)) for row in rows]

@@ -21,6 +21,7 @@ from django.utils.safestring import SafeString, mark_safe
 from markdown_it import MarkdownIt
 
 from agentic_django.models import AgentApproval, AgentRun, AgentSession, AgentSessionItem
+from agentic_django.prepared import column_converters, convert_row
 
 MAX_RUNS_SHOWN = 100
 SUMMARY_CHARS = 80
@@ -288,13 +289,8 @@ def _polled_run_query(alias: str) -> _PolledRunQuery:
         f"FROM {quote(run.db_table)} r "
         f"WHERE {run_pk} = %s AND {column(run, 'owner', 'r')} = %s"
     )
-    converters = []
-    for index, run_field in enumerate(fields):
-        # As the ORM's compiler does: the backend's converters, then the field's.
-        col = run_field.get_col(run.db_table)
-        found = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
-        if found:
-            converters.append((index, col, found))
+    columns = [run_field.get_col(run.db_table) for run_field in fields]
+    converters = column_converters(columns, connection)
     return _PolledRunQuery(sql, [f.attname for f in fields], converters)
 
 
@@ -319,9 +315,7 @@ def polled_run(run_id: Any, owner_id: Any) -> PolledRun | None:
     if row is None:
         return None
     *values, item_count, items = row
-    for index, col, converters in query.converters:
-        for converter in converters:
-            values[index] = converter(values[index], col, connection)
+    values = convert_row(values, query.converters, connection)
     return PolledRun(AgentRun.from_db(alias, query.field_names, values), item_count, items)
 
 
