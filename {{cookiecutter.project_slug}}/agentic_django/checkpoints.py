@@ -19,6 +19,7 @@ from agentic_django.db import run_sync
 from agentic_django.lifecycle import Fence
 from agentic_django.models import AgentApproval, AgentCheckpoint, AgentRun
 from agentic_django.toolcalls import ToolLedger
+from agentic_django.usage import UsageMeter
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +102,15 @@ def _decisions(run_id: Any) -> dict[str, AgentApproval]:
 
 class CheckpointHooks:
     """SDK run hooks: before each model call but the attempt's first of a fresh run, save
-    the state; keep the tool ledger's turn current."""
+    the state, then check the budgets (``meter``); after it, record its usage in the ledger;
+    keep the tool ledger's turn current."""
 
-    def __init__(self, fence: Fence, ledger: ToolLedger, *, resumed: bool) -> None:
+    def __init__(
+        self, fence: Fence, ledger: ToolLedger, *, resumed: bool, meter: UsageMeter | None = None
+    ) -> None:
         self.fence = fence
         self.ledger = ledger
+        self.meter = meter
         self.result: Any = None  # the streaming result, set once the run started
         self._skip_first = not resumed
 
@@ -120,6 +125,8 @@ class CheckpointHooks:
 
             async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
                 owner.ledger.plan(response.output)
+                if owner.meter is not None:
+                    await owner.meter.after_call(agent, response, turn=owner.ledger.turn)
 
         return Hooks()
 
@@ -128,15 +135,18 @@ class CheckpointHooks:
         self.ledger.turn = turn
         if self._skip_first:
             self._skip_first = False
-            return
-        state = serialize(self.result, before_turn=True)
-        saved = await run_sync(lifecycle.save_checkpoint)(
-            self.fence, state=state, schema_version=schema_version(), turn=turn
-        )
-        if not saved:
-            logger.info(
-                "agentic_django: run %s lost its claim; checkpoint dropped", self.fence.run_id
+        else:
+            state = serialize(self.result, before_turn=True)
+            saved = await run_sync(lifecycle.save_checkpoint)(
+                self.fence, state=state, schema_version=schema_version(), turn=turn
             )
+            if not saved:
+                logger.info(
+                    "agentic_django: run %s lost its claim; checkpoint dropped", self.fence.run_id
+                )
+        if self.meter is not None:
+            # After the checkpoint: a run that stops here goes on from this very call.
+            await self.meter.before_call()
 
 
 def pending_approvals(result: Any) -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ the cache is dropped whenever a setting changes (tests, ``override_settings``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from functools import cache
 from typing import Any
 
@@ -22,7 +23,15 @@ RECOVERY_MODES = ("requeue", "fail", "ignore")
 MULTITASK_STRATEGIES = ("enqueue", "reject", "interrupt", "rollback")
 # Run options a caller may set; anything else is rejected instead of reaching Runner.run.
 ALLOWED_RUN_OPTIONS = frozenset({"max_turns"})
-RUN_STATUSES = ("pending", "running", "awaiting_approval", "completed", "failed", "cancelled")
+RUN_STATUSES = (
+    "pending",
+    "running",
+    "awaiting_approval",
+    "budget_exceeded",
+    "completed",
+    "failed",
+    "cancelled",
+)
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 # Seconds past AGENTIC_DJANGO_RUN_TIMEOUT an attempt may take to wind down before its lease
 # keeper ends the run itself (a task backend's job timeout must leave room for both).
@@ -56,7 +65,25 @@ DEFAULTS: dict[str, Any] = {
     "APPROVAL_TIMEOUT": 86_400,
     "SESSION_SERIALIZER": None,
     "MULTITASK_STRATEGY": "enqueue",
+    "BUDGETS": {},
+    "MODEL_PRICES": {},
 }
+
+BUDGET_DEFAULTS: dict[str, Any] = {
+    # Calendar periods in TIME_ZONE: "day" (resets at midnight) or "month" (on the 1st).
+    "period": "month",
+    "user_cost": None,  # US dollars a user may spend per period (None: no cap)
+    "user_tokens": None,  # tokens a user may use per period
+    "run_cost": None,  # US dollars one run may spend (all its attempts)
+    "run_tokens": None,  # tokens one run may use
+    "warn_at": 0.8,  # the soft threshold, as a fraction of each user cap
+    "on_exceeded": "pause",  # "pause" (resumes once the budget allows) or "fail"
+    # Dotted path to a callable(user) -> {"user_cost": ..., "user_tokens": ...} (or None for
+    # the defaults): per-user caps, e.g. from a billing plan.
+    "user_limits": None,
+}
+BUDGET_PERIODS = ("day", "month")
+PRICE_KEYS = ("input", "output", "cached_input")
 
 CLEANUP_DEFAULTS: dict[str, Any] = {
     "events_days": 7,
@@ -89,6 +116,40 @@ class CleanupPolicy:
 
 
 @dataclass(frozen=True)
+class Budgets:
+    """``AGENTIC_DJANGO_BUDGETS``: caps on spending, checked before every model call."""
+
+    period: str = "month"
+    user_cost: Decimal | None = None
+    user_tokens: int | None = None
+    run_cost: Decimal | None = None
+    run_tokens: int | None = None
+    warn_at: float = 0.8
+    on_exceeded: str = "pause"
+    user_limits: str | None = None
+
+    @property
+    def any(self) -> bool:
+        """Whether any cap is set (else nothing is checked before model calls)."""
+        return self.user_limits is not None or any(
+            cap is not None for cap in (self.user_cost, self.user_tokens, *self.run_caps)
+        )
+
+    @property
+    def run_caps(self) -> tuple[Decimal | None, int | None]:
+        return self.run_cost, self.run_tokens
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """US dollars per million tokens of one model (``AGENTIC_DJANGO_MODEL_PRICES``)."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal
+
+
+@dataclass(frozen=True)
 class AgenticConfig:
     """Validated ``AGENTIC_DJANGO_*`` settings."""
 
@@ -118,6 +179,9 @@ class AgenticConfig:
     worker_shutdown_grace: int = DEFAULTS["WORKER_SHUTDOWN_GRACE"]
     # What a new run does to the runs its conversation has in progress (MULTITASK_STRATEGIES).
     multitask_strategy: str = DEFAULTS["MULTITASK_STRATEGY"]
+    budgets: Budgets = field(default_factory=Budgets)
+    # Model name -> its price, over the maintained price table (genai-prices).
+    model_prices: dict[str, ModelPrice] = field(default_factory=dict)
 
 
 def _setting(name: str) -> Any:
@@ -177,18 +241,23 @@ def validate_run_options(options: Any, *, max_turns: int, source: str) -> dict[s
     return dict(options)
 
 
-def _cleanup_policy(value: Any) -> CleanupPolicy:
-    name = f"{PREFIX}CLEANUP_POLICY"
+def _with_defaults(name: str, value: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A dict setting (None: empty) over its ``defaults``; unknown keys are an error."""
     if value is None:
         value = {}
     if not isinstance(value, dict):
         raise ImproperlyConfigured(f"{name} must be a dict, got {type(value).__name__}.")
-    unknown = sorted(set(value) - set(CLEANUP_DEFAULTS))
+    unknown = sorted(set(value) - set(defaults))
     if unknown:
         raise ImproperlyConfigured(
-            f"{name} has unknown keys {unknown}; expected some of {sorted(CLEANUP_DEFAULTS)}."
+            f"{name} has unknown keys {unknown}; expected some of {sorted(defaults)}."
         )
-    merged = {**CLEANUP_DEFAULTS, **value}
+    return {**defaults, **value}
+
+
+def _cleanup_policy(value: Any) -> CleanupPolicy:
+    name = f"{PREFIX}CLEANUP_POLICY"
+    merged = _with_defaults(name, value, CLEANUP_DEFAULTS)
     days = {
         key: _optional_positive_int(f"{name}['{key}']", merged[key])
         for key in ("events_days", "runs_days", "sessions_days")
@@ -213,6 +282,84 @@ def _cleanup_policy(value: Any) -> CleanupPolicy:
         sessions_require_empty=merged["sessions_require_empty"],
         batch_size=_positive_int(f"{name}['batch_size']", merged["batch_size"]),
     )
+
+
+def _money(name: str, value: Any) -> Decimal | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ImproperlyConfigured(f"{name} must be an amount in US dollars, got {value!r}.")
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ImproperlyConfigured(
+            f"{name} must be an amount in US dollars, got {value!r}."
+        ) from None
+    if not amount.is_finite() or amount < 0:
+        raise ImproperlyConfigured(f"{name} must be zero or more US dollars, got {value!r}.")
+    return amount
+
+
+def _budgets(value: Any) -> Budgets:
+    name = f"{PREFIX}BUDGETS"
+    merged = _with_defaults(name, value, BUDGET_DEFAULTS)
+    if merged["period"] not in BUDGET_PERIODS:
+        raise ImproperlyConfigured(
+            f"{name}['period'] must be one of {', '.join(BUDGET_PERIODS)}, "
+            f"got {merged['period']!r}."
+        )
+    if merged["on_exceeded"] not in ("pause", "fail"):
+        raise ImproperlyConfigured(
+            f"{name}['on_exceeded'] must be 'pause' or 'fail', got {merged['on_exceeded']!r}."
+        )
+    warn_at = merged["warn_at"]
+    if isinstance(warn_at, bool) or not isinstance(warn_at, int | float) or not 0 < warn_at <= 1:
+        raise ImproperlyConfigured(f"{name}['warn_at'] must be a fraction above 0 up to 1.")
+    limits = merged["user_limits"]
+    if limits is not None and (not isinstance(limits, str) or "." not in limits):
+        raise ImproperlyConfigured(
+            f"{name}['user_limits'] must be a dotted path to a callable(user) or None."
+        )
+    return Budgets(
+        period=merged["period"],
+        user_cost=_money(f"{name}['user_cost']", merged["user_cost"]),
+        user_tokens=_optional_positive_int(f"{name}['user_tokens']", merged["user_tokens"]),
+        run_cost=_money(f"{name}['run_cost']", merged["run_cost"]),
+        run_tokens=_optional_positive_int(f"{name}['run_tokens']", merged["run_tokens"]),
+        warn_at=float(warn_at),
+        on_exceeded=merged["on_exceeded"],
+        user_limits=limits,
+    )
+
+
+def _model_prices(value: Any) -> dict[str, ModelPrice]:
+    name = f"{PREFIX}MODEL_PRICES"
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(f"{name} must be a dict, got {type(value).__name__}.")
+    prices = {}
+    for model, price in value.items():
+        where = f"{name}[{model!r}]"
+        if not isinstance(model, str) or not model:
+            raise ImproperlyConfigured(f"{name} keys must be model names, got {model!r}.")
+        if not isinstance(price, dict) or not {"input", "output"} <= set(price):
+            raise ImproperlyConfigured(
+                f"{where} must be a dict with 'input' and 'output' (and optionally "
+                "'cached_input'): US dollars per million tokens."
+            )
+        unknown = sorted(set(price) - set(PRICE_KEYS))
+        if unknown:
+            raise ImproperlyConfigured(f"{where} has unknown keys {unknown}.")
+        amounts = {key: _money(f"{where}['{key}']", price.get(key)) for key in PRICE_KEYS}
+        prices[model] = ModelPrice(
+            input=amounts["input"],
+            output=amounts["output"],
+            cached_input=amounts["cached_input"]
+            if amounts["cached_input"] is not None
+            else amounts["input"],
+        )
+    return prices
 
 
 def load_config() -> AgenticConfig:
@@ -290,6 +437,8 @@ def load_config() -> AgenticConfig:
             f"{PREFIX}WORKER_SHUTDOWN_GRACE", _setting("WORKER_SHUTDOWN_GRACE")
         ),
         multitask_strategy=strategy,
+        budgets=_budgets(_setting("BUDGETS")),
+        model_prices=_model_prices(_setting("MODEL_PRICES")),
     )
 
 

@@ -45,6 +45,7 @@ from agentic_django.registry import build_agent
 from agentic_django.serializers import json_safe
 from agentic_django.sessions import SessionWriteRejected, session_for_run
 from agentic_django.signals import (
+    agent_budget_exceeded,
     agent_run_cancelled,
     agent_run_completed,
     agent_run_failed,
@@ -58,6 +59,7 @@ from agentic_django.toolcalls import (
     ToolLedger,
     in_doubt_id,
 )
+from agentic_django.usage import BudgetStop, UsageMeter
 from agentic_django.validation import is_storable, storable_copy
 
 logger = logging.getLogger(__name__)
@@ -135,6 +137,8 @@ class Outcome:
     checkpoint: str = ""
     turn: int = 0
     approvals: list[dict[str, Any]] = field(default_factory=list)
+    # Stopped before a model call a budget could not pay for.
+    over_budget: bool = False
 
     @classmethod
     def failure(cls, exc: BaseException, **fields: Any) -> Outcome:
@@ -305,7 +309,8 @@ async def _run_agent(
     config = get_config()
     loop = asyncio.get_running_loop()
     fence = ledger.fence
-    hooks = CheckpointHooks(fence, ledger, resumed=checkpoint is not None)
+    meter = UsageMeter(run, fence)
+    hooks = CheckpointHooks(fence, ledger, resumed=checkpoint is not None, meter=meter)
     if checkpoint is None:
         run_input, context = run.input_payload, run_context(run)
     else:
@@ -369,6 +374,14 @@ async def _run_agent(
             return _left_for_retry(fence, exc)
         if _caused_by(exc, ToolCallCancelled):
             return _outcome(result, Status.CANCELLED)  # the tool did not run
+        stop = _cause(exc, BudgetStop)
+        if stop is not None:
+            # Before the model call: the checkpoint taken just now is where the run goes on.
+            on_exceeded = config.budgets.on_exceeded
+            status = Status.BUDGET_EXCEEDED if on_exceeded == "pause" else Status.FAILED
+            stopped = _outcome(result, status, stop.standing.message)
+            stopped.over_budget = True
+            return stopped
         if _caused_by(exc, ToolCallInDoubt):
             logger.error("agentic_django: run %s: %s", run.pk, exc)
             return _outcome(result, Status.FAILED, IN_DOUBT_ERROR)
@@ -395,11 +408,16 @@ async def _run_agent(
 
 
 def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    return _cause(exc, kind) is not None
+
+
+def _cause[E: BaseException](exc: BaseException | None, kind: type[E]) -> E | None:
+    """``exc`` or the first exception of ``kind`` in its chain of causes."""
     while exc is not None:
         if isinstance(exc, kind):
-            return True
+            return exc
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
 
 
 timeout_message = lifecycle.timeout_error
@@ -735,7 +753,7 @@ def finish(fence: Fence, outcome: Outcome, keeper: LeaseKeeper) -> AgentRun | No
     delay = 0.2
     while True:
         try:
-            if outcome.status == Status.AWAITING_APPROVAL:
+            if outcome.status in AgentRun.PAUSED_STATUSES:
                 # Sends its own signal: the run is paused, not over.
                 run = lifecycle.pause(
                     fence,
@@ -745,6 +763,8 @@ def finish(fence: Fence, outcome: Outcome, keeper: LeaseKeeper) -> AgentRun | No
                     approvals=outcome.approvals,
                     usage=outcome.usage,
                     elapsed=keeper.elapsed(),
+                    status=outcome.status,
+                    reason=outcome.error,
                 )
                 if run is not None and run.status == Status.CANCELLED:
                     _announce(run)  # its cancellation came first: it never paused
@@ -784,6 +804,8 @@ def finish(fence: Fence, outcome: Outcome, keeper: LeaseKeeper) -> AgentRun | No
             continue
         if run is not None:
             _announce(run)
+            if outcome.over_budget:
+                send_safely(agent_budget_exceeded, AgentRun, run=run, reason=run.error)
         return run
 
 

@@ -6,8 +6,9 @@
        ▲  ▲ │                                            │ │ │               failed
        │  │ └──────────────── cancel ────────────────────┼─┼─┼─────────────► cancelled
        │  └──── requeue (lease expired) ─────────────────┘ │ └─ fail (lease expired)
-       └─── decide (last approval) ◄── awaiting_approval ◄─┘ pause
-                                        └─ expire ──────────────────────────► failed
+       ├─── decide (last approval) ◄── awaiting_approval ◄─┤ pause
+       │                                └─ expire ─────────┼────────────────► failed
+       └─── resume_within_budget ◄──── budget_exceeded ◄───┘ pause (a cap reached)
 
 Every transition is one conditional UPDATE: nothing is read first and trusted afterwards, so
 two processes racing for the same run cannot both win. Timestamps come from the database
@@ -62,11 +63,13 @@ from agentic_django.models import (
     AgentRun,
     AgentSession,
     AgentSessionItem,
+    AgentUsage,
     AgentWorker,
     DispatchLock,
 )
 from agentic_django.prepared import Statement
 from agentic_django.signals import (
+    agent_budget_exceeded,
     agent_run_awaiting_approval,
     agent_run_cancelled,
     agent_run_failed,
@@ -80,7 +83,7 @@ Status = AgentRun.Status
 # Statuses that occupy a worker slot, and statuses that keep later runs of their session
 # waiting. A paused state (awaiting approval) would block its session without a slot.
 SLOT_STATUSES = (Status.RUNNING,)
-SESSION_BLOCKING_STATUSES = (Status.RUNNING, Status.AWAITING_APPROVAL)
+SESSION_BLOCKING_STATUSES = (Status.RUNNING, *AgentRun.PAUSED_STATUSES)
 LOCK_NAME = "runs"
 # task_id of a run a dispatcher is enqueueing, until the broker gives the task its id.
 QUEUED = "queued"
@@ -457,7 +460,7 @@ def _finish_statement(names: tuple[str, ...], *, clear_stream: bool) -> Statemen
 # --- Cancellation and recovery ---------------------------------------------------------------
 
 INTERRUPTED_ERROR = "Stopped for a newer message."
-IN_PROGRESS_STATUSES = (Status.PENDING, Status.RUNNING, Status.AWAITING_APPROVAL)
+IN_PROGRESS_STATUSES = (Status.PENDING, Status.RUNNING, *AgentRun.PAUSED_STATUSES)
 
 
 def make_way(session_id: int, strategy: str) -> list[AgentRun]:
@@ -516,7 +519,7 @@ def cancel(run: AgentRun) -> bool:
 
     ``run`` is refreshed; callers check ``run.is_terminal`` for runs that already finished.
     """
-    waiting = (Status.PENDING, Status.AWAITING_APPROVAL)
+    waiting = (Status.PENDING, *AgentRun.PAUSED_STATUSES)
     cancelled = AgentRun.objects.filter(pk=run.pk, status__in=waiting).update(
         status=Status.CANCELLED, cancel_requested_at=Now(), finished_at=Now()
     )
@@ -645,6 +648,10 @@ def _roll_back_to_checkpoint(run_id: Any) -> None:
     AgentEvent.objects.filter(
         run_id=run_id, superseded=False, sequence__gt=F("run__checkpoint_event_sequence")
     ).update(superseded=True)
+    # The calls stay in the ledger (they were paid for) but no longer count as the run's.
+    AgentUsage.objects.filter(
+        run_id=run_id, superseded=False, sequence__gt=F("run__checkpoint_usage_sequence")
+    ).update(superseded=True)
     AgentRun.objects.filter(pk=run_id).update(rollbacks=F("rollbacks") + 1)
 
 
@@ -728,10 +735,12 @@ def _max_sequence(model: Any, run_id: Any) -> Coalesce:
 
 
 def _checkpoint_marks(run_id: Any) -> dict[str, Any]:
-    """Run fields recording how far the run's items and events went at its checkpoint."""
+    """Run fields recording how far the run's items, events and ledger rows went at its
+    checkpoint."""
     return {
         "checkpoint_item_sequence": _max_sequence(AgentSessionItem, run_id),
         "checkpoint_event_sequence": _max_sequence(AgentEvent, run_id),
+        "checkpoint_usage_sequence": _max_sequence(AgentUsage, run_id),
     }
 
 
@@ -779,9 +788,13 @@ def pause(
     approvals: list[dict[str, Any]],
     usage: dict[str, int],
     elapsed: float,
+    status: str = Status.AWAITING_APPROVAL,
+    reason: str = "",
 ) -> AgentRun | None:
     """Park the run on tool calls that need a decision: it keeps its session blocked but gives
-    its slot up, and fails at ``approval_expires_at`` unless decided.
+    its slot up, and fails at ``approval_expires_at`` unless decided. With ``status``
+    ``budget_exceeded`` (and no approvals) it waits for its budget instead, without a
+    deadline, ``reason`` (the cap it reached) as its error until it goes on.
 
     ``state`` is the run's resumable state as it paused; None keeps the checkpoint it has
     (the run pauses before doing anything: what came after the checkpoint is rolled back).
@@ -790,12 +803,15 @@ def pause(
     the run has run in all its attempts.
     """
     expires = Now() + timedelta(seconds=get_config().approval_timeout_seconds)
+    if status != Status.AWAITING_APPROVAL:
+        expires = None
     marks = _checkpoint_marks(fence.run_id) if state is not None else {}
     with transaction.atomic():
         paused = _update_returning(
             fence.runs().filter(cancel_requested_at__isnull=True),
             {
-                "status": Status.AWAITING_APPROVAL,
+                "status": status,
+                "error": reason,
                 "lease_expires_at": None,
                 "heartbeat_at": Now(),
                 "approval_expires_at": expires,
@@ -839,8 +855,22 @@ def pause(
             requested_at=paused.heartbeat_at,
             decided_at=None,
         )
-    send_safely(agent_run_awaiting_approval, AgentRun, run=paused)
+    if status == Status.AWAITING_APPROVAL:
+        send_safely(agent_run_awaiting_approval, AgentRun, run=paused)
+    else:
+        send_safely(agent_budget_exceeded, AgentRun, run=paused, reason=reason)
     return paused
+
+
+def resume_within_budget(run_id: Any) -> bool:
+    """A run paused on its budget goes back to pending (to be dispatched like any run); False
+    if it was no longer paused so (cancelled, or resumed by another sweep)."""
+    resumed = AgentRun.objects.filter(pk=run_id, status=Status.BUDGET_EXCEEDED).update(
+        status=Status.PENDING, error="", task_id="", dispatched_at=None
+    )
+    if resumed:
+        send_safely(agent_run_resumed, AgentRun, run=AgentRun.objects.get(pk=run_id))
+    return bool(resumed)
 
 
 def decide(

@@ -72,11 +72,16 @@ class AgentRun(models.Model):
         # Paused on tool calls that need a person's approval: blocks its session, holds no
         # worker slot; resumes (back to pending) once every call is decided.
         AWAITING_APPROVAL = "awaiting_approval", "Awaiting approval"
+        # Paused before a model call its owner's or its own budget cannot pay for (see
+        # ``usage``): blocks its session, holds no worker slot; resumes once the budget allows.
+        BUDGET_EXCEEDED = "budget_exceeded", "Budget exceeded"
         COMPLETED = "completed", "Completed"
         FAILED = "failed", "Failed"
         CANCELLED = "cancelled", "Cancelled"
 
     TERMINAL_STATUSES = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+    # Paused: waiting for a person (approvals) or for money (a budget), not for a worker.
+    PAUSED_STATUSES = frozenset({Status.AWAITING_APPROVAL, Status.BUDGET_EXCEEDED})
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     session = models.ForeignKey(AgentSession, on_delete=models.CASCADE, related_name="runs")
@@ -118,6 +123,7 @@ class AgentRun(models.Model):
     # had written by then. A retry resumes there and drops what came after.
     checkpoint_item_sequence = models.PositiveBigIntegerField(default=0)
     checkpoint_event_sequence = models.PositiveIntegerField(default=0)
+    checkpoint_usage_sequence = models.PositiveIntegerField(default=0)
     # The assistant text streaming in right now (written at most ~10 times a second), and the
     # event sequence it follows; emptied when the message is complete. A run that fails or is
     # cancelled mid-message keeps it as its partial output.
@@ -156,6 +162,11 @@ class AgentRun(models.Model):
         """True once the run completed, failed or was cancelled."""
         return self.status in self.TERMINAL_STATUSES
 
+    @property
+    def is_paused(self) -> bool:
+        """True while the run waits for approvals or for its budget."""
+        return self.status in self.PAUSED_STATUSES
+
     def pending_approvals(self) -> list[AgentApproval]:
         """The tool calls this run waits on (a query only while it is paused)."""
         if self.status != self.Status.AWAITING_APPROVAL:
@@ -186,6 +197,59 @@ class AgentEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_type} #{self.sequence}"
+
+
+class AgentUsage(models.Model):
+    """The ledger: one row per model call a run made, written under the attempt's fence.
+
+    Rows are numbered per run like events. A row an attempt wrote after the run's checkpoint
+    and before its worker died is marked ``superseded`` when the run is retried: the retry
+    makes that call again, and the run's own totals (what the SDK reports) count it once. The
+    money was spent all the same, so spending totals and budgets count every row.
+    """
+
+    run = models.ForeignKey(AgentRun, on_delete=models.CASCADE, related_name="usage_records")
+    sequence = models.PositiveIntegerField()
+    attempt = models.PositiveIntegerField()
+    # The model turn of the run (1 for its first model call).
+    turn = models.PositiveIntegerField()
+    superseded = models.BooleanField(default=False)
+    # Denormalized from the run so that spending per user and per conversation is one index.
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="agent_usage"
+    )
+    session = models.ForeignKey(AgentSession, on_delete=models.CASCADE, related_name="usage")
+    agent_name = models.CharField(max_length=255, blank=True)
+    model = models.CharField(max_length=255, blank=True)
+    provider = models.CharField(max_length=255, blank=True)
+    requests = models.PositiveIntegerField(default=1)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+    reasoning_tokens = models.PositiveBigIntegerField(default=0)
+    total_tokens = models.PositiveBigIntegerField(default=0)
+    # In US dollars; NULL when the model's price is unknown (never shown as 0).
+    cost = models.DecimalField(max_digits=18, decimal_places=9, null=True, blank=True)
+    # Where the price came from: "settings" (AGENTIC_DJANGO_MODEL_PRICES), "genai-prices", or
+    # "" (unknown).
+    price_source = models.CharField(max_length=32, blank=True)
+    # When the call was priced (the price table in force then).
+    priced_at = models.DateTimeField()
+    created_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name = "usage record"
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "sequence"], name="agentic_usage_run_seq_unique")
+        ]
+        indexes = [
+            models.Index(fields=["owner", "created_at"], name="agentic_usage_owner_created"),
+            models.Index(fields=["created_at"], name="agentic_usage_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model or 'model'} call #{self.sequence} of {self.run_id}"
 
 
 class AgentCheckpoint(models.Model):

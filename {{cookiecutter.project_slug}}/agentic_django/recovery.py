@@ -39,17 +39,23 @@ class SweepResult:
     recovered: int
     dispatched: int
     expired: int = 0
+    resumed: int = 0
 
 
 def sweep() -> SweepResult:
     """Recover expired runs (unless the policy is "ignore"), fail paused runs whose approvals
-    expired, and dispatch waiting runs."""
+    expired, resume runs paused on a budget that allows them again, and dispatch waiting
+    runs."""
     from agentic_django.dispatch import dispatch_next
+    from agentic_django.usage import resume_within_budgets
 
     mode = get_config().startup_recovery
     recovered = recover_runs(mode=mode, dispatch=False) if mode != "ignore" else 0
     expired = len(lifecycle.expire_approvals())
-    return SweepResult(recovered=recovered, dispatched=dispatch_next(), expired=expired)
+    resumed = resume_within_budgets()
+    return SweepResult(
+        recovered=recovered, dispatched=dispatch_next(), expired=expired, resumed=resumed
+    )
 
 
 def ensure_startup_recovery() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from django.db import transaction
 
-from agentic_django import dispatch, lifecycle
+from agentic_django import dispatch, lifecycle, usage
 from agentic_django.exceptions import RunNotCancellable
 from agentic_django.models import AgentRun, AgentSession
 from agentic_django.registry import resolve_agent_key
@@ -54,13 +54,16 @@ def create_run(
     (``ConversationBusy``, 409), ``interrupt`` (they stop after their current step and keep
     their partial output) or ``rollback`` (they stop at once and their history is deleted);
     see ``lifecycle.make_way``. Raises a subclass of ``InvalidRunInput`` (with a user-facing
-    ``message``) on bad input.
+    ``message``) on bad input, and ``usage.BudgetExceeded`` (402) while the owner's budget for
+    the period is used up.
     """
     session_key = validate_session_key(session_key)
     payload = validate_input_payload(input_payload)
     options = validate_user_run_options(run_options)
     strategy = validate_multitask_strategy(multitask_strategy)
     key = resolve_agent_key(agent_key)
+    # A user whose budget for the period is used up starts nothing (BudgetExceeded, 402).
+    usage.check_new_run(owner)
     with transaction.atomic():
         session, created = AgentSession.objects.get_or_create(owner=owner, session_key=session_key)
         interrupted = lifecycle.make_way(session.pk, strategy)

@@ -24,6 +24,14 @@ agent_session_created = Signal()
 # A run paused on tool calls that need approval, and a paused run going on once decided.
 agent_run_awaiting_approval = Signal()
 agent_run_resumed = Signal()
+# Usage and budgets (see ``usage``): ``usage`` (an ``AgentUsage`` row) once a model call is in
+# the ledger; ``user_id``, ``run`` and ``standing`` (a ``usage.Standing``) when a call takes a
+# user past the soft threshold of a cap (at least once per crossing: two runs of one user
+# crossing it together may both send it); ``run`` and ``reason`` (its message) when a run
+# reaches a hard cap and pauses (or fails, with ``on_exceeded: "fail"``).
+agent_usage_recorded = Signal()
+agent_budget_threshold_reached = Signal()
+agent_budget_exceeded = Signal()
 
 
 def send_safely(signal: Signal, sender: type, **kwargs: Any) -> None:

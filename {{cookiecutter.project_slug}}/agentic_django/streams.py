@@ -249,7 +249,7 @@ async def _run_events(
             position = Position(position.sequence, len(text), epoch(run))
             yield message("delta", {"text": chunk, "start": start}, position)
             sent = True
-        if run.is_terminal or run.status == AgentRun.Status.AWAITING_APPROVAL:
+        if run.is_terminal or run.is_paused:
             if not position.ended:
                 position = replace(position, ended=True)
                 yield message("end", {"status": run.status, "error": run.error or None}, position)

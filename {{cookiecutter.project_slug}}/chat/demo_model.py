@@ -216,6 +216,9 @@ def _estimate_tokens(text: str) -> int:
 class DemoModel(Model):
     """A deterministic offline model: calls the sample tools when asked, otherwise answers."""
 
+    # Its name in the usage ledger (priced by AGENTIC_DJANGO_MODEL_PRICES: free).
+    model = "demo"
+
     def respond(
         self,
         model_input: str | list[TResponseInputItem],

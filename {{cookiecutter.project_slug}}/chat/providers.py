@@ -27,7 +27,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 if TYPE_CHECKING:
-    from agents import Model
+    from agents import Model, ModelSettings
     from openai import AsyncOpenAI
 
 API_MODES = ("responses", "chat_completions")
@@ -117,6 +117,17 @@ def build_client() -> AsyncOpenAI:
         max_retries=settings.OPENAI_MAX_RETRIES,
         http_client=http_client,
     )
+
+
+def model_settings() -> ModelSettings:
+    """Settings every sample agent's model calls use: a streamed Chat Completions answer
+    carries its token usage only when asked (`include_usage`), and the usage ledger and
+    budgets need it (the SDK asks by itself only when the server is OpenAI's)."""
+    from agents import ModelSettings
+
+    if not uses_demo_model() and settings.OPENAI_API_MODE == "chat_completions":
+        return ModelSettings(include_usage=True)
+    return ModelSettings()
 
 
 def build_model() -> Model:

@@ -25,7 +25,7 @@ def build_toolsmith() -> Agent:
     """An agent that answers with its function tools: time, arithmetic, units, word counts."""
     from agents import Agent
 
-    from chat.providers import build_model  # it applies OPENAI_TRACING to the SDK first
+    from chat.providers import build_model, model_settings  # build_model applies OPENAI_TRACING
     from chat.tools import TOOLS
 
     return Agent(
@@ -39,6 +39,7 @@ def build_toolsmith() -> Agent:
         ),
         tools=TOOLS,
         model=build_model(),
+        model_settings=model_settings(),
     )
 
 
@@ -46,7 +47,7 @@ def build_assistant() -> Agent:
     """A general assistant that hands off to the Toolsmith when tools are needed."""
     from agents import Agent
 
-    from chat.providers import build_model
+    from chat.providers import build_model, model_settings
 
     return Agent(
         name="Assistant",
@@ -57,6 +58,7 @@ def build_assistant() -> Agent:
         ),
         handoffs=[build_toolsmith()],
         model=build_model(),
+        model_settings=model_settings(),
     )
 
 

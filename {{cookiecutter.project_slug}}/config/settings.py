@@ -179,6 +179,22 @@ AGENTIC_DJANGO_CLEANUP_POLICY = {
     "sessions_require_empty": True,
     "batch_size": 500,
 }
+# Costs and budgets (README: "Costs and budgets"). Every model call is priced in the usage
+# ledger; caps (US dollars and/or tokens, unset = none) are checked before every model call.
+# Periods are calendar days or months in TIME_ZONE. A run that reaches a cap pauses
+# ("budget_exceeded") and goes on once the cap is raised or the period rolls over.
+AGENTIC_DJANGO_BUDGETS = {
+    "period": env("AGENTIC_DJANGO_BUDGET_PERIOD", default="month"),
+    "user_cost": env("AGENTIC_DJANGO_USER_BUDGET", default=None),
+    "user_tokens": env.int("AGENTIC_DJANGO_USER_TOKEN_BUDGET", default=None),
+    "run_cost": env("AGENTIC_DJANGO_RUN_BUDGET", default=None),
+    "run_tokens": env.int("AGENTIC_DJANGO_RUN_TOKEN_BUDGET", default=None),
+    "warn_at": 0.8,
+    "on_exceeded": "pause",
+}
+# Prices (US dollars per million tokens) of models the maintained price table (genai-prices)
+# does not know, e.g. a self-hosted one; the offline demo model is free.
+AGENTIC_DJANGO_MODEL_PRICES = {"demo": {"input": 0, "output": 0}}
 
 # Background tasks (Django 6 tasks).
 REDIS_URL = env("REDIS_URL", default="redis://localhost:6379/0")

@@ -31,7 +31,8 @@ CHECKPOINT_SAVE = r'^UPDATE "agentic_django_agentrun" SET "checkpoint_item_seque
 ITEM_DELETE = r'^DELETE FROM "agentic_django_agentsessionitem"'
 # The UPDATE that pauses a run (awaiting approval).
 PAUSE = (
-    r'^UPDATE "agentic_django_agentrun" SET "status" = %s, "lease_expires_at" = (%s|NULL), '
+    r'^UPDATE "agentic_django_agentrun" SET "status" = %s, "error" = %s, '
+    r'"lease_expires_at" = (%s|NULL), '
     r'"heartbeat_at" = .*"approval_expires_at"'
 )
 TOOL_START = r'^INSERT INTO "agentic_django_agenttoolcall"'

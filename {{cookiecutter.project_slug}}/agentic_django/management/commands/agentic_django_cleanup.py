@@ -16,7 +16,7 @@ from agentic_django.models import AgentEvent, AgentRun, AgentSession
 ACTIVE_STATUSES = (
     AgentRun.Status.PENDING,
     AgentRun.Status.RUNNING,
-    AgentRun.Status.AWAITING_APPROVAL,
+    *AgentRun.PAUSED_STATUSES,
 )
 
 

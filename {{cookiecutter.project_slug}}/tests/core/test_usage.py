@@ -1,0 +1,407 @@
+"""The usage ledger and budgets: every model call is one fenced row, a retried run counts each
+call once as its own and every call paid for as spent, and budgets stop a run before the call
+that would go past them.
+
+A worker dies here as ``SystemExit`` raised at a chosen statement or tool (see
+``test_retries``): what is left in the database is what a SIGKILL there leaves.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from agents import function_tool
+from agents.testing import ModelStep, function_call
+from agents.usage import Usage
+from django.db import connection
+from django.db.models import Sum
+
+from agentic_django import recovery, signals, usage
+from agentic_django.execution import execute
+from agentic_django.models import AgentRun, AgentSession, AgentUsage
+from agentic_django.services import create_run
+from agentic_django.usage import BudgetExceeded, CallUsage, period_bounds
+from tests.core.conftest import register, worker_died
+from tests.core.faults import CHECKPOINT_SAVE, TOOL_START, database_faults
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+QUEUE = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
+LEDGER_INSERT = r'^INSERT INTO "agentic_django_agentusage"'
+RUN_FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens")
+
+
+def used(input_tokens: int, output_tokens: int) -> Usage:
+    return Usage(
+        requests=1,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+    )
+
+
+def calling(tool: str, number: int, tokens: tuple[int, int] = (70, 30)) -> Any:
+    """A model step calling ``tool`` (call id ``c<number>``), reporting ``tokens``."""
+    return ModelStep(
+        output=[function_call(tool, {"n": number}, call_id=f"c{number}")], usage=used(*tokens)
+    )
+
+
+def answering(reply: str, tokens: tuple[int, int] = (70, 30)) -> Any:
+    from agents.testing import assistant_message
+
+    return ModelStep(output=[assistant_message(reply)], usage=used(*tokens))
+
+
+class Counter:
+    """A tool that counts its calls; ``kill_on`` kills the worker on that call, once."""
+
+    def __init__(self, kill_on: int | None = None) -> None:
+        self.calls: list[int] = []
+        self.kill_on = kill_on
+        self.tool = function_tool(self.count, name_override="count")
+
+    def count(self, n: int) -> str:
+        """Count."""
+        self.calls.append(n)
+        if n == self.kill_on:
+            self.kill_on = None
+            raise SystemExit("worker killed in the tool")
+        return f"counted {n}"
+
+
+def new_run(user, key: str, session_key: str = "k") -> AgentRun:
+    return AgentRun.objects.create(
+        session=AgentSession.objects.get_or_create(owner=user, session_key=session_key)[0],
+        owner=user,
+        agent_key=key,
+        input_payload="go",
+    )
+
+
+def reload(run: AgentRun) -> AgentRun:
+    return AgentRun.objects.get(pk=run.pk)
+
+
+def until_done(run: AgentRun) -> AgentRun:
+    """Execute the run as workers would, recovering it after every death, until it ends."""
+    for attempt in range(1, 6):
+        try:
+            execute(str(run.pk), task_id=f"worker-{attempt}")
+        except SystemExit:
+            worker_died(reload(run))
+            assert recovery.recover_runs(mode="requeue", dispatch=False) == 1
+            continue
+        run = reload(run)
+        if run.status != "pending":
+            return run
+    raise AssertionError("the run never ended")
+
+
+def assert_ledger_matches_the_run(run: AgentRun) -> None:
+    """The run's own ledger rows add up to what the SDK reported for it."""
+    totals = usage.run_totals(run)
+    assert {name: getattr(totals, name) for name in RUN_FIELDS} == {
+        name: getattr(run, name) for name in RUN_FIELDS
+    }
+
+
+def two_calls_then_done(count: int = 10) -> list[Any]:
+    """Steps that call ``count`` twice, then answer "done", whatever was replayed: each looks
+    at the tool outputs in its input (a retry asks again from its checkpoint)."""
+
+    def respond(model_call: Any) -> Any:
+        items = model_call.input if isinstance(model_call.input, list) else []
+        outputs = sum(
+            1
+            for item in items
+            if isinstance(item, dict) and item.get("type") == "function_call_output"
+        )
+        if outputs < 2:
+            return calling("count", outputs + 1)
+        return answering("done", (100, 50))
+
+    return [ModelStep.respond(respond) for _ in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "nth"),
+    [
+        pytest.param(TOOL_START, 2, id="after-the-second-row"),
+        pytest.param(CHECKPOINT_SAVE, 1, id="at-the-first-checkpoint"),
+        pytest.param(CHECKPOINT_SAVE, 2, id="at-the-last-checkpoint"),
+        pytest.param(LEDGER_INSERT, 3, id="before-the-last-row"),
+    ],
+)
+def test_a_run_killed_between_calls_counts_each_call_once_and_spends_what_was_paid(
+    user, settings, pattern, nth
+):
+    settings.TASKS = QUEUE  # this test plays the workers
+    counter = Counter()
+    model = register("counter", two_calls_then_done(), [counter.tool])
+    run = new_run(user, "counter")
+    with database_faults() as faults:
+        faults.before(pattern, lambda: None, times=nth - 1)
+        faults.before(pattern, kill)
+        with pytest.raises(SystemExit):
+            execute(str(run.pk), task_id="worker-1")
+    worker_died(reload(run))
+    assert recovery.recover_runs(mode="requeue", dispatch=False) == 1
+    run = until_done(run)
+
+    assert (run.status, run.final_output) == ("completed", "done")
+    assert_ledger_matches_the_run(run)
+    rows = list(AgentUsage.objects.filter(run=run).order_by("sequence"))
+    # Every model call that answered is one row, the dead attempt's included (it was paid
+    # for), but for a call whose worker died before its row was written.
+    assert len(rows) == len(model.calls) - (1 if pattern == LEDGER_INSERT else 0)
+    assert [row.sequence for row in rows] == list(range(1, len(rows) + 1))
+    assert {row.attempt for row in rows} == {1, 2}
+    # What the run counts as its own: one row per turn, each once.
+    assert sorted(row.turn for row in rows if not row.superseded) == [1, 2, 3]
+    assert usage.run_spend(run.pk).total_tokens == sum(row.total_tokens for row in rows)
+    assert usage.run_spend(run.pk).total_tokens > run.total_tokens or len(rows) == 3
+
+
+def kill() -> None:
+    raise SystemExit("worker killed")
+
+
+def test_a_resumed_run_keeps_its_earlier_rows_and_adds_its_own(user, settings):
+    """Pausing for an approval and resuming (a later attempt, from the checkpoint) adds rows
+    and supersedes none."""
+    from agentic_django.services import approve_tool_call
+
+    settings.TASKS = QUEUE
+    refunded = []
+
+    @function_tool(needs_approval=True)
+    def refund(n: int) -> str:
+        """Refund."""
+        refunded.append(n)
+        return "ok"
+
+    register("clerk", [calling("refund", 1), answering("refunded")], [refund])
+    run = new_run(user, "clerk")
+    execute(str(run.pk), task_id="w1")
+    run = reload(run)
+    assert run.status == "awaiting_approval"
+    assert list(AgentUsage.objects.filter(run=run).values_list("turn", "attempt")) == [(1, 1)]
+    approve_tool_call(run, "c1")
+    execute(str(run.pk), task_id="w2")
+    run = reload(run)
+    assert (run.status, refunded) == ("completed", [1])
+    assert_ledger_matches_the_run(run)
+    rows = AgentUsage.objects.filter(run=run).order_by("sequence")
+    assert [(r.turn, r.attempt, r.superseded) for r in rows] == [(1, 1, False), (2, 2, False)]
+
+
+# --- Prices ----------------------------------------------------------------------------------
+
+
+def test_a_call_is_priced_from_settings_then_the_price_table_and_unknown_stays_unknown(settings):
+    settings.AGENTIC_DJANGO_MODEL_PRICES = {
+        "house-model": {"input": "2", "output": "8", "cached_input": "0.5"}
+    }
+    call = CallUsage(input_tokens=1_000_000, cached_tokens=200_000, output_tokens=500_000)
+    house = usage.price("house-model", "llm.internal", call)
+    # 800k uncached input at $2, 200k cached at $0.50, 500k output at $8.
+    assert (house.cost, house.source) == (
+        Decimal("1.6") + Decimal("0.1") + Decimal("4"),
+        "settings",
+    )
+    listed = usage.price("gpt-4o-mini", "openai", call)
+    assert listed.source == "genai-prices" and listed.cost > 0
+    unknown = usage.price("my-own-finetune-xyz", "llm.internal", call)
+    assert (unknown.cost, unknown.source) == (None, "")
+
+
+def test_the_model_and_provider_of_an_agent(settings):
+    from agents import Agent, OpenAIChatCompletionsModel
+    from openai import AsyncOpenAI
+
+    def agent(model: Any) -> Any:
+        return Agent(name="a", model=model)
+
+    assert usage.model_of(agent("gpt-4o")) == ("gpt-4o", "openai")
+    local = AsyncOpenAI(api_key="x", base_url="http://llm.internal:8000/v1")
+    assert usage.model_of(agent(OpenAIChatCompletionsModel("qwen", local))) == (
+        "qwen",
+        "llm.internal",
+    )
+    openai = AsyncOpenAI(api_key="x")
+    assert usage.model_of(agent(OpenAIChatCompletionsModel("gpt-4o", openai))) == (
+        "gpt-4o",
+        "openai",
+    )
+
+
+# --- Budgets ---------------------------------------------------------------------------------
+
+
+def budget_signals() -> tuple[list[Any], Any]:
+    seen: list[Any] = []
+
+    def exceeded(sender, run, reason, **kwargs):
+        seen.append(("exceeded", run.status, reason))
+
+    def threshold(sender, user_id, run, standing, **kwargs):
+        seen.append(("threshold", user_id, standing.spent.total_tokens))
+
+    signals.agent_budget_exceeded.connect(exceeded, weak=False)
+    signals.agent_budget_threshold_reached.connect(threshold, weak=False)
+
+    def disconnect() -> None:
+        signals.agent_budget_exceeded.disconnect(exceeded)
+        signals.agent_budget_threshold_reached.disconnect(threshold)
+
+    return seen, disconnect
+
+
+def test_a_run_pauses_before_the_call_past_its_cap_and_goes_on_once_the_cap_is_raised(
+    user, settings
+):
+    settings.TASKS = QUEUE
+    settings.AGENTIC_DJANGO_BUDGETS = {"run_tokens": 150}
+    counter = Counter()
+    model = register(
+        "counter",
+        [calling("count", 1), calling("count", 2), answering("done")],
+        [counter.tool],
+    )
+    seen, disconnect = budget_signals()
+    try:
+        run = new_run(user, "counter")
+        execute(str(run.pk), task_id="w1")
+        run = reload(run)
+        # 100 tokens, then 200: past 150 only after the second call; the third is not made.
+        assert run.status == "budget_exceeded"
+        assert run.error == "This run reached its token limit (150 tokens)."
+        assert (len(model.calls), counter.calls) == (2, [1, 2])
+        assert usage.run_spend(run.pk).total_tokens == 200  # overshoot: one call at most
+        assert run.lease_expires_at is None and run.approval_expires_at is None
+        assert seen == [("exceeded", "budget_exceeded", run.error)]
+        # Nothing changes while the cap holds.
+        assert recovery.sweep().resumed == 0
+        assert reload(run).status == "budget_exceeded"
+
+        settings.AGENTIC_DJANGO_BUDGETS = {"run_tokens": 1000}
+        assert recovery.sweep().resumed == 1
+        run = reload(run)
+        assert (run.status, run.error) == ("pending", "")
+        execute(str(run.pk), task_id="w2")
+        run = reload(run)
+        assert (run.status, run.final_output) == ("completed", "done")
+        # Went on from the call it stopped before: no call or tool made twice.
+        assert (len(model.calls), counter.calls) == (3, [1, 2])
+        assert_ledger_matches_the_run(run)
+        assert not AgentUsage.objects.filter(run=run, superseded=True).exists()
+    finally:
+        disconnect()
+
+
+def test_with_on_exceeded_fail_the_run_fails_with_the_reason(user, settings):
+    settings.TASKS = QUEUE
+    settings.AGENTIC_DJANGO_BUDGETS = {"run_tokens": 50, "on_exceeded": "fail"}
+    counter = Counter()
+    register("counter", [calling("count", 1), answering("done")], [counter.tool])
+    seen, disconnect = budget_signals()
+    try:
+        run = new_run(user, "counter")
+        execute(str(run.pk), task_id="w1")
+    finally:
+        disconnect()
+    run = reload(run)
+    assert (run.status, run.error) == ("failed", "This run reached its token limit (50 tokens).")
+    assert seen == [("exceeded", "failed", run.error)]
+
+
+def test_a_user_over_the_cap_starts_nothing_and_the_period_rolling_over_resumes_the_run(
+    user, other_user, settings
+):
+    settings.TASKS = QUEUE
+    settings.AGENTIC_DJANGO_BUDGETS = {"user_tokens": 250, "period": "month", "warn_at": 0.5}
+    counter = Counter()
+    model = register(
+        "counter",
+        [calling("count", n) for n in range(1, 5)] + [answering("done")],
+        [counter.tool],
+    )
+    seen, disconnect = budget_signals()
+    try:
+        run = new_run(user, "counter")
+        execute(str(run.pk), task_id="w1")
+        run = reload(run)
+        assert run.status == "budget_exceeded" and len(model.calls) == 3  # 300 >= 250
+        assert run.error.startswith("You have used this month's tokens (300 of 250).")
+        # The soft threshold (125 tokens) was crossed by the second call, and said once.
+        assert [s for s in seen if s[0] == "threshold"] == [("threshold", user.pk, 200)]
+        with pytest.raises(BudgetExceeded) as raised:
+            create_run(owner=user, session_key="other", input_payload="hi", agent_key="counter")
+        start, end = period_bounds("month")
+        assert raised.value.status_code == 402
+        assert raised.value.details == {"reason": "user_tokens", "resets_at": end.isoformat()}
+        # Another user is not affected.
+        create_run(owner=other_user, session_key="k", input_payload="hi", agent_key="counter")
+
+        # The clock moves into the next month: this month's calls are last month's.
+        AgentUsage.objects.filter(owner=user).update(created_at=start - timedelta(seconds=1))
+        assert recovery.sweep().resumed == 1
+        execute(str(run.pk), task_id="w2")
+        run = reload(run)
+        assert (run.status, run.final_output) == ("completed", "done")
+        assert counter.calls == [1, 2, 3, 4]
+    finally:
+        disconnect()
+
+
+def test_the_period_is_a_calendar_day_or_month_in_the_time_zone(settings):
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    settings.TIME_ZONE = "Europe/Berlin"
+    tz = ZoneInfo("Europe/Berlin")
+    now = datetime(2026, 3, 29, 12, 0, tzinfo=tz)  # the day clocks go forward
+    assert period_bounds("day", now) == (
+        datetime(2026, 3, 29, tzinfo=tz),
+        datetime(2026, 3, 30, tzinfo=tz),
+    )
+    assert period_bounds("month", datetime(2026, 12, 31, 23, 59, tzinfo=tz)) == (
+        datetime(2026, 12, 1, tzinfo=tz),
+        datetime(2027, 1, 1, tzinfo=tz),
+    )
+
+
+@pytest.mark.skipif("connection.vendor != 'postgresql'")
+def test_runs_of_one_user_racing_the_cap_overshoot_by_at_most_one_call_each(
+    user, settings, django_db_blocker
+):
+    """Two workers run two runs of one user at once: each checks before each call, so the
+    user's spending ends at most one call per run past the cap."""
+    settings.TASKS = QUEUE
+    settings.AGENTIC_DJANGO_BUDGETS = {"user_tokens": 450}
+    counters = [Counter(), Counter()]
+    for index, counter in enumerate(counters):
+        register(f"loop{index}", [calling("count", n) for n in range(1, 20)], [counter.tool])
+    runs = [new_run(user, f"loop{index}", session_key=f"s{index}") for index in range(2)]
+    barrier = threading.Barrier(2)
+
+    def work(run: AgentRun) -> None:
+        barrier.wait()
+        try:
+            execute(str(run.pk), task_id=f"w-{run.pk}")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work, args=(run,)) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [reload(run).status for run in runs] == ["budget_exceeded"] * 2
+    spent = AgentUsage.objects.filter(owner=user).aggregate(total=Sum("total_tokens"))["total"]
+    assert 450 <= spent <= 450 + 2 * 100
