@@ -91,6 +91,9 @@ CLEANUP_DEFAULTS: dict[str, Any] = {
     "runs_statuses": ["completed", "failed", "cancelled"],
     "sessions_days": 90,
     "sessions_require_empty": True,
+    # The usage ledger outlives the runs it counts (spending is billing data): kept forever
+    # unless this says how many days.
+    "usage_days": None,
     "batch_size": 500,
 }
 
@@ -113,6 +116,7 @@ class CleanupPolicy:
     sessions_days: int | None
     sessions_require_empty: bool
     batch_size: int
+    usage_days: int | None = None
 
 
 @dataclass(frozen=True)
@@ -260,7 +264,7 @@ def _cleanup_policy(value: Any) -> CleanupPolicy:
     merged = _with_defaults(name, value, CLEANUP_DEFAULTS)
     days = {
         key: _optional_positive_int(f"{name}['{key}']", merged[key])
-        for key in ("events_days", "runs_days", "sessions_days")
+        for key in ("events_days", "runs_days", "sessions_days", "usage_days")
     }
     statuses = merged["runs_statuses"]
     if (
@@ -281,6 +285,7 @@ def _cleanup_policy(value: Any) -> CleanupPolicy:
         sessions_days=days["sessions_days"],
         sessions_require_empty=merged["sessions_require_empty"],
         batch_size=_positive_int(f"{name}['batch_size']", merged["batch_size"]),
+        usage_days=days["usage_days"],
     )
 
 

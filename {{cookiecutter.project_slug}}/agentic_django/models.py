@@ -208,7 +208,11 @@ class AgentUsage(models.Model):
     money was spent all the same, so spending totals and budgets count every row.
     """
 
-    run = models.ForeignKey(AgentRun, on_delete=models.CASCADE, related_name="usage_records")
+    # Kept when the run or its conversation is deleted (agentic_django_cleanup prunes finished
+    # runs after a month): spending is billing data, pruned only by its own policy.
+    run = models.ForeignKey(
+        AgentRun, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_records"
+    )
     sequence = models.PositiveIntegerField()
     attempt = models.PositiveIntegerField()
     # The model turn of the run (1 for its first model call).
@@ -218,7 +222,9 @@ class AgentUsage(models.Model):
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="agent_usage"
     )
-    session = models.ForeignKey(AgentSession, on_delete=models.CASCADE, related_name="usage")
+    session = models.ForeignKey(
+        AgentSession, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage"
+    )
     agent_name = models.CharField(max_length=255, blank=True)
     model = models.CharField(max_length=255, blank=True)
     provider = models.CharField(max_length=255, blank=True)

@@ -494,8 +494,8 @@ def exceeded_message(found: Standing) -> str:
     period = "today's" if found.period == "day" else "this month's"
     if found.exceeded == "user_cost":
         return (
-            f"You have used {period} budget (${_money(found.spent.cost)} of "
-            f"${_money(found.limits.cost)}). It resets at {when}."
+            f"You have used {period} budget (${format_money(found.spent.cost)} of "
+            f"${format_money(found.limits.cost)}). It resets at {when}."
         )
     if found.exceeded == "user_tokens":
         return (
@@ -503,16 +503,20 @@ def exceeded_message(found: Standing) -> str:
             f"{found.limits.tokens:,}). They reset at {when}."
         )
     if found.exceeded == "run_cost":
-        return f"This run reached its cost limit (${_money(budgets.run_cost)})."
+        return f"This run reached its cost limit (${format_money(budgets.run_cost)})."
     if found.exceeded == "run_tokens":
         return f"This run reached its token limit ({budgets.run_tokens:,} tokens)."
     return ""
 
 
-def _money(amount: Decimal | None) -> str:
+def format_money(amount: Decimal | None) -> str:
+    """Dollars as people read them: cents, or the first digits of a fraction of a cent
+    ("0.20", "12.50", "0.0021"); "unknown" for None."""
     if amount is None:
-        return "?"
-    return f"{amount.quantize(Decimal('0.01')) if amount >= 1 else amount.normalize():f}"
+        return "unknown"
+    if amount == 0 or abs(amount) >= Decimal("0.01"):
+        return f"{amount.quantize(Decimal('0.01')):f}"
+    return f"{amount.quantize(Decimal('0.000001')).normalize():f}"
 
 
 class BudgetExceeded(AgenticDjangoError):

@@ -177,6 +177,7 @@ AGENTIC_DJANGO_CLEANUP_POLICY = {
     "runs_statuses": ["completed", "failed", "cancelled"],
     "sessions_days": 90,
     "sessions_require_empty": True,
+    "usage_days": None,  # the usage ledger (billing data) outlives its runs: kept
     "batch_size": 500,
 }
 # Costs and budgets (README: "Costs and budgets"). Every model call is priced in the usage

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from decimal import Decimal
 from io import StringIO
 
 import pytest
@@ -11,7 +12,7 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSessionItem
+from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSessionItem, AgentUsage
 
 pytestmark = pytest.mark.django_db
 
@@ -88,6 +89,30 @@ def test_cleanup_flags_override_the_policy(old_data, settings):
     # Nothing is 60 days old; idle sessions go even with (finished) runs in them.
     assert output.strip() == "Deleted 0 events, 0 runs, 2 sessions."
     assert not AgentSession.objects.filter(pk=old_data["idle_with_runs"].pk).exists()
+
+
+def test_the_usage_ledger_outlives_the_runs_it_counts(old_data):
+    """Finished runs go after a month; what they spent stays (billing data) until its own
+    threshold says otherwise."""
+    run = old_data["old_done"]
+    now = timezone.now()
+    AgentUsage.objects.create(
+        run=run,
+        session=run.session,
+        owner=run.owner,
+        sequence=1,
+        attempt=1,
+        turn=1,
+        total_tokens=10,
+        cost=Decimal("0.01"),
+        priced_at=now,
+        created_at=now - timedelta(days=40),
+    )
+    assert cleanup().strip() == "Deleted 3 events, 2 runs, 1 sessions."
+    kept = AgentUsage.objects.get()
+    assert (kept.run_id, kept.session_id, kept.cost) == (None, run.session_id, Decimal("0.01"))
+    assert cleanup("--usage-days", "30").strip().endswith("1 usage records.")
+    assert not AgentUsage.objects.exists()
 
 
 def test_cleanup_rejects_bad_flags():

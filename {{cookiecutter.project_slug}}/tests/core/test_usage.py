@@ -20,10 +20,11 @@ from agents.usage import Usage
 from django.db import connection
 from django.db.models import Sum
 
-from agentic_django import recovery, signals, usage
+from agentic_django import lifecycle, recovery, signals, usage
+from agentic_django.dispatch import dispatch_next
 from agentic_django.execution import execute
 from agentic_django.models import AgentRun, AgentSession, AgentUsage
-from agentic_django.services import create_run
+from agentic_django.services import cancel_run, create_run
 from agentic_django.usage import BudgetExceeded, CallUsage, period_bounds
 from tests.core.conftest import register, worker_died
 from tests.core.faults import CHECKPOINT_SAVE, TOOL_START, database_faults
@@ -200,6 +201,34 @@ def test_a_resumed_run_keeps_its_earlier_rows_and_adds_its_own(user, settings):
     assert [(r.turn, r.attempt, r.superseded) for r in rows] == [(1, 1, False), (2, 2, False)]
 
 
+def test_an_attempt_that_lost_its_run_records_no_call(user, settings):
+    """The ledger row is fenced like every write: once recovery took the run over, the old
+    attempt's calls are not the run's (and the run's next attempt numbers its own)."""
+    settings.TASKS = QUEUE
+    run = new_run(user, "counter")
+    claimed = AgentRun.objects.filter(pk=run.pk)
+    claimed.update(status="running", attempt=1)
+    old = lifecycle.Fence(run.pk, 1)
+    caller = usage.Caller.of(run)
+    call = CallUsage(input_tokens=7, output_tokens=3, total_tokens=10)
+    kept = usage.record(old, caller, turn=1, agent_name="a", model="m", provider="p", used=call)
+    assert kept is not None and kept.sequence == 1
+    claimed.update(attempt=2)  # taken over
+    dropped = usage.record(old, caller, turn=2, agent_name="a", model="m", provider="p", used=call)
+    assert dropped is None
+    new = usage.record(
+        lifecycle.Fence(run.pk, 2),
+        caller,
+        turn=2,
+        agent_name="a",
+        model="m",
+        provider="p",
+        used=call,
+    )
+    assert new is not None and new.sequence == 2
+    assert list(AgentUsage.objects.filter(run=run).values_list("attempt", flat=True)) == [2, 1]
+
+
 # --- Prices ----------------------------------------------------------------------------------
 
 
@@ -266,7 +295,7 @@ def test_a_run_pauses_before_the_call_past_its_cap_and_goes_on_once_the_cap_is_r
     user, settings
 ):
     settings.TASKS = QUEUE
-    settings.AGENTIC_DJANGO_BUDGETS = {"run_tokens": 150}
+    settings.AGENTIC_DJANGO_BUDGETS = {"run_tokens": 200}
     counter = Counter()
     model = register(
         "counter",
@@ -278,11 +307,11 @@ def test_a_run_pauses_before_the_call_past_its_cap_and_goes_on_once_the_cap_is_r
         run = new_run(user, "counter")
         execute(str(run.pk), task_id="w1")
         run = reload(run)
-        # 100 tokens, then 200: past 150 only after the second call; the third is not made.
+        # 100 tokens, then 200: the cap is reached with the second call; no third is made.
         assert run.status == "budget_exceeded"
-        assert run.error == "This run reached its token limit (150 tokens)."
+        assert run.error == "This run reached its token limit (200 tokens)."
         assert (len(model.calls), counter.calls) == (2, [1, 2])
-        assert usage.run_spend(run.pk).total_tokens == 200  # overshoot: one call at most
+        assert usage.run_spend(run.pk).total_tokens == 200
         assert run.lease_expires_at is None and run.approval_expires_at is None
         assert seen == [("exceeded", "budget_exceeded", run.error)]
         # Nothing changes while the cap holds.
@@ -302,6 +331,30 @@ def test_a_run_pauses_before_the_call_past_its_cap_and_goes_on_once_the_cap_is_r
         assert not AgentUsage.objects.filter(run=run, superseded=True).exists()
     finally:
         disconnect()
+
+
+def test_a_cost_cap_counts_priced_calls_and_a_paused_run_holds_its_conversation(user, settings):
+    settings.TASKS = QUEUE
+    # $1,000 per million tokens: a call of 100 tokens costs $0.10.
+    settings.AGENTIC_DJANGO_MODEL_PRICES = {"scripted": {"input": 1000, "output": 1000}}
+    settings.AGENTIC_DJANGO_BUDGETS = {"user_cost": "0.20"}
+    counter = Counter()
+    model = register(
+        "counter", [calling("count", n) for n in range(1, 5)] + [answering("done")], [counter.tool]
+    )
+    model.model = "scripted"
+    run = new_run(user, "counter")
+    execute(str(run.pk), task_id="w1")
+    run = reload(run)
+    assert (run.status, len(model.calls)) == ("budget_exceeded", 2)  # $0.20 reached
+    assert run.error.startswith("You have used this month's budget ($0.20 of $0.20).")
+    assert usage.user_spend(user.pk, period_bounds("month")[0]).cost == Decimal("0.2")
+    # Its conversation waits behind it, as behind a run waiting for approval.
+    later = new_run(user, "counter")
+    assert dispatch_next() == 0
+    assert reload(later).task_id == ""
+    # And it can be cancelled like any paused run; then the conversation goes on.
+    assert cancel_run(run).status == "cancelled"
 
 
 def test_with_on_exceeded_fail_the_run_fails_with_the_reason(user, settings):
@@ -324,7 +377,7 @@ def test_a_user_over_the_cap_starts_nothing_and_the_period_rolling_over_resumes_
     user, other_user, settings
 ):
     settings.TASKS = QUEUE
-    settings.AGENTIC_DJANGO_BUDGETS = {"user_tokens": 250, "period": "month", "warn_at": 0.5}
+    settings.AGENTIC_DJANGO_BUDGETS = {"user_tokens": 300, "period": "month", "warn_at": 0.5}
     counter = Counter()
     model = register(
         "counter",
@@ -336,9 +389,9 @@ def test_a_user_over_the_cap_starts_nothing_and_the_period_rolling_over_resumes_
         run = new_run(user, "counter")
         execute(str(run.pk), task_id="w1")
         run = reload(run)
-        assert run.status == "budget_exceeded" and len(model.calls) == 3  # 300 >= 250
-        assert run.error.startswith("You have used this month's tokens (300 of 250).")
-        # The soft threshold (125 tokens) was crossed by the second call, and said once.
+        assert run.status == "budget_exceeded" and len(model.calls) == 3  # the cap, reached
+        assert run.error.startswith("You have used this month's tokens (300 of 300).")
+        # The soft threshold (150 tokens) was crossed by the second call, and said once.
         assert [s for s in seen if s[0] == "threshold"] == [("threshold", user.pk, 200)]
         with pytest.raises(BudgetExceeded) as raised:
             create_run(owner=user, session_key="other", input_payload="hi", agent_key="counter")
@@ -347,14 +400,25 @@ def test_a_user_over_the_cap_starts_nothing_and_the_period_rolling_over_resumes_
         assert raised.value.details == {"reason": "user_tokens", "resets_at": end.isoformat()}
         # Another user is not affected.
         create_run(owner=other_user, session_key="k", input_payload="hi", agent_key="counter")
+        # A run queued before the cap was reached stops before its first call: nothing of it
+        # is kept (its message goes back in once it starts for real).
+        queued = new_run(user, "counter", session_key="queued")
+        execute(str(queued.pk), task_id="w-queued")
+        assert (reload(queued).status, len(model.calls)) == ("budget_exceeded", 3)
+        assert not queued.session.items.exists()
 
         # The clock moves into the next month: this month's calls are last month's.
         AgentUsage.objects.filter(owner=user).update(created_at=start - timedelta(seconds=1))
-        assert recovery.sweep().resumed == 1
+        assert recovery.sweep().resumed == 2
         execute(str(run.pk), task_id="w2")
         run = reload(run)
         assert (run.status, run.final_output) == ("completed", "done")
         assert counter.calls == [1, 2, 3, 4]
+        register("counter", [answering("hello")])
+        execute(str(queued.pk), task_id="w-queued-2")
+        assert reload(queued).status == "completed"
+        roles = [item["role"] for item in queued.session.items.values_list("payload", flat=True)]
+        assert roles == ["user", "assistant"]
     finally:
         disconnect()
 

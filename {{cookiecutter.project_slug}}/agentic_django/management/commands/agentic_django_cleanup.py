@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from agentic_django.conf import get_config
 from agentic_django.lifecycle import expire_approvals
-from agentic_django.models import AgentEvent, AgentRun, AgentSession
+from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentUsage
 
 ACTIVE_STATUSES = (
     AgentRun.Status.PENDING,
@@ -40,6 +40,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--sessions-days", type=_positive, help="Delete sessions idle for N days."
         )
+        parser.add_argument(
+            "--usage-days",
+            type=_positive,
+            help="Delete usage ledger rows older than N days (kept by default: billing data).",
+        )
         parser.add_argument("--batch-size", type=_positive, help="Rows deleted per query.")
         parser.add_argument(
             "--dry-run", action="store_true", help="Report what would be deleted; delete nothing."
@@ -50,9 +55,10 @@ class Command(BaseCommand):
         events_days = options["events_days"] or policy.events_days
         runs_days = options["runs_days"] or policy.runs_days
         sessions_days = options["sessions_days"] or policy.sessions_days
+        usage_days = options["usage_days"] or policy.usage_days
         batch_size = options["batch_size"] or policy.batch_size
         dry_run = options["dry_run"]
-        if not any((events_days, runs_days, sessions_days)):
+        if not any((events_days, runs_days, sessions_days, usage_days)):
             raise CommandError("Nothing to clean: every age threshold is disabled.")
         now = timezone.now()
         results: list[tuple[str, int]] = []
@@ -77,6 +83,9 @@ class Command(BaseCommand):
             if policy.sessions_require_empty:
                 sessions = sessions.exclude(Exists(AgentRun.objects.filter(session=OuterRef("pk"))))
             results.append(("sessions", self._delete(sessions, batch_size, dry_run)))
+        if usage_days:
+            rows = AgentUsage.objects.filter(created_at__lt=now - timedelta(days=usage_days))
+            results.append(("usage records", self._delete(rows, batch_size, dry_run)))
         verb = "Would delete" if dry_run else "Deleted"
         summary = ", ".join(f"{count} {name}" for name, count in results)
         self.stdout.write(self.style.SUCCESS(f"{verb} {summary}."))
