@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 from django.core.checks.registry import registry
 from django.core.exceptions import ImproperlyConfigured
 
 from agentic_django.checks import check_settings
-from agentic_django.conf import RateLimit, get_config, parse_rate_limit
+from agentic_django.conf import Budgets, ModelPrice, RateLimit, get_config, parse_rate_limit
 
 
 def agentic_errors() -> list[str]:
@@ -126,3 +128,100 @@ def test_an_rq_job_timeout_shorter_than_the_run_timeout_is_reported(settings):
     assert "DEFAULT_TIMEOUT'] to at least 310" in warning.hint
     settings.RQ_QUEUES = {"default": {"URL": "redis://localhost:6379/0", "DEFAULT_TIMEOUT": 310}}
     assert check_settings() == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("AGENTIC_DJANGO_BUDGETS", [], "BUDGETS must be a dict, got list"),
+        ("AGENTIC_DJANGO_BUDGETS", {"daily_cost": 5}, "unknown keys ['daily_cost']"),
+        ("AGENTIC_DJANGO_BUDGETS", {"period": "week"}, "['period'] must be one of day, month"),
+        ("AGENTIC_DJANGO_BUDGETS", {"user_cost": -1}, "['user_cost'] must be zero or more"),
+        ("AGENTIC_DJANGO_BUDGETS", {"run_cost": "-0.01"}, "['run_cost'] must be zero or more"),
+        ("AGENTIC_DJANGO_BUDGETS", {"user_cost": "NaN"}, "['user_cost'] must be zero or more"),
+        ("AGENTIC_DJANGO_BUDGETS", {"user_cost": "lots"}, "must be an amount in US dollars"),
+        ("AGENTIC_DJANGO_BUDGETS", {"run_cost": True}, "must be an amount in US dollars"),
+        ("AGENTIC_DJANGO_BUDGETS", {"user_tokens": 0}, "['user_tokens'] must be a positive"),
+        ("AGENTIC_DJANGO_BUDGETS", {"run_tokens": 1.5}, "['run_tokens'] must be a positive"),
+        ("AGENTIC_DJANGO_BUDGETS", {"warn_at": 0}, "['warn_at'] must be a fraction"),
+        ("AGENTIC_DJANGO_BUDGETS", {"warn_at": 1.5}, "['warn_at'] must be a fraction"),
+        ("AGENTIC_DJANGO_BUDGETS", {"warn_at": "0.8"}, "['warn_at'] must be a fraction"),
+        ("AGENTIC_DJANGO_BUDGETS", {"warn_at": True}, "['warn_at'] must be a fraction"),
+        ("AGENTIC_DJANGO_BUDGETS", {"on_exceeded": "stop"}, "must be 'pause' or 'fail'"),
+        ("AGENTIC_DJANGO_BUDGETS", {"user_limits": "plans"}, "must be a dotted path"),
+        ("AGENTIC_DJANGO_MODEL_PRICES", ["my-llm"], "MODEL_PRICES must be a dict, got list"),
+        ("AGENTIC_DJANGO_MODEL_PRICES", {"": {"input": 1, "output": 1}}, "must be model names"),
+        ("AGENTIC_DJANGO_MODEL_PRICES", {"my-llm": 3}, "must be a dict with 'input' and 'output'"),
+        ("AGENTIC_DJANGO_MODEL_PRICES", {"my-llm": {"input": 1}}, "with 'input' and 'output'"),
+        (
+            "AGENTIC_DJANGO_MODEL_PRICES",
+            {"my-llm": {"input": 1, "output": 2, "cache_read": 0.1}},
+            "['my-llm'] has unknown keys ['cache_read']",
+        ),
+        (
+            "AGENTIC_DJANGO_MODEL_PRICES",
+            {"my-llm": {"input": -1, "output": 2}},
+            "['my-llm']['input'] must be zero or more US dollars",
+        ),
+        (
+            "AGENTIC_DJANGO_MODEL_PRICES",
+            {"my-llm": {"input": 1, "output": "free"}},
+            "['my-llm']['output'] must be an amount in US dollars",
+        ),
+    ],
+)
+def test_invalid_budgets_and_prices_are_reported_clearly(settings, name, value, fragment):
+    setattr(settings, name, value)
+    errors = agentic_errors()
+    assert len(errors) == 1
+    assert name in errors[0]
+    assert fragment in errors[0]
+    with pytest.raises(ImproperlyConfigured, match=name):
+        get_config()
+
+
+def test_budgets_and_prices_are_parsed_to_exact_decimals(settings):
+    settings.AGENTIC_DJANGO_BUDGETS = {
+        "period": "day",
+        "user_cost": "5.50",
+        "run_cost": 0.1,
+        "user_tokens": 100_000,
+        "warn_at": 1,
+        "on_exceeded": "fail",
+        "user_limits": "billing.plans.limits_of",
+    }
+    settings.AGENTIC_DJANGO_MODEL_PRICES = {
+        "my-llm": {"input": "0.5", "output": 2},
+        "my-cached-llm": {"input": 1.25, "output": 10, "cached_input": "0.125"},
+    }
+    assert agentic_errors() == []
+    config = get_config()
+    assert config.budgets == Budgets(
+        period="day",
+        user_cost=Decimal("5.50"),
+        user_tokens=100_000,
+        run_cost=Decimal("0.1"),  # the float's shortest repr, not 0.1000000000000000055...
+        run_tokens=None,
+        warn_at=1.0,
+        on_exceeded="fail",
+        user_limits="billing.plans.limits_of",
+    )
+    assert config.budgets.any
+    assert config.model_prices == {
+        # Without a price for cached input, cached tokens cost what input does.
+        "my-llm": ModelPrice(input=Decimal("0.5"), output=Decimal(2), cached_input=Decimal("0.5")),
+        "my-cached-llm": ModelPrice(
+            input=Decimal("1.25"), output=Decimal(10), cached_input=Decimal("0.125")
+        ),
+    }
+
+
+def test_no_budgets_means_nothing_is_checked(settings):
+    settings.AGENTIC_DJANGO_BUDGETS = None
+    settings.AGENTIC_DJANGO_MODEL_PRICES = None
+    assert agentic_errors() == []
+    assert get_config().budgets == Budgets()
+    assert not get_config().budgets.any
+    assert get_config().model_prices == {}
+    settings.AGENTIC_DJANGO_BUDGETS = {"run_tokens": 1}
+    assert get_config().budgets.any
