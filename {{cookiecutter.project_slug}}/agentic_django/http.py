@@ -32,6 +32,7 @@ MAX_PAGE_SIZE = 200
 _TITLES = {
     400: "That request was not valid",
     401: "Please log in",
+    402: "Budget reached",
     403: "Not allowed",
     404: "Not found",
     405: "Not supported",

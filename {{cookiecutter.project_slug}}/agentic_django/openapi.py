@@ -31,12 +31,16 @@ FORM = "application/x-www-form-urlencoded"
 EVENT_ID_PATTERN = r"^\d+(:\d+:\d+(:end)?)?$"
 # Paging parameters longer than 18 digits are rejected (agentic_django.http).
 MAX_CURSOR = 10**18 - 1
+# US dollars as a string (JSON numbers would round them to floats).
+DOLLARS = {"type": "string", "pattern": r"^\d+(\.\d+)?$", "description": "US dollars."}
+USER_CAPS = ["user_cost", "user_tokens"]
 
 # Every `error.code` the endpoints answer with; a new one must be documented here.
 ERROR_CODES = (
     "approval_already_decided",
     "approval_expired",
     "approval_not_found",
+    "budget_exceeded",
     "conversation_busy",
     "database_unavailable",
     "input_too_large",
@@ -69,6 +73,8 @@ ERROR_CODES = (
 ERROR_DESCRIPTIONS = {
     400: "The request is not valid (malformed id, body, field or paging parameter).",
     401: "Not logged in (API clients). htmx gets 200 with `HX-Redirect` to the login page.",
+    402: "The user's budget for the period is used up (`error.reason`: the cap reached): no new "
+    "run starts before `error.resets_at`; retry after `Retry-After` seconds.",
     403: "CSRF verification failed: send the `csrftoken` cookie and its `X-CSRFToken` header.",
     404: "No such run or session among the current user's: another user's ids are 404 too.",
     409: "Nothing changed: the run already finished (cancel), the tool call was decided "
@@ -136,6 +142,15 @@ def _schemas() -> dict[str, Any]:
                             "format": "uuid",
                             "description": "`conversation_busy`: the run in progress.",
                         },
+                        "reason": {
+                            "type": "string",
+                            "enum": USER_CAPS,
+                            "description": "`budget_exceeded`: the cap that is reached.",
+                        },
+                        "resets_at": {
+                            **_timestamp(),
+                            "description": "`budget_exceeded`: when the period starts anew.",
+                        },
                     },
                     required=["code", "message"],
                 )
@@ -143,11 +158,56 @@ def _schemas() -> dict[str, Any]:
         ),
         "Usage": _obj(
             {
+                "calls": {**counter, "description": "Model calls in the ledger."},
                 "requests": counter,
                 "input_tokens": counter,
                 "output_tokens": counter,
+                "cached_tokens": counter,
+                "reasoning_tokens": counter,
                 "total_tokens": counter,
+                "cost": {
+                    **DOLLARS,
+                    "description": "US dollars, of the calls whose price is known.",
+                },
+                "cost_known": {
+                    "type": "boolean",
+                    "description": "False if some call's price is unknown: then `cost` is a "
+                    "lower bound.",
+                },
+                "unpriced_calls": counter,
             }
+        ),
+        "Spending": _obj(
+            {
+                "period": {"type": "string", "enum": ["day", "month"]},
+                "period_start": _timestamp(),
+                "resets_at": _timestamp(),
+                "limits": _obj(
+                    {
+                        "cost": _nullable(DOLLARS),
+                        "tokens": _nullable({"type": "integer", "minimum": 1}),
+                    }
+                ),
+                "spent": _ref("Usage"),
+                "warning": {
+                    "type": "boolean",
+                    "description": "At or past the soft threshold of a cap.",
+                },
+                "exceeded": _nullable({"type": "string", "enum": USER_CAPS}),
+                "session": {
+                    **_obj({"session_key": {"type": "string"}, "spent": _ref("Usage")}),
+                    "description": "With `session_key`: all that conversation spent.",
+                },
+            },
+            required=[
+                "period",
+                "period_start",
+                "resets_at",
+                "limits",
+                "spent",
+                "warning",
+                "exceeded",
+            ],
         ),
         "RunInput": {
             "description": "Text, or a list of Agents SDK input items."
@@ -186,8 +246,17 @@ def _schemas() -> dict[str, Any]:
                     }
                 ),
                 "final_output": {"description": "The agent's final output (any JSON), or null."},
-                "error": _nullable({"type": "string"}),
-                "usage": _ref("Usage"),
+                "error": _nullable(
+                    {
+                        "type": "string",
+                        "description": "Why the run failed or was cancelled, or (while "
+                        "`budget_exceeded`) the budget it waits for.",
+                    }
+                ),
+                "usage": {
+                    **_ref("Usage"),
+                    "description": "What the run used, each model call once (retries included).",
+                },
                 "created_at": _timestamp(),
                 "started_at": _nullable(_timestamp()),
                 "finished_at": _nullable(_timestamp()),
@@ -372,7 +441,7 @@ def _error(status: int) -> dict[str, Any]:
     }
     if status == 403:
         response["content"] = {HTML: {"schema": {"type": "string"}}}
-    if status in (429, 503):
+    if status in (402, 429, 503):
         response["headers"] = {
             "Retry-After": {"schema": {"type": "integer", "minimum": 1}, "required": True}
         }
@@ -501,7 +570,7 @@ def _paths() -> dict[str, Any]:
                         },
                     },
                     "302": {"description": "Form post with a local-path `next`: redirect there."},
-                    **_errors(403, 409, 413, 429),
+                    **_errors(402, 403, 409, 413, 429),
                 },
             }
         },
@@ -632,6 +701,30 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _ok(
                         "ItemPage", "Items after `after`.", htmx="the conversation as HTML."
+                    ),
+                    "302": LOGIN_REDIRECT,
+                    **_errors(404),
+                },
+            }
+        },
+        "/usage/": {
+            "get": {
+                "operationId": "usage",
+                "summary": "The user's spending this period against their budget",
+                "parameters": [
+                    {
+                        "name": "session_key",
+                        "in": "query",
+                        "description": "Also what this conversation of the user spent.",
+                        "schema": {"type": "string", "maxLength": MAX_SESSION_KEY_LENGTH},
+                    },
+                    HTMX_HEADER,
+                ],
+                "responses": {
+                    "200": _ok(
+                        "Spending",
+                        "Spending and caps.",
+                        htmx="the spend meter (empty without a user cap).",
                     ),
                     "302": LOGIN_REDIRECT,
                     **_errors(404),

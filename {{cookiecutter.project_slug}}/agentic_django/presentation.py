@@ -3,7 +3,8 @@
 Session items are OpenAI Responses input items (user/assistant messages, function calls and
 their outputs). Here they become ``Entry`` objects -- a message, or one tool call paired with its
 output -- and Markdown is rendered to sanitized HTML. Queries for the template tags and the
-HTML views live here too, so templates and tags never build querysets.
+HTML views live here too, so templates and tags never build querysets: a page of runs reads
+their usage in the same statement as the runs, and the spend meter is one aggregate.
 """
 
 from __future__ import annotations
@@ -11,17 +12,34 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import cache
 from typing import Any
 
 import nh3
 from django.db import connections, router
-from django.db.models import Prefetch
+from django.db.models import OuterRef, Prefetch, Subquery
 from django.utils.safestring import SafeString, mark_safe
 from markdown_it import MarkdownIt
 
-from agentic_django.models import AgentApproval, AgentRun, AgentSession, AgentSessionItem
+from agentic_django.models import (
+    AgentApproval,
+    AgentRun,
+    AgentSession,
+    AgentSessionItem,
+    AgentUsage,
+)
 from agentic_django.prepared import column_converters, convert_row
+from agentic_django.usage import (
+    Standing,
+    Totals,
+    format_money,
+    run_totals,
+    standing,
+    totals_aggregates,
+    totals_of,
+    user_limits,
+)
 
 MAX_RUNS_SHOWN = 100
 SUMMARY_CHARS = 80
@@ -172,6 +190,85 @@ def input_items(input_payload: Any) -> list[Any]:
     return list(input_payload) if isinstance(input_payload, list) else []
 
 
+# --- Usage and spending ----------------------------------------------------------------------
+
+
+def dollars(amount: Decimal) -> str:
+    """US dollars for people: "$3.20", "$0.0021", "$0.00"."""
+    return f"${format_money(amount)}"
+
+
+def token_count(tokens: int) -> str:
+    return f"{tokens:,} token{'' if tokens == 1 else 's'}"
+
+
+def cost_text(totals: Totals) -> str:
+    """What the calls cost; a call whose price is unknown is never counted as free."""
+    if totals.calls and totals.unpriced == totals.calls:
+        return "cost unknown"
+    if totals.unpriced:
+        return f"at least {dollars(totals.cost)}"
+    return dollars(totals.cost)
+
+
+@dataclass(frozen=True)
+class SpendMeter:
+    """The user's spending this period against their caps, for the chat page."""
+
+    standing: Standing
+
+    @property
+    def text(self) -> str:
+        """E.g. "$3.20 of $20.00 this month" (and the tokens, if they are capped)."""
+        found = self.standing
+        parts = []
+        if found.limits.cost is not None:
+            parts.append(f"{cost_text(found.spent)} of {dollars(found.limits.cost)}")
+        if found.limits.tokens is not None:
+            parts.append(f"{found.spent.total_tokens:,} of {token_count(found.limits.tokens)}")
+        period = "today" if found.period == "day" else "this month"
+        return f"{' · '.join(parts)} {period}"
+
+    @property
+    def warning(self) -> bool:
+        return self.standing.warning
+
+    @property
+    def exceeded(self) -> bool:
+        return self.standing.over
+
+    @property
+    def message(self) -> str:
+        """Why nothing new can start, and when it can again (empty while within the caps)."""
+        return self.standing.message
+
+    @property
+    def used(self) -> str:
+        """The share of the tightest cap used, 0 to 1 (a ``<meter>`` value; never localized)."""
+        found = self.standing
+        cost, tokens = found.limits.cost, found.limits.tokens
+        shares = []
+        if cost is not None:
+            shares.append(float(found.spent.cost / cost) if cost else 1.0)
+        if tokens is not None:
+            shares.append(found.spent.total_tokens / tokens)
+        return f"{min(max(shares, default=0.0), 1.0):.3f}"
+
+    @property
+    def warn_at(self) -> str:
+        return f"{self.standing.warn_at:.3f}"
+
+
+def spend_meter(user: Any) -> SpendMeter | None:
+    """The user's spend meter; None (and no query) when no user cap applies to them."""
+    if not getattr(user, "is_authenticated", False):
+        return None
+    limits = user_limits(user)
+    if limits.cost is None and limits.tokens is None:
+        return None
+    return SpendMeter(standing(user))
+
+
 @dataclass
 class RunView:
     """What a run fragment shows: the turn's entries plus the run's state."""
@@ -181,6 +278,8 @@ class RunView:
     item_count: int = 0
     # The tool calls a paused run waits on (AgentApproval rows), in order.
     approvals: list[Any] = field(default_factory=list)
+    # What the run used (its ledger rows, a retried call once); read for finished runs only.
+    usage: Totals | None = None
 
     @property
     def in_doubt(self) -> bool:
@@ -211,6 +310,16 @@ class RunView:
         """True while the run is pending or running."""
         return not self.run.is_terminal
 
+    @property
+    def usage_text(self) -> str:
+        """What a finished run used, e.g. "1,234 tokens · $0.0021" (empty while it works)."""
+        if not self.run.is_terminal:
+            return ""
+        if self.usage is None or not self.usage.calls:
+            # A run older than the ledger knows its tokens, not what they cost.
+            return token_count(self.run.total_tokens) if self.run.total_tokens else ""
+        return f"{token_count(self.usage.total_tokens)} · {cost_text(self.usage)}"
+
 
 def run_version(run: AgentRun, item_count: int) -> str:
     """A fingerprint of what a run fragment shows, from the run row and its item count."""
@@ -218,9 +327,14 @@ def run_version(run: AgentRun, item_count: int) -> str:
     return f"{run.status}.{item_count}.{cancelling}"
 
 
-def run_view(run: AgentRun, payloads: Sequence[Any] | None = None) -> RunView:
+def run_view(
+    run: AgentRun, payloads: Sequence[Any] | None = None, used: Totals | None = None
+) -> RunView:
     """Build the display of one run from the session items it wrote (their payloads, in order;
-    read here when not given), or from its input while it wrote none."""
+    read here when not given), or from its input while it wrote none. ``used``: the run's
+    usage (read here for a finished run when not given)."""
+    if used is None and run.is_terminal:
+        used = run_totals(run)
     if payloads is None:
         payloads = [item.payload for item in run.session_items.order_by("sequence")]
     entries = entries_from_items(payloads)
@@ -229,17 +343,18 @@ def run_view(run: AgentRun, payloads: Sequence[Any] | None = None) -> RunView:
     approvals = run.pending_approvals()
     for approval in approvals:
         approval.arguments_text = _pretty_arguments(approval.arguments)
-    return RunView(run, entries, item_count=len(payloads), approvals=approvals)
+    return RunView(run, entries, item_count=len(payloads), approvals=approvals, usage=used)
 
 
 @dataclass
 class PolledRun:
-    """A run read for its fragment, with how many items it wrote and (unread until asked) their
-    payloads in order."""
+    """A run read for its fragment, with how many items it wrote, (unread until asked) their
+    payloads in order, and what it used."""
 
     run: AgentRun
     item_count: int
     _items: Any
+    usage: Totals | None = None
 
     @property
     def payloads(self) -> list[Any]:
@@ -262,16 +377,18 @@ class _PolledRunQuery:
     field_names: list[str]
     # (index, column expression, converters) of the run's columns whose values need converting.
     converters: list[tuple[int, Any, list[Any]]]
+    # The same for the run's summed cost (a float on SQLite).
+    cost_converters: list[tuple[int, Any, list[Any]]]
 
 
 @cache
 def _polled_run_query(alias: str) -> _PolledRunQuery:
-    """One statement for a run of an owner, the count of its items and their payloads, built
-    once per database: the ORM would compile it again on every poll, which costs more than
-    running it."""
+    """One statement for a run of an owner, the count of its items, their payloads and the
+    run's usage (calls, priced calls, tokens, cost of its rows not superseded), built once per
+    database: the ORM would compile it again on every poll, which costs more than running it."""
     connection = connections[alias]
     quote = connection.ops.quote_name
-    run, item = AgentRun._meta, AgentSessionItem._meta
+    run, item, ledger = AgentRun._meta, AgentSessionItem._meta, AgentUsage._meta
 
     def column(meta: Any, name: str, alias: str) -> str:
         return f"{alias}.{quote(meta.get_field(name).column)}"
@@ -282,23 +399,36 @@ def _polled_run_query(alias: str) -> _PolledRunQuery:
     )
     run_pk = f"r.{quote(run.pk.column)}"
     items_of_run = f"FROM {quote(item.db_table)} i WHERE {column(item, 'run', 'i')} = {run_pk}"
+    usage_of_run = (
+        f"FROM {quote(ledger.db_table)} u WHERE {column(ledger, 'run', 'u')} = {run_pk} "
+        f"AND NOT {column(ledger, 'superseded', 'u')}"
+    )
+    cost, tokens = column(ledger, "cost", "u"), column(ledger, "total_tokens", "u")
+    usage = ", ".join(
+        f"(SELECT {total} {usage_of_run})"
+        for total in ("COUNT(*)", f"COUNT({cost})", f"SUM({tokens})", f"SUM({cost})")
+    )
     # Only quoted table and column names are interpolated; values go in as parameters.
     sql = (
         f"SELECT {', '.join(f'r.{quote(f.column)}' for f in fields)}, "  # noqa: S608
-        f"(SELECT COUNT(*) {items_of_run}), (SELECT {aggregate} {items_of_run}) "
+        f"(SELECT COUNT(*) {items_of_run}), (SELECT {aggregate} {items_of_run}), {usage} "
         f"FROM {quote(run.db_table)} r "
         f"WHERE {run_pk} = %s AND {column(run, 'owner', 'r')} = %s"
     )
     columns = [run_field.get_col(run.db_table) for run_field in fields]
     converters = column_converters(columns, connection)
-    return _PolledRunQuery(sql, [f.attname for f in fields], converters)
+    cost_column = ledger.get_field("cost").get_col(ledger.db_table)
+    cost_converters = column_converters([cost_column], connection)
+    return _PolledRunQuery(sql, [f.attname for f in fields], converters, cost_converters)
 
 
 def polled_run(run_id: Any, owner_id: Any) -> PolledRun | None:
-    """The run ``run_id`` of ``owner_id`` with its items, in one query (None if there is none).
+    """The run ``run_id`` of ``owner_id`` with its items and usage, in one query (None if there
+    is none).
 
     This is what a polled run fragment costs on top of the request's own session and user
-    lookups. On databases other than PostgreSQL and SQLite the items take a second query."""
+    lookups. On databases other than PostgreSQL and SQLite the items and the usage of a
+    finished run take more queries."""
     alias = router.db_for_read(AgentRun)
     connection = connections[alias]
     if connection.vendor not in _ITEMS_AGGREGATE:
@@ -306,7 +436,8 @@ def polled_run(run_id: Any, owner_id: Any) -> PolledRun | None:
         if run is None:
             return None
         items = run.session_items.order_by("sequence").values_list("sequence", "payload")
-        return PolledRun(run, len(items), list(items))
+        used = run_totals(run) if run.is_terminal else None
+        return PolledRun(run, len(items), list(items), used)
     query = _polled_run_query(alias)
     pk = AgentRun._meta.pk.get_db_prep_value(run_id, connection)
     with connection.cursor() as cursor:
@@ -314,9 +445,17 @@ def polled_run(run_id: Any, owner_id: Any) -> PolledRun | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    *values, item_count, items = row
+    *values, item_count, items, calls, priced, tokens, cost = row
     values = convert_row(values, query.converters, connection)
-    return PolledRun(AgentRun.from_db(alias, query.field_names, values), item_count, items)
+    (cost,) = convert_row([cost], query.cost_converters, connection)
+    used = Totals(
+        calls=calls,
+        total_tokens=int(tokens or 0),
+        cost=Decimal(cost or 0),
+        unpriced=calls - priced,
+    )
+    run = AgentRun.from_db(alias, query.field_names, values)
+    return PolledRun(run, item_count, items, used)
 
 
 def conversation(session: AgentSession | None) -> dict[str, Any]:
@@ -329,6 +468,7 @@ def conversation(session: AgentSession | None) -> dict[str, Any]:
     newest = list(
         AgentRun.objects.filter(session=session)
         .select_related("session")
+        .annotate(**_usage_annotations())
         .prefetch_related(items_in_order)
         .order_by("-created_at", "-id")[: MAX_RUNS_SHOWN + 1]
     )
@@ -338,6 +478,28 @@ def conversation(session: AgentSession | None) -> dict[str, Any]:
     return {
         "session": session,
         "loose_entries": [] if truncated else entries_from_items(i.payload for i in loose),
-        "runs": [run_view(run, [i.payload for i in run.session_items.all()]) for run in runs],
+        "runs": [
+            run_view(run, [i.payload for i in run.session_items.all()], _annotated_usage(run))
+            for run in runs
+        ],
         "truncated": truncated,
     }
+
+
+# The sums a run fragment shows, as named by ``usage.totals_aggregates``.
+_SHOWN_TOTALS = ("calls", "total_tokens_total", "cost_total", "unpriced")
+
+
+def _usage_annotations() -> dict[str, Subquery]:
+    """Each run's usage (its ledger rows not superseded) as subqueries of the runs' own
+    statement: a page of runs costs no query more than it did without."""
+    rows = AgentUsage.objects.filter(run=OuterRef("pk"), superseded=False).order_by().values("run")
+    aggregates = totals_aggregates()
+    return {
+        f"usage_{name}": Subquery(rows.annotate(total=aggregates[name]).values("total"))
+        for name in _SHOWN_TOTALS
+    }
+
+
+def _annotated_usage(run: AgentRun) -> Totals:
+    return totals_of({name: getattr(run, f"usage_{name}") for name in _SHOWN_TOTALS})

@@ -20,6 +20,7 @@ from agentic_django.models import (
     AgentSession,
     AgentSessionItem,
 )
+from agentic_django.usage import Standing, Totals, run_totals
 
 _MAX_DEPTH = 64
 
@@ -75,12 +76,7 @@ def run_to_dict(run: AgentRun) -> dict[str, Any]:
         # What a run that failed or was cancelled mid-message had streamed of it.
         "partial_output": (run.stream_text or None) if run.is_terminal else None,
         "error": run.error or None,
-        "usage": {
-            "requests": run.requests,
-            "input_tokens": run.input_tokens,
-            "output_tokens": run.output_tokens,
-            "total_tokens": run.total_tokens,
-        },
+        "usage": usage_to_dict(run),
         "created_at": _iso(run.created_at),
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
@@ -90,6 +86,28 @@ def run_to_dict(run: AgentRun) -> dict[str, Any]:
         "approval_expires_at": _iso(run.approval_expires_at),
         "last_response_id": run.last_response_id or None,
     }
+
+
+RUN_COUNTS = ("requests", "input_tokens", "output_tokens", "total_tokens")
+
+
+def totals_to_dict(totals: Totals) -> dict[str, Any]:
+    """Ledger sums; the cost counts priced calls only (``cost_known``: every call had a price)."""
+    return totals.as_dict()
+
+
+def usage_to_dict(run: AgentRun) -> dict[str, Any]:
+    """What the run used by its ledger (one query): each call once, retries included."""
+    used = totals_to_dict(run_totals(run))
+    if not used["calls"] and run.total_tokens:
+        # A run older than the ledger: its own counts, at a cost nobody recorded.
+        used.update({name: getattr(run, name) for name in RUN_COUNTS}, cost_known=False)
+    return used
+
+
+def spending_to_dict(found: Standing) -> dict[str, Any]:
+    """The user's spending this period against their caps (``usage.standing`` without a run)."""
+    return found.as_dict()
 
 
 def approval_to_dict(approval: AgentApproval) -> dict[str, Any]:

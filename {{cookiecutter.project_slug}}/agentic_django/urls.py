@@ -15,5 +15,6 @@ urlpatterns = [
     path("runs/<str:run_id>/approve/", views.run_approve, name="run-approve"),
     path("runs/<str:run_id>/reject/", views.run_reject, name="run-reject"),
     path("sessions/<str:session_key>/items/", views.session_items, name="session-items"),
+    path("usage/", views.usage_summary, name="usage"),
     path("openapi.json", openapi.openapi_view, name="openapi"),
 ]

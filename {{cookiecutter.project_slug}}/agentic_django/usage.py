@@ -297,7 +297,7 @@ class Totals:
             "reasoning_tokens": self.reasoning_tokens,
             "total_tokens": self.total_tokens,
             # A string: JSON numbers would round dollars to floats.
-            "cost": str(self.cost) if self.calls else "0",
+            "cost": decimal_string(self.cost),
             "cost_known": self.cost_known,
             "unpriced_calls": self.unpriced,
         }
@@ -443,7 +443,7 @@ class Standing:
             "period_start": self.period_start.isoformat(),
             "resets_at": self.resets_at.isoformat(),
             "limits": {
-                "cost": None if self.limits.cost is None else str(self.limits.cost),
+                "cost": decimal_string(self.limits.cost),
                 "tokens": self.limits.tokens,
             },
             "spent": self.spent.as_dict(),
@@ -507,6 +507,14 @@ def exceeded_message(found: Standing) -> str:
     if found.exceeded == "run_tokens":
         return f"This run reached its token limit ({budgets.run_tokens:,} tokens)."
     return ""
+
+
+def decimal_string(amount: Decimal | None) -> str | None:
+    """An amount for JSON and CSV: a plain decimal string, never an exponent ("0E-9") or a
+    float, the same on every database ("0.0021", "0", "20")."""
+    if amount is None:
+        return None
+    return format(amount.normalize(), "f")
 
 
 def format_money(amount: Decimal | None) -> str:

@@ -43,16 +43,26 @@ from agentic_django.presentation import (
     polled_run,
     run_version,
     run_view,
+    spend_meter,
 )
 from agentic_django.ratelimit import enforce_rate_limit
 from agentic_django.recovery import recover_if_stuck
-from agentic_django.serializers import event_to_dict, item_to_dict, run_to_dict, session_to_dict
+from agentic_django.serializers import (
+    event_to_dict,
+    item_to_dict,
+    run_to_dict,
+    session_to_dict,
+    spending_to_dict,
+    totals_to_dict,
+)
 from agentic_django.streams import Position, seen_to_the_end
 from agentic_django.streams import run_events as stream_events
+from agentic_django.usage import session_totals, standing
 from agentic_django.validation import MAX_SESSION_KEY_LENGTH, is_storable_text
 
 RUN_FRAGMENT_TEMPLATE = "agentic_django/partials/run_fragment.html"
 CONVERSATION_TEMPLATE = "agentic_django/partials/conversation.html"
+USAGE_TEMPLATE = "agentic_django/partials/usage.html"
 RUN_UPDATE_EVENT = "run-update"
 CREATE_FIELDS = frozenset(
     {"input", "session_key", "agent_key", "run_options", "multitask_strategy"}
@@ -189,9 +199,9 @@ def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
 def run_fragment(request: HttpRequest, run_id: str) -> HttpResponse:
     """The run as an HTML fragment for htmx polling; 286 (stop polling) once it finished.
 
-    One query reads the run, the count of its items and their payloads, so a poll costs the
-    request's session and user lookups plus one statement; a steady poll (``v`` = the version
-    the page shows) answers 204 without decoding the items or rendering anything."""
+    One query reads the run, the count of its items, their payloads and its usage, so a poll
+    costs the request's session and user lookups plus one statement; a steady poll (``v`` = the
+    version the page shows) answers 204 without decoding the items or rendering anything."""
     polled = _polled_run(request, run_id)
     if recover_if_stuck(polled.run):
         polled = _polled_run(request, run_id)
@@ -199,7 +209,9 @@ def run_fragment(request: HttpRequest, run_id: str) -> HttpResponse:
     if not run.is_terminal and request.GET.get("v") == run_version(run, polled.item_count):
         return HttpResponse(status=204)  # unchanged: htmx keeps the element and polls again
     html = render_to_string(
-        RUN_FRAGMENT_TEMPLATE, {"run": run, "view": run_view(run, polled.payloads)}, request
+        RUN_FRAGMENT_TEMPLATE,
+        {"run": run, "view": run_view(run, polled.payloads, polled.usage)},
+        request,
     )
     if not (run.is_terminal and is_htmx(request)):
         return HttpResponse(html)
@@ -365,3 +377,18 @@ def session_items(request: HttpRequest, session_key: str) -> HttpResponse:
             "has_more": len(items) > limit,
         }
     )
+
+
+@api_view("GET")
+def usage_summary(request: HttpRequest) -> HttpResponse:
+    """The user's spending this period against their caps as JSON, with what one of their
+    conversations spent if ``session_key`` names it; htmx gets the spend meter."""
+    if is_htmx(request):
+        return render(request, USAGE_TEMPLATE, {"meter": spend_meter(request.user)})
+    session_key = request.GET.get("session_key")
+    session = _owned_session(request, session_key) if session_key is not None else None
+    body = spending_to_dict(standing(request.user))
+    if session is not None:
+        spent = totals_to_dict(session_totals(session.pk))
+        body["session"] = {"session_key": session.session_key, "spent": spent}
+    return JsonResponse(body)

@@ -1,8 +1,8 @@
 """Template tags of agentic_django: ``{% load agentic_django_tags %}``.
 
-``{% agent_run_fragment run %}`` renders a run (polling itself while it works) and
-``{% agent_conversation session %}`` a whole conversation; ``|agentic_markdown`` renders
-Markdown to sanitized HTML.
+``{% agent_run_fragment run %}`` renders a run (polling itself while it works),
+``{% agent_conversation session %}`` a whole conversation and ``{% agent_spend_meter %}`` the
+user's spending against their budget; ``|agentic_markdown`` renders Markdown to sanitized HTML.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from django import template
 from django.utils.safestring import SafeString
 
 from agentic_django.models import AgentRun, AgentSession
-from agentic_django.presentation import conversation, render_markdown, run_view
+from agentic_django.presentation import conversation, render_markdown, run_view, spend_meter
 
 register = template.Library()
 
@@ -33,6 +33,13 @@ def agent_run_fragment(context: template.Context, run: AgentRun) -> dict[str, An
 def agent_conversation(context: template.Context, session: AgentSession | None) -> dict[str, Any]:
     """Render a session's conversation, one run fragment per run."""
     return {**_passthrough(context), **conversation(session)}
+
+
+@register.inclusion_tag("agentic_django/partials/usage.html", takes_context=True)
+def agent_spend_meter(context: template.Context) -> dict[str, Any]:
+    """Render the user's spending this period against their cap (nothing without a cap)."""
+    request = context.get("request")
+    return {"meter": spend_meter(getattr(request, "user", None))}
 
 
 @register.filter

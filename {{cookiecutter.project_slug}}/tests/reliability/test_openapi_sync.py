@@ -202,6 +202,7 @@ RECIPES = [
         ),
     ),
     Recipe("run-create", 429, "rate_limited", lambda w, s: _over_the_rate_limit(w, s)),
+    Recipe("run-create", 402, "budget_exceeded", lambda w, s: _over_the_budget(w, s)),
     # --- run-detail
     Recipe("run-detail", 200, None, lambda w, s: w.api.get(_detail(w))),
     Recipe("run-detail", 302, None, lambda w, s: w.anonymous.get(_detail(w), headers=BROWSER)),
@@ -320,6 +321,17 @@ RECIPES = [
         lambda w, s: w.anonymous.get(url("session-items", "chat")),
     ),
     Recipe("session-items", 404, "not_found", lambda w, s: w.api.get(url("session-items", "nope"))),
+    # --- usage
+    Recipe("usage", 200, None, lambda w, s: w.api.get(url("usage"), {"session_key": "chat"})),
+    Recipe("usage", 302, None, lambda w, s: w.anonymous.get(url("usage"), headers=BROWSER)),
+    Recipe(
+        "usage",
+        400,
+        "invalid_session_key",
+        lambda w, s: w.api.get(url("usage"), {"session_key": "k" * 256}),
+    ),
+    Recipe("usage", 401, "not_authenticated", lambda w, s: w.anonymous.get(url("usage"))),
+    Recipe("usage", 404, "not_found", lambda w, s: w.api.get(url("usage"), {"session_key": "x"})),
     # --- run-stream
     Recipe("run-stream", 200, None, lambda w, s: _stream(w.api, w.finished.id)),
     Recipe("run-stream", 204, None, lambda w, s: _stream_after_its_end(w.api, w.finished.id)),
@@ -415,11 +427,17 @@ RECIPES = [
             ("run-approve", lambda w: _decide(w.api, "run-approve", w.paused)),
             ("run-reject", lambda w: _decide(w.api, "run-reject", w.paused)),
             ("session-items", lambda w: w.api.get(url("session-items", "chat"))),
+            ("usage", lambda w: w.api.get(url("usage"))),
         )
     ),
     # --- openapi
     Recipe("openapi", 200, None, lambda w, s: w.anonymous.get(url("openapi"))),
 ]
+
+
+def _over_the_budget(w: World, settings: Any) -> Any:
+    settings.AGENTIC_DJANGO_BUDGETS = {"user_cost": "0"}  # nothing to spend: no new run
+    return post_json(w.api, CREATE, {"input": "hi"})
 
 
 def _stream(client: Client, run_id: Any) -> Any:
