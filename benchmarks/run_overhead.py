@@ -15,7 +15,10 @@ inside ``enqueue_agent_run`` after commit):
   ``async_to_sync`` as the engine runs the SDK (a reference, not a target);
 - ``public path``: ``AgentSession.objects.get_or_create`` + ``AgentRun.objects.create`` +
   ``enqueue_agent_run`` (the README's example);
-- ``services.create_run``: the validated facade the views use.
+- ``services.create_run``: the validated facade the views use;
+- ``public path, no ledger``: the public path with the usage ledger's write skipped (patched
+  out for the block): what one ledger row per model call costs (issue 20's goal: at most
+  1.1x).
 
 Every run gets a new session; each timed run is checked afterwards (untimed) for its output.
 ``DATABASE_URL`` picks the database (default: a throwaway SQLite file).
@@ -23,8 +26,10 @@ Every run gets a new session; each timed run is checked afterwards (untimed) for
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,25 @@ COLUMNS = [
 AGENTS = ("chat", "tool")
 QUERY_LIMIT_CHAT = 12
 RATIO_LIMIT = 1.3
+NO_LEDGER = "public path, no ledger"
+LEDGER_LIMIT = 1.1
+
+
+@contextlib.contextmanager
+def without_ledger() -> Iterator[None]:
+    """Skip the usage ledger's row after each model call (a benchmark's comparison only)."""
+    from agentic_django.usage import UsageMeter
+
+    recording = UsageMeter.after_call
+
+    async def skip(self: Any, agent: Any, response: Any, *, turn: int) -> None:
+        return None
+
+    UsageMeter.after_call = skip  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        UsageMeter.after_call = recording  # type: ignore[method-assign]
 
 
 def build_variants(agent_key: str, *, user: Any, workdir: Path) -> list[common.Variant]:
@@ -139,6 +163,7 @@ def build_variants(agent_key: str, *, user: Any, workdir: Path) -> list[common.V
         common.Variant(STREAMED, streamed_sqlite),
         common.Variant("public path", public_path),
         common.Variant("services.create_run", service),
+        common.Variant(NO_LEDGER, public_path, around=without_ledger),
     ]
 
 
@@ -182,6 +207,13 @@ def measure(
                 f"{agent_key}: public path / {FLOOR_NORMAL}",
                 value=public["ratio_normal"],
                 limit=RATIO_LIMIT,
+            )
+        )
+        targets.append(
+            common.target(
+                f"{agent_key}: public path / {NO_LEDGER}",
+                value=timings.ratio("public path", NO_LEDGER),
+                limit=LEDGER_LIMIT,
             )
         )
         if agent_key == "chat":

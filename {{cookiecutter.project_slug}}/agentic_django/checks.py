@@ -83,6 +83,13 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             "Point it at a class with dumps(item) and loads(payload) methods.",
             "agentic_django.E005",
         )
+    if config.budgets.user_limits:
+        messages += _importable(
+            config.budgets.user_limits,
+            "AGENTIC_DJANGO_BUDGETS['user_limits']",
+            "Point it at a callable(user) returning {'user_cost': ..., 'user_tokens': ...}.",
+            "agentic_django.E007",
+        )
     features = connection.features
     if not (features.can_return_rows_from_update and features.can_return_columns_from_insert):
         messages.append(

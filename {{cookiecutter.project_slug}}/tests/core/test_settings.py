@@ -119,6 +119,13 @@ def test_unimportable_paths_are_reported_at_startup(settings, name, path):
     assert errors[0].startswith(f"{name} {path!r} cannot be imported")
 
 
+def test_an_unimportable_user_limits_callable_is_reported_at_startup(settings):
+    settings.AGENTIC_DJANGO_BUDGETS = {"user_limits": "billing.plans.no_such_function"}
+    errors = agentic_errors()
+    assert len(errors) == 1
+    assert errors[0].startswith("AGENTIC_DJANGO_BUDGETS['user_limits'] 'billing.plans.")
+
+
 def test_an_rq_job_timeout_shorter_than_the_run_timeout_is_reported(settings):
     settings.TASKS = {"default": {"BACKEND": "django_tasks_rq.RQBackend", "QUEUES": ["default"]}}
     settings.AGENTIC_DJANGO_RUN_TIMEOUT = 300
@@ -188,7 +195,7 @@ def test_budgets_and_prices_are_parsed_to_exact_decimals(settings):
         "user_tokens": 100_000,
         "warn_at": 1,
         "on_exceeded": "fail",
-        "user_limits": "billing.plans.limits_of",
+        "user_limits": "tests.core.test_usage.plan_limits",
     }
     settings.AGENTIC_DJANGO_MODEL_PRICES = {
         "my-llm": {"input": "0.5", "output": 2},
@@ -204,7 +211,7 @@ def test_budgets_and_prices_are_parsed_to_exact_decimals(settings):
         run_tokens=None,
         warn_at=1.0,
         on_exceeded="fail",
-        user_limits="billing.plans.limits_of",
+        user_limits="tests.core.test_usage.plan_limits",
     )
     assert config.budgets.any
     assert config.model_prices == {

@@ -423,6 +423,36 @@ def test_a_user_over_the_cap_starts_nothing_and_the_period_rolling_over_resumes_
         disconnect()
 
 
+def plan_limits(user: Any) -> dict[str, Any] | None:
+    """A project's caps per user (``user_limits``): a small plan for one user."""
+    return {"user_tokens": 100} if user.username.startswith("trial") else None
+
+
+def test_caps_per_user_come_from_the_projects_callable(user, django_user_model, settings):
+    settings.AGENTIC_DJANGO_BUDGETS = {
+        "user_tokens": 1_000,
+        "user_limits": "tests.core.test_usage.plan_limits",
+    }
+    trial = django_user_model.objects.create_user("trial-1", password="pw-123456789")
+    for owner in (user, trial):
+        run = new_run(owner, "counter", session_key=f"s-{owner.pk}")
+        AgentUsage.objects.create(
+            run=run,
+            session=run.session,
+            owner=owner,
+            sequence=1,
+            attempt=1,
+            turn=1,
+            total_tokens=100,
+            priced_at=run.created_at,
+            created_at=run.created_at,
+        )
+    usage.check_new_run(user)  # 100 of the default 1,000
+    with pytest.raises(BudgetExceeded):
+        usage.check_new_run(trial)  # 100 of its plan's 100
+    assert usage.standing(trial).limits == usage.UserLimits(cost=None, tokens=100)
+
+
 def test_the_period_is_a_calendar_day_or_month_in_the_time_zone(settings):
     from datetime import datetime
     from zoneinfo import ZoneInfo
