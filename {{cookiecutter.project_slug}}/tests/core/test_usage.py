@@ -470,7 +470,7 @@ def test_the_period_is_a_calendar_day_or_month_in_the_time_zone(settings):
     )
 
 
-@pytest.mark.skipif("connection.vendor != 'postgresql'")
+@pytest.mark.postgres
 def test_runs_of_one_user_racing_the_cap_overshoot_by_at_most_one_call_each(
     user, settings, django_db_blocker
 ):
