@@ -39,6 +39,7 @@ from agentic_django.dispatch import dispatch_next, release_unclaimed
 from agentic_django.events import EventRecorder, describe
 from agentic_django.exceptions import AgenticDjangoError
 from agentic_django.lifecycle import Fence
+from agentic_django.logcontext import bind_run
 from agentic_django.models import AgentApproval, AgentCheckpoint, AgentRun, AgentToolCall
 from agentic_django.recovery import ensure_startup_recovery
 from agentic_django.registry import build_agent
@@ -91,7 +92,8 @@ def execute(run_id: str, *, task_id: str = "") -> str:
         if run is None:
             release_unclaimed(run_id, task_id)
             return "skipped"
-        return execute_claimed_run(run)
+        with bind_run(run):  # every line logged while it executes names the run
+            return execute_claimed_run(run)
     finally:
         release_connection()
 

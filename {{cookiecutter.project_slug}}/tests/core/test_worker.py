@@ -93,6 +93,16 @@ def test_an_idle_worker_recovers_a_dead_run_and_dispatches_the_run_behind_it(use
     # The worker has started: preloaded, announced its slots, swept once.
     wait_for(lambda: AgentWorker.objects.exists(), "the worker to start", worker)
     assert AgentWorker.objects.get().slots == 50
+    # Compose's health check of the worker's container finds its heartbeat.
+    check = subprocess.run(
+        [sys.executable, "manage.py", "agentic_django_worker", "--check"],
+        cwd=PROJECT_DIR,
+        env={**os.environ, "DATABASE_URL": database_url()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stderr
     # Its concurrency limit holds for every process of the deployment.
     assert DispatchLock.objects.get(name=lifecycle.LOCK_NAME).concurrency_limit == 7
     session = AgentSession.objects.create(owner=user, session_key="idle")

@@ -41,8 +41,19 @@ class Command(BaseCommand):
             action="store_true",
             help="Run the queued tasks, then exit (for scripts and tests).",
         )
+        parser.add_argument(
+            "--check",
+            action="store_true",
+            help=(
+                "Exit 0 if a worker on this host renewed its heartbeat within the last lease, "
+                "else 1 (a container health check; starts no worker, imports no Agents SDK)."
+            ),
+        )
 
-    def handle(self, *args: Any, queue: str, burst: bool, **options: Any) -> None:
+    def handle(self, *args: Any, queue: str, burst: bool, check: bool, **options: Any) -> None:
+        if check:
+            self.check_alive()
+            return
         backend = _backend_path()
         if backend == DATABASE_BACKEND:
             from django.utils.crypto import get_random_string
@@ -73,3 +84,20 @@ class Command(BaseCommand):
                 f"The 'default' task backend ({backend}) runs tasks without a worker; "
                 f"agentic_django_worker serves {DATABASE_BACKEND} and {RQ_BACKEND}."
             )
+
+    def check_alive(self) -> None:
+        """A live worker announced itself from this host (in a container: this container)."""
+        import socket
+
+        from django.db import DatabaseError
+
+        from agentic_django.lifecycle import live_workers
+
+        hostname = socket.gethostname()
+        try:
+            alive = live_workers().filter(hostname=hostname).exists()
+        except DatabaseError as exc:
+            raise CommandError(f"Cannot read the workers' heartbeats: {exc}") from exc
+        if not alive:
+            raise CommandError(f"No worker on {hostname} renewed its heartbeat within a lease.")
+        self.stdout.write(f"A worker on {hostname} is alive.")
