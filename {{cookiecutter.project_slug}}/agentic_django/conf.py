@@ -67,6 +67,16 @@ DEFAULTS: dict[str, Any] = {
     "MULTITASK_STRATEGY": "enqueue",
     "BUDGETS": {},
     "MODEL_PRICES": {},
+    "TRACING": {},
+}
+
+TRACING_DEFAULTS: dict[str, Any] = {
+    # Store each run's trace (its agents, model calls, tool calls, handoffs, guardrails) in
+    # the database, for the run inspector; works with every provider, nothing leaves the server.
+    "enabled": True,
+    # Keep the inputs and outputs of model and tool calls in the spans (the conversation is
+    # in the database already); False keeps timings, names, tokens and errors only.
+    "include_sensitive_data": True,
 }
 
 BUDGET_DEFAULTS: dict[str, Any] = {
@@ -94,6 +104,8 @@ CLEANUP_DEFAULTS: dict[str, Any] = {
     # The usage ledger outlives the runs it counts (spending is billing data): kept forever
     # unless this says how many days.
     "usage_days": None,
+    # Traces of runs (the inspector's spans), whatever became of the runs.
+    "trace_days": 30,
     "batch_size": 500,
 }
 
@@ -117,6 +129,15 @@ class CleanupPolicy:
     sessions_require_empty: bool
     batch_size: int
     usage_days: int | None = None
+    trace_days: int | None = None
+
+
+@dataclass(frozen=True)
+class Tracing:
+    """``AGENTIC_DJANGO_TRACING``: what the run inspector keeps."""
+
+    enabled: bool = True
+    include_sensitive_data: bool = True
 
 
 @dataclass(frozen=True)
@@ -186,6 +207,7 @@ class AgenticConfig:
     budgets: Budgets = field(default_factory=Budgets)
     # Model name -> its price, over the maintained price table (genai-prices).
     model_prices: dict[str, ModelPrice] = field(default_factory=dict)
+    tracing: Tracing = field(default_factory=Tracing)
 
 
 def _setting(name: str) -> Any:
@@ -264,7 +286,7 @@ def _cleanup_policy(value: Any) -> CleanupPolicy:
     merged = _with_defaults(name, value, CLEANUP_DEFAULTS)
     days = {
         key: _optional_positive_int(f"{name}['{key}']", merged[key])
-        for key in ("events_days", "runs_days", "sessions_days", "usage_days")
+        for key in ("events_days", "runs_days", "sessions_days", "usage_days", "trace_days")
     }
     statuses = merged["runs_statuses"]
     if (
@@ -286,7 +308,17 @@ def _cleanup_policy(value: Any) -> CleanupPolicy:
         sessions_require_empty=merged["sessions_require_empty"],
         batch_size=_positive_int(f"{name}['batch_size']", merged["batch_size"]),
         usage_days=days["usage_days"],
+        trace_days=days["trace_days"],
     )
+
+
+def _tracing(value: Any) -> Tracing:
+    name = f"{PREFIX}TRACING"
+    merged = _with_defaults(name, value, TRACING_DEFAULTS)
+    for key in TRACING_DEFAULTS:
+        if not isinstance(merged[key], bool):
+            raise ImproperlyConfigured(f"{name}['{key}'] must be True or False.")
+    return Tracing(**merged)
 
 
 def _money(name: str, value: Any) -> Decimal | None:
@@ -444,6 +476,7 @@ def load_config() -> AgenticConfig:
         multitask_strategy=strategy,
         budgets=_budgets(_setting("BUDGETS")),
         model_prices=_model_prices(_setting("MODEL_PRICES")),
+        tracing=_tracing(_setting("TRACING")),
     )
 
 

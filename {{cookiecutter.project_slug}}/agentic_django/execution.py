@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -31,7 +32,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 
-from agentic_django import checkpoints, failures, lifecycle, toolcalls
+from agentic_django import checkpoints, failures, lifecycle, logcontext, toolcalls, tracing
 from agentic_django.checkpoints import CheckpointHooks, UnreadableCheckpoint, run_context
 from agentic_django.conf import TIMEOUT_GRACE_SECONDS, get_config, validate_run_options
 from agentic_django.db import release_connection, released, run_sync
@@ -240,8 +241,11 @@ def _execute(run: AgentRun, keeper: LeaseKeeper) -> Outcome:
             return Outcome(Status.AWAITING_APPROVAL, approvals=in_doubt)
         checkpoint = AgentCheckpoint.objects.filter(run_id=run.pk).first()
     recorder = EventRecorder(run) if config.enable_events else None
+    tracing.install()
+    run_config = tracing.run_config(run)
     release_connection()  # the run's database work borrows a connection for each step
-    return async_to_sync(_stream)(run, agent, options, recorder, keeper, checkpoint)
+    with logcontext.bind(trace_id=run_config.trace_id):
+        return async_to_sync(_stream)(run, agent, options, recorder, keeper, checkpoint, run_config)
 
 
 def calls_in_doubt(run: AgentRun, repeatable: dict[str, bool]) -> list[dict[str, Any]]:
@@ -280,6 +284,7 @@ async def _stream(
     recorder: EventRecorder | None,
     keeper: LeaseKeeper,
     checkpoint: AgentCheckpoint | None,
+    run_config: Any,
 ) -> Outcome:
     config = get_config()
     loop = asyncio.get_running_loop()
@@ -290,7 +295,9 @@ async def _stream(
     ledger = ToolLedger(Fence.of(run), turn=turn, resumed_turn=turn)
     activated = ledger.activate()
     try:
-        return await _run_agent(run, agent, max_turns, recorder, keeper, checkpoint, ledger)
+        return await _run_agent(
+            run, agent, max_turns, recorder, keeper, checkpoint, ledger, run_config
+        )
     finally:
         # The context goes back to the calling thread: the run's ledger must not go with it.
         toolcalls.deactivate(activated)
@@ -304,6 +311,7 @@ async def _run_agent(
     keeper: LeaseKeeper,
     checkpoint: AgentCheckpoint | None,
     ledger: ToolLedger,
+    run_config: Any,
 ) -> Outcome:
     from agents import Runner
     from agents.exceptions import MaxTurnsExceeded
@@ -329,8 +337,10 @@ async def _run_agent(
         max_turns=max_turns,
         hooks=hooks.hooks(),
         context=context,
+        run_config=run_config,
     )
     hooks.result = result
+    trace_id = run_config.trace_id
     watch = _CancelWatch(fence, result)
     keeper.on_lost(lambda: loop.call_soon_threadsafe(watch.lose))
     watcher = asyncio.create_task(watch.run())
@@ -359,6 +369,8 @@ async def _run_agent(
                 if described[0] in TURN_END_EVENTS:
                     # A turn's tools are done: look now, before the SDK asks the model again.
                     await watch.check()
+                    if tracing.RECORDER.due(trace_id):
+                        await run_sync(tracing.RECORDER.write)(trace_id, fence, final=False)
     except TimeoutError:
         await _stop(result)
         seconds = config.run_timeout_seconds
@@ -396,6 +408,8 @@ async def _run_agent(
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError, DatabaseError):
             await watcher
+        # What the attempt did, step by step, for the inspector (before its terminal state).
+        await run_sync(tracing.RECORDER.write)(trace_id, fence, final=True)
     if watch.lost:
         return Outcome(Status.FAILED, lost=True)
     if watch.cancel_requested and result.final_output is None:
@@ -651,8 +665,13 @@ class LeaseKeeper:
         self.lost = False
         self._callbacks: list[Callable[[], object]] = []
         self._stopped = threading.Event()
+        # Its log lines carry the run's fields (agentic_django.logcontext) like the run's own.
+        context = contextvars.copy_context()
         self._thread = threading.Thread(
-            target=self._run, name=f"agentic-django-lease-{fence.run_id}", daemon=True
+            target=context.run,
+            args=(self._run,),
+            name=f"agentic-django-lease-{fence.run_id}",
+            daemon=True,
         )
 
     def start(self) -> None:

@@ -258,6 +258,55 @@ class AgentUsage(models.Model):
         return f"{self.model or 'model'} call #{self.sequence} of {self.run_id}"
 
 
+class AgentSpan(models.Model):
+    """One step of a run as the Agents SDK traced it: an agent, a model call, a tool call, a
+    handoff, a guardrail, or a custom span -- and one row per trace (``kind="trace"``, its
+    ``span_id`` the trace id): each attempt of a run, and each part of a run after an approval,
+    is a trace of its own.
+
+    Written in batches by ``agentic_django.tracing`` off the run's path, only while the attempt
+    that traced them still holds the run (an attempt that lost its run writes none), once each
+    (``run``, ``span_id`` is unique). Spans of an attempt whose worker died stay as far as they
+    were written; the spans still open then are not recorded.
+    """
+
+    run = models.ForeignKey(AgentRun, on_delete=models.CASCADE, related_name="spans")
+    attempt = models.PositiveIntegerField()
+    trace_id = models.CharField(max_length=64)
+    span_id = models.CharField(max_length=64)
+    # The enclosing span ("" at the top of a trace; a trace row's parent is "").
+    parent_id = models.CharField(max_length=64, blank=True)
+    # "trace", "agent", "generation", "response", "function", "handoff", "guardrail",
+    # "custom", ... (the SDK's span type).
+    kind = models.CharField(max_length=32)
+    name = models.CharField(max_length=255, blank=True)
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    # What the span recorded (inputs and outputs only when sensitive data is kept).
+    data = models.JSONField(default=dict, blank=True)
+    error = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "trace span"
+        ordering = ["started_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "span_id"], name="agentic_span_run_span_unique")
+        ]
+        indexes = [
+            models.Index(fields=["run", "started_at"], name="agentic_span_run_started"),
+            models.Index(fields=["started_at"], name="agentic_span_started"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}".strip()
+
+    @property
+    def duration_ms(self) -> float | None:
+        if self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds() * 1000
+
+
 class AgentCheckpoint(models.Model):
     """The serialized SDK ``RunState`` a run resumes from: saved before each model call after
     the first, and when the run pauses for approvals. Server-side only, never from a client."""

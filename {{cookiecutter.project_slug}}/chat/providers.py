@@ -19,6 +19,7 @@ the settings here.
 from __future__ import annotations
 
 import functools
+import os
 import ssl
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -55,14 +56,25 @@ def exports_traces() -> bool:
 
 
 def configure_tracing() -> None:
-    """Apply `exports_traces()` to the Agents SDK (process-wide)."""
-    from agents import set_tracing_disabled, set_tracing_export_api_key
+    """Apply `exports_traces()` to the Agents SDK (process-wide). The run inspector's own
+    record of each run (`agentic_django.tracing`) stays on either way: it is kept in this
+    project's database and sent nowhere."""
+    from agents import set_tracing_export_api_key
+    from agents.tracing.processors import default_processor
 
-    if exports_traces():
-        # The SDK's own switch, OPENAI_AGENTS_DISABLE_TRACING, still turns it off.
+    from agentic_django import tracing
+
+    # The SDK's own switch, OPENAI_AGENTS_DISABLE_TRACING, still stops the export.
+    if exports_traces() and not sdk_tracing_disabled():
         set_tracing_export_api_key(settings.OPENAI_API_KEY)
+        tracing.install(exporters=[default_processor()])
     else:
-        set_tracing_disabled(True)
+        tracing.install(exporters=[])
+
+
+def sdk_tracing_disabled() -> bool:
+    """Whether the environment turns the Agents SDK's tracing off."""
+    return os.environ.get("OPENAI_AGENTS_DISABLE_TRACING", "").lower() in ("1", "true")
 
 
 def problems() -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 
 from agentic_django import logcontext, recovery
 from agentic_django.execution import execute
-from agentic_django.models import AgentRun, AgentSession
+from agentic_django.models import AgentRun, AgentSession, AgentSpan
 from tests.core.conftest import call, text
 from tests.waiting import PATIENCE, in_thread
 
@@ -91,7 +91,9 @@ def test_every_line_logged_while_a_run_executes_names_it(user, json_lines):
             "attempt": 1,
             "session": "session-failing",
         }
-        assert "trace_id" in line
+    # The trace the run inspector stored for this attempt (agentic_django.tracing).
+    [trace_id] = AgentSpan.objects.filter(run=run, kind="trace").values_list("trace_id", flat=True)
+    assert tool_line["trace_id"] == engine_line["trace_id"] == trace_id
     assert "RuntimeError: model broke" in engine_line["exc_info"]
     assert engine_line["level"] == "ERROR" and engine_line["time"].endswith("+00:00")
     after = next(line for line in lines if line["logger"] == "tests.after")

@@ -12,7 +12,14 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSessionItem, AgentUsage
+from agentic_django.models import (
+    AgentEvent,
+    AgentRun,
+    AgentSession,
+    AgentSessionItem,
+    AgentSpan,
+    AgentUsage,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -65,7 +72,7 @@ def cleanup(*args: str) -> str:
 
 def test_cleanup_applies_the_policy_in_batches(old_data):
     output = cleanup("--batch-size", "1")
-    assert output.strip() == "Deleted 3 events, 2 runs, 1 sessions."
+    assert output.strip() == "Deleted 3 events, 2 runs, 1 sessions, 0 trace spans."
     remaining = set(AgentRun.objects.values_list("pk", flat=True))
     assert old_data["old_done"].pk not in remaining
     assert old_data["old_failed"].pk not in remaining
@@ -78,7 +85,9 @@ def test_cleanup_applies_the_policy_in_batches(old_data):
 
 def test_cleanup_dry_run_deletes_nothing(old_data):
     before = (AgentRun.objects.count(), AgentEvent.objects.count(), AgentSession.objects.count())
-    assert cleanup("--dry-run").strip() == "Would delete 3 events, 2 runs, 1 sessions."
+    assert (
+        cleanup("--dry-run").strip() == "Would delete 3 events, 2 runs, 1 sessions, 0 trace spans."
+    )
     after = (AgentRun.objects.count(), AgentEvent.objects.count(), AgentSession.objects.count())
     assert before == after
 
@@ -87,7 +96,7 @@ def test_cleanup_flags_override_the_policy(old_data, settings):
     settings.AGENTIC_DJANGO_CLEANUP_POLICY = {"sessions_require_empty": False}
     output = cleanup("--events-days", "60", "--runs-days", "60", "--sessions-days", "50")
     # Nothing is 60 days old; idle sessions go even with (finished) runs in them.
-    assert output.strip() == "Deleted 0 events, 0 runs, 2 sessions."
+    assert output.strip() == "Deleted 0 events, 0 runs, 2 sessions, 0 trace spans."
     assert not AgentSession.objects.filter(pk=old_data["idle_with_runs"].pk).exists()
 
 
@@ -108,11 +117,29 @@ def test_the_usage_ledger_outlives_the_runs_it_counts(old_data):
         priced_at=now,
         created_at=now - timedelta(days=40),
     )
-    assert cleanup().strip() == "Deleted 3 events, 2 runs, 1 sessions."
+    assert cleanup().strip() == "Deleted 3 events, 2 runs, 1 sessions, 0 trace spans."
     kept = AgentUsage.objects.get()
     assert (kept.run_id, kept.session_id, kept.cost) == (None, run.session_id, Decimal("0.01"))
-    assert cleanup("--usage-days", "30").strip().endswith("1 usage records.")
+    assert "1 usage records" in cleanup("--usage-days", "30")
     assert not AgentUsage.objects.exists()
+
+
+def test_traces_go_after_their_own_threshold_whatever_became_of_their_runs(old_data):
+    """The inspector's steps of a run kept for its own sake go after trace_days (30 by
+    default); those of a pruned run go with it."""
+    now = timezone.now()
+    for run, days in ((old_data["recent_done"], 40), (old_data["recent_done"], 1)):
+        AgentSpan.objects.create(
+            run=run,
+            attempt=1,
+            trace_id="trace_x",
+            span_id=f"s{days}",
+            kind="function",
+            name="lookup",
+            started_at=now - timedelta(days=days),
+        )
+    assert cleanup("--trace-days", "30").strip().endswith(", 1 trace spans.")
+    assert list(AgentSpan.objects.values_list("span_id", flat=True)) == ["s1"]
 
 
 def test_cleanup_rejects_bad_flags():

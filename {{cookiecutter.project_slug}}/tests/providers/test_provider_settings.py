@@ -34,13 +34,21 @@ def _no_provider(settings):
 
 @pytest.fixture
 def tracing_calls(monkeypatch) -> list[tuple[str, object]]:
-    """What configure_tracing asks of the Agents SDK (not applied: tests never trace)."""
-    import agents  # configure_tracing imports these from the SDK when it runs
+    """What configure_tracing asks of the Agents SDK and of the engine's tracing (recorded,
+    not applied), with the SDK's own switch off unless a test sets it."""
+    import agents  # configure_tracing imports it from the SDK when it runs
+
+    from agentic_django import tracing
 
     calls: list[tuple[str, object]] = []
-    monkeypatch.setattr(agents, "set_tracing_disabled", lambda v: calls.append(("disabled", v)))
+    monkeypatch.delenv("OPENAI_AGENTS_DISABLE_TRACING", raising=False)
     monkeypatch.setattr(
         agents, "set_tracing_export_api_key", lambda v: calls.append(("export_key", v))
+    )
+    monkeypatch.setattr(
+        tracing,
+        "install",
+        lambda exporters=None: calls.append(("exporters", [type(e).__name__ for e in exporters])),
     )
     return calls
 
@@ -143,9 +151,19 @@ def test_traces_go_to_openai_only_when_asked_for_and_talking_to_openai(
 
     assert providers.exports_traces() is exports
     if exports:
-        assert tracing_calls == [("export_key", key)]
+        assert tracing_calls == [("export_key", key), ("exporters", ["BatchTraceProcessor"])]
     else:
-        assert tracing_calls == [("disabled", True)]
+        assert tracing_calls == [("exporters", [])]  # the local record only
+
+
+def test_the_sdks_own_switch_still_stops_the_export(settings, tracing_calls, monkeypatch):
+    monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
+    settings.OPENAI_API_KEY = "sk-test"
+    settings.OPENAI_TRACING = True
+
+    build_model()
+
+    assert tracing_calls == [("exporters", [])]
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Delete old events, finished runs and idle sessions, in batches."""
+"""Delete old events, finished runs, idle sessions and traces (and, if asked, usage records),
+in batches."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from django.utils import timezone
 
 from agentic_django.conf import get_config
 from agentic_django.lifecycle import expire_approvals
-from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentUsage
+from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSpan, AgentUsage
 
 ACTIVE_STATUSES = (
     AgentRun.Status.PENDING,
@@ -45,6 +46,11 @@ class Command(BaseCommand):
             type=_positive,
             help="Delete usage ledger rows older than N days (kept by default: billing data).",
         )
+        parser.add_argument(
+            "--trace-days",
+            type=_positive,
+            help="Delete the run inspector's steps (trace spans) older than N days.",
+        )
         parser.add_argument("--batch-size", type=_positive, help="Rows deleted per query.")
         parser.add_argument(
             "--dry-run", action="store_true", help="Report what would be deleted; delete nothing."
@@ -56,9 +62,10 @@ class Command(BaseCommand):
         runs_days = options["runs_days"] or policy.runs_days
         sessions_days = options["sessions_days"] or policy.sessions_days
         usage_days = options["usage_days"] or policy.usage_days
+        trace_days = options["trace_days"] or policy.trace_days
         batch_size = options["batch_size"] or policy.batch_size
         dry_run = options["dry_run"]
-        if not any((events_days, runs_days, sessions_days, usage_days)):
+        if not any((events_days, runs_days, sessions_days, usage_days, trace_days)):
             raise CommandError("Nothing to clean: every age threshold is disabled.")
         now = timezone.now()
         results: list[tuple[str, int]] = []
@@ -86,6 +93,9 @@ class Command(BaseCommand):
         if usage_days:
             rows = AgentUsage.objects.filter(created_at__lt=now - timedelta(days=usage_days))
             results.append(("usage records", self._delete(rows, batch_size, dry_run)))
+        if trace_days:
+            spans = AgentSpan.objects.filter(started_at__lt=now - timedelta(days=trace_days))
+            results.append(("trace spans", self._delete(spans, batch_size, dry_run)))
         verb = "Would delete" if dry_run else "Deleted"
         summary = ", ".join(f"{count} {name}" for name, count in results)
         self.stdout.write(self.style.SUCCESS(f"{verb} {summary}."))

@@ -1,0 +1,279 @@
+"""The run inspector's record: every span the SDK traces for a run is stored once, linked to
+the run and its attempt, only while the attempt holds its run; a retried or resumed run keeps
+its attempts apart; inputs and outputs only when sensitive data is kept.
+
+A worker dies here as ``SystemExit`` raised at a chosen statement or tool (see
+``test_retries``): what is left in the database is what a SIGKILL there leaves.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from agents import Agent, function_tool
+from agents.testing import ScriptedModel, assistant_message, function_call
+
+from agentic_django import recovery, tracing
+from agentic_django.execution import execute
+from agentic_django.models import AgentRun, AgentSession, AgentSpan
+from agentic_django.services import approve_tool_call
+from tests.core import registry
+from tests.core.conftest import worker_died
+from tests.core.faults import database_faults
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+QUEUE = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
+SPAN_INSERT = r'^INSERT (OR IGNORE )?INTO "agentic_django_agentspan"'
+
+
+def new_run(user: Any, key: str) -> AgentRun:
+    session = AgentSession.objects.get_or_create(owner=user, session_key="traced")[0]
+    return AgentRun.objects.create(
+        session=session, owner=user, agent_key=key, input_payload="look it up"
+    )
+
+
+def reload(run: AgentRun) -> AgentRun:
+    return AgentRun.objects.get(pk=run.pk)
+
+
+def spans(run: AgentRun) -> list[AgentSpan]:
+    return list(AgentSpan.objects.filter(run=run).order_by("started_at", "id"))
+
+
+def register_desk(lookups: list[str], *, kill_in_tool: bool = False) -> None:
+    """ "Desk" looks something up, then hands off to "Expert", who answers."""
+
+    @function_tool
+    def lookup(topic: str) -> str:
+        """Look up a topic."""
+        lookups.append(topic)
+        if kill_in_tool and len(lookups) == 1:
+            raise SystemExit("worker killed in the tool")
+        return f"notes on {topic}"
+
+    def build() -> Agent:
+        expert = Agent(
+            name="Expert",
+            instructions="Answer.",
+            model=ScriptedModel([[assistant_message("the answer")]] * 3),
+        )
+        return Agent(
+            name="Desk",
+            instructions="Look it up, then hand off.",
+            model=ScriptedModel(
+                [
+                    [function_call("lookup", {"topic": "tides"}, call_id="c1")],
+                    [function_call("transfer_to_expert", {}, call_id="c2")],
+                ]
+                * 3
+            ),
+            tools=[lookup],
+            handoffs=[expert],
+        )
+
+    registry.FACTORIES["desk"] = build
+
+
+def test_a_run_with_a_tool_call_and_a_handoff_is_traced_once_step_by_step(user, settings):
+    settings.TASKS = QUEUE
+    lookups: list[str] = []
+    register_desk(lookups)
+    run = new_run(user, "desk")
+
+    execute(str(run.pk), task_id="w1")
+
+    run = reload(run)
+    assert run.status == "completed"
+    found = spans(run)
+    kinds = Counter(span.kind for span in found)
+    assert kinds["trace"] == 1
+    assert kinds["function"] == 1
+    assert kinds["handoff"] == 1
+    assert {span.name for span in found if span.kind == "agent"} == {"Desk", "Expert"}
+    [root] = [span for span in found if span.kind == "trace"]
+    assert (root.name, root.span_id, root.attempt) == ("desk", root.trace_id, 1)
+    assert root.data == {"group_id": "traced"}
+    # One tree: every span hangs under a span of the same trace.
+    ids = {span.span_id for span in found}
+    assert all(span.parent_id in ids for span in found if span is not root)
+    assert all(span.ended_at is not None and span.error is None for span in found)
+    [tool] = [span for span in found if span.kind == "function"]
+    assert (tool.name, tool.data["input"], tool.data["output"]) == (
+        "lookup",
+        '{"topic":"tides"}',
+        "notes on tides",
+    )
+    [handoff] = [span for span in found if span.kind == "handoff"]
+    assert handoff.data == {"from_agent": "Desk", "to_agent": "Expert"}
+
+
+def test_a_retried_run_keeps_what_its_dead_attempt_traced_and_traces_each_step_once(
+    user, settings, monkeypatch
+):
+    """The first attempt's worker dies in its second model call: what it traced by then (the
+    lookup) stays as attempt 1's, the retry resumes after the lookup and traces the rest."""
+    settings.TASKS = QUEUE
+    monkeypatch.setattr(tracing, "FLUSH_SECONDS", 0)  # write at every turn's end
+    lookups: list[str] = []
+    died = []
+
+    def handoff_or_die(model_call: Any) -> Any:
+        if not died:
+            # What the database holds when the worker dies (read from another thread: this
+            # is the run's event loop).
+            with ThreadPoolExecutor(1) as reader:
+                died.append(reader.submit(lambda: spans(run)).result())
+            raise SystemExit("worker killed in a model call")
+        return [function_call("transfer_to_expert", {}, call_id="c2")]
+
+    from agents.testing import ModelStep
+
+    @function_tool
+    def lookup(topic: str) -> str:
+        """Look up a topic."""
+        lookups.append(topic)
+        return f"notes on {topic}"
+
+    expert = Agent(
+        name="Expert", instructions="-", model=ScriptedModel([[assistant_message("ok")]])
+    )
+    desk_model = ScriptedModel(
+        [
+            [function_call("lookup", {"topic": "tides"}, call_id="c1")],
+            ModelStep.respond(handoff_or_die),
+            ModelStep.respond(handoff_or_die),
+        ]
+    )
+    registry.FACTORIES["desk"] = lambda: Agent(
+        name="Desk", instructions="-", model=desk_model, tools=[lookup], handoffs=[expert]
+    )
+    run = new_run(user, "desk")
+    with pytest.raises(SystemExit):
+        execute(str(run.pk), task_id="w1")
+    [at_death] = died
+    worker_died(reload(run))
+    assert recovery.recover_runs(mode="requeue", dispatch=False) == 1
+    execute(str(run.pk), task_id="w2")
+
+    run = reload(run)
+    assert (run.status, lookups) == ("completed", ["tides"])
+    found = spans(run)
+    # Attempt 1 had written its first turn (the lookup) when it died; it is still there.
+    assert [(s.attempt, s.name) for s in at_death if s.kind == "function"] == [(1, "lookup")]
+    assert {span.span_id for span in at_death} <= {span.span_id for span in found}
+    by_attempt = {n: [s for s in found if s.attempt == n] for n in (1, 2)}
+    assert [s.name for s in by_attempt[1] if s.kind == "function"] == ["lookup"]
+    assert [s.kind for s in by_attempt[2] if s.kind in ("function", "handoff")] == ["handoff"]
+    # Each attempt is a trace of its own.
+    assert sorted(s.attempt for s in found if s.kind == "trace") == [1, 2]
+    assert len({s.span_id for s in found}) == len(found)
+
+
+def test_an_approval_pause_and_its_resumption_are_two_traces(user, settings):
+    settings.TASKS = QUEUE
+    refunded = []
+
+    @function_tool(needs_approval=True)
+    def refund(n: int) -> str:
+        """Refund."""
+        refunded.append(n)
+        return "ok"
+
+    model = ScriptedModel(
+        [[function_call("refund", {"n": 1}, call_id="c1")], [assistant_message("refunded")]]
+    )
+    registry.FACTORIES["clerk"] = lambda: Agent(
+        name="Clerk", instructions="-", model=model, tools=[refund]
+    )
+    run = new_run(user, "clerk")
+    execute(str(run.pk), task_id="w1")
+    assert reload(run).status == "awaiting_approval"
+    approve_tool_call(reload(run), "c1")
+    execute(str(run.pk), task_id="w2")
+
+    run = reload(run)
+    assert (run.status, refunded) == ("completed", [1])
+    found = spans(run)
+    roots = [s for s in found if s.kind == "trace"]
+    assert [r.attempt for r in roots] == [1, 2]
+    assert all(r.ended_at is not None for r in roots)
+    # The call that asked for approval (no output), then the call itself once approved.
+    assert [(s.attempt, s.name, s.data["output"]) for s in found if s.kind == "function"] == [
+        (1, "refund", None),
+        (2, "refund", "ok"),
+    ]
+    assert len({s.span_id for s in found}) == len(found)
+
+
+def test_an_attempt_that_lost_its_run_stores_nothing(user, settings):
+    """Recovery takes the run over while the attempt's tool runs: the attempt's spans are
+    not the run's story (the retry tells it)."""
+    settings.TASKS = QUEUE
+    lookups: list[str] = []
+
+    @function_tool
+    def lookup(topic: str) -> str:
+        """Look up a topic (meanwhile, the run is taken over)."""
+        lookups.append(topic)
+        run = AgentRun.objects.get(agent_key="desk")
+        worker_died(run)
+        recovery.recover_runs(mode="requeue", dispatch=False)
+        return "notes"
+
+    model = ScriptedModel(
+        [[function_call("lookup", {"topic": "t"}, call_id="c1")], [assistant_message("ok")]]
+    )
+    registry.FACTORIES["desk"] = lambda: Agent(
+        name="Desk", instructions="-", model=model, tools=[lookup]
+    )
+    run = new_run(user, "desk")
+    execute(str(run.pk), task_id="w1")
+
+    assert reload(run).status == "pending"
+    assert spans(run) == []
+
+
+def test_without_sensitive_data_spans_keep_names_and_timings_only(user, settings):
+    settings.TASKS = QUEUE
+    settings.AGENTIC_DJANGO_TRACING = {"include_sensitive_data": False}
+    register_desk([])
+    run = new_run(user, "desk")
+    execute(str(run.pk), task_id="w1")
+
+    found = spans(run)
+    [tool] = [span for span in found if span.kind == "function"]
+    assert tool.name == "lookup" and tool.ended_at is not None
+    assert "input" not in tool.data and "output" not in tool.data
+    assert "tides" not in str([span.data for span in found])
+
+
+def test_tracing_turned_off_stores_nothing(user, settings):
+    settings.TASKS = QUEUE
+    settings.AGENTIC_DJANGO_TRACING = {"enabled": False}
+    register_desk([])
+    run = new_run(user, "desk")
+    execute(str(run.pk), task_id="w1")
+
+    assert reload(run).status == "completed"
+    assert spans(run) == []
+
+
+def test_a_database_error_storing_spans_leaves_the_run_alone(user, settings, caplog):
+    from django.db import OperationalError
+
+    settings.TASKS = QUEUE
+    register_desk([])
+    run = new_run(user, "desk")
+    with database_faults() as faults:
+        faults.fail(SPAN_INSERT, OperationalError("connection lost"))
+        execute(str(run.pk), task_id="w1")
+
+    run = reload(run)
+    assert (run.status, run.final_output) == ("completed", "the answer")
+    assert spans(run) == []
+    assert "could not store" in caplog.text
