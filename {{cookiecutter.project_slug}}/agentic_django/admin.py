@@ -4,6 +4,7 @@ safe actions."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -11,7 +12,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_user_model
 from django.core.paginator import Paginator
-from django.db.models import F, QuerySet
+from django.db.models import DurationField, ExpressionWrapper, F, QuerySet
 from django.db.models.functions import TruncDate
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest, HttpResponse
@@ -178,6 +179,36 @@ class AgentSessionAdmin(admin.ModelAdmin):
         return format_html('<a href="{}">All runs of this session</a>', url)
 
 
+class DurationFilter(admin.SimpleListFilter):
+    """Runs by how long they took, start to finish (slow ones first to look at)."""
+
+    title = "duration"
+    parameter_name = "duration"
+    BUCKETS = {
+        "lt10": ("under 10 s", None, 10),
+        "10to60": ("10 s to 1 min", 10, 60),
+        "1to5m": ("1 to 5 min", 60, 300),
+        "gt5m": ("over 5 min", 300, None),
+    }
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(key, label) for key, (label, _, _) in self.BUCKETS.items()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[AgentRun]) -> QuerySet[AgentRun]:
+        bucket = self.BUCKETS.get(self.value() or "")
+        if bucket is None:
+            return queryset
+        _, low, high = bucket
+        took = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
+        queryset = queryset.filter(finished_at__isnull=False, started_at__isnull=False)
+        queryset = queryset.annotate(took=took)
+        if low is not None:
+            queryset = queryset.filter(took__gte=timedelta(seconds=low))
+        if high is not None:
+            queryset = queryset.filter(took__lt=timedelta(seconds=high))
+        return queryset
+
+
 @admin.register(AgentRun)
 class AgentRunAdmin(admin.ModelAdmin):
     list_display = (
@@ -189,8 +220,9 @@ class AgentRunAdmin(admin.ModelAdmin):
         "created_at",
         "finished_at",
         "total_tokens",
+        "inspect_link",
     )
-    list_filter = ("status", "agent_key", "created_at")
+    list_filter = ("status", "agent_key", DurationFilter, "created_at")
     search_fields = ("=id", "agent_key", "owner__username", "session__session_key", "task_id")
     raw_id_fields = ("owner", "session")
     list_select_related = ("owner", "session")
@@ -227,11 +259,17 @@ class AgentRunAdmin(admin.ModelAdmin):
         "checkpoint_usage_sequence",
         "usage_summary",
         "events_link",
+        "inspect_link",
     )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Runs are created through agentic_django.services so they get validated and queued.
         return False
+
+    @admin.display(description="steps")
+    def inspect_link(self, obj: AgentRun) -> str:
+        url = reverse("agents:run-inspect", args=[obj.pk])
+        return format_html('<a href="{}">Inspect</a>', url)
 
     @admin.display(description="events")
     def events_link(self, obj: AgentRun) -> str:

@@ -177,6 +177,43 @@ def _schemas() -> dict[str, Any]:
                 "unpriced_calls": counter,
             }
         ),
+        "Span": _obj(
+            {
+                "span_id": {"type": "string"},
+                "parent_id": _nullable({"type": "string"}),
+                "trace_id": {"type": "string"},
+                "attempt": {"type": "integer", "minimum": 1},
+                "kind": {
+                    "type": "string",
+                    "description": "`trace` (one attempt, or one part after an approval), "
+                    "`task`, `agent`, `turn`, `generation` or `response` (a model call), "
+                    "`function` (a tool call), `handoff`, `guardrail`, `custom`, ...",
+                },
+                "name": {"type": "string"},
+                "started_at": _timestamp(),
+                "ended_at": _nullable(_timestamp()),
+                "duration_ms": _nullable({"type": "number", "minimum": 0}),
+                "data": {
+                    "type": "object",
+                    "description": "What the span recorded; inputs and outputs only while "
+                    "AGENTIC_DJANGO_TRACING keeps sensitive data.",
+                },
+                "error": _nullable({"type": "object"}),
+            }
+        ),
+        "Trace": _obj(
+            {
+                "run_id": {"type": "string", "format": "uuid"},
+                "status": {"type": "string", "enum": list(AgentRun.Status.values)},
+                "attempts": {"type": "integer", "minimum": 0},
+                "spans": {
+                    "type": "array",
+                    "items": _ref("Span"),
+                    "description": "Each trace in order, its spans depth first.",
+                },
+                "truncated": {"type": "boolean"},
+            }
+        ),
         "Spending": _obj(
             {
                 "period": {"type": "string", "enum": ["day", "month"]},
@@ -600,6 +637,31 @@ def _paths() -> dict[str, Any]:
                     "200": _html("The run fragment."),
                     "204": {"description": "Nothing changed since version `v`: keep polling."},
                     "286": _html("htmx: the finished run's fragment; htmx stops polling."),
+                    "302": LOGIN_REDIRECT,
+                    **_errors(404),
+                },
+            }
+        },
+        "/runs/{run_id}/inspect/": {
+            "get": {
+                "operationId": "run-inspect",
+                "summary": "The run inspector: a timeline of what the run did (HTML page)",
+                "description": "For the run's owner, and for staff allowed to view runs.",
+                "parameters": [RUN_ID],
+                "responses": {
+                    "200": _html("The inspector page."),
+                    "302": LOGIN_REDIRECT,
+                    **_errors(404),
+                },
+            }
+        },
+        "/runs/{run_id}/trace/": {
+            "get": {
+                "operationId": "run-trace",
+                "summary": "The run's stored trace: every step of every attempt",
+                "parameters": [RUN_ID],
+                "responses": {
+                    "200": _json("Trace", "The run's spans."),
                     "302": LOGIN_REDIRECT,
                     **_errors(404),
                 },

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
@@ -25,7 +26,7 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 from django_htmx.http import HttpResponseStopPolling, trigger_client_event
 
-from agentic_django import services
+from agentic_django import inspector, services
 from agentic_django.conf import get_config
 from agentic_django.events import visible_events
 from agentic_django.exceptions import (
@@ -63,6 +64,7 @@ from agentic_django.validation import MAX_SESSION_KEY_LENGTH, is_storable_text
 RUN_FRAGMENT_TEMPLATE = "agentic_django/partials/run_fragment.html"
 CONVERSATION_TEMPLATE = "agentic_django/partials/conversation.html"
 USAGE_TEMPLATE = "agentic_django/partials/usage.html"
+INSPECTOR_TEMPLATE = "agentic_django/inspector.html"
 RUN_UPDATE_EVENT = "run-update"
 CREATE_FIELDS = frozenset(
     {"input", "session_key", "agent_key", "run_options", "multitask_strategy"}
@@ -81,6 +83,18 @@ def _run_pk(run_id: str) -> uuid.UUID:
 def _owned_run(request: HttpRequest, run_id: str) -> AgentRun:
     run = AgentRun.objects.select_related("session").filter(pk=_run_pk(run_id)).first()
     if run is None or run.owner_id != request.user.pk:
+        raise ApiError(404, "not_found", "No such run.")
+    return run
+
+
+def _inspectable_run(request: HttpRequest, run_id: str) -> AgentRun:
+    """The run, if it is the user's own or the user is staff allowed to view runs."""
+    run = AgentRun.objects.select_related("session", "owner").filter(pk=_run_pk(run_id)).first()
+    if run is None:
+        raise ApiError(404, "not_found", "No such run.")
+    if run.owner_id != request.user.pk and not (
+        request.user.is_staff and request.user.has_perm("agentic_django.view_agentrun")
+    ):
         raise ApiError(404, "not_found", "No such run.")
     return run
 
@@ -216,6 +230,48 @@ def run_fragment(request: HttpRequest, run_id: str) -> HttpResponse:
     if not (run.is_terminal and is_htmx(request)):
         return HttpResponse(html)
     return trigger_client_event(HttpResponseStopPolling(html), RUN_UPDATE_EVENT)
+
+
+@api_view("GET")
+def run_inspect(request: HttpRequest, run_id: str) -> HttpResponse:
+    """The run inspector: a timeline of what the run did, step by step (its owner, or staff
+    allowed to view runs)."""
+    run = _inspectable_run(request, run_id)
+    context = {
+        "run": run,
+        "inspection": inspector.inspect(run),
+        "back_url": safe_next_url(request, request.GET.get("next") or _referrer(request)),
+    }
+    return render(request, INSPECTOR_TEMPLATE, context)
+
+
+def _referrer(request: HttpRequest) -> str | None:
+    """The page of this site the user came from, as a path (a link back to it)."""
+    parts = urlsplit(request.META.get("HTTP_REFERER", ""))
+    if parts.netloc != request.get_host():
+        return None
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+@api_view("GET")
+def run_trace(request: HttpRequest, run_id: str) -> HttpResponse:
+    """The run's stored trace as JSON: every span (each attempt a trace of its own) and the
+    approvals it asked for."""
+    run = _owned_run(request, run_id)
+    inspection = inspector.inspect(run)
+    return JsonResponse(
+        {
+            "run_id": str(run.id),
+            "status": run.status,
+            "attempts": run.attempt,
+            "spans": [
+                inspector.span_to_dict(step)
+                for section in inspection.sections
+                for step in section.steps
+            ],
+            "truncated": inspection.truncated,
+        }
+    )
 
 
 @api_view("GET")

@@ -216,6 +216,28 @@ RECIPES = [
         lambda w, s: w.api.get(url("run-detail", w.foreign.id), headers=HTMX),
         htmx_error=True,
     ),
+    # --- run-inspect, run-trace
+    *(
+        recipe
+        for name in ("run-inspect", "run-trace")
+        for recipe in (
+            Recipe(name, 200, None, lambda w, s, n=name: w.api.get(url(n, w.finished.id))),
+            Recipe(
+                name,
+                302,
+                None,
+                lambda w, s, n=name: w.anonymous.get(url(n, w.finished.id), headers=BROWSER),
+            ),
+            Recipe(name, 400, "invalid_run_id", lambda w, s, n=name: w.api.get(url(n, "nope"))),
+            Recipe(
+                name,
+                401,
+                "not_authenticated",
+                lambda w, s, n=name: w.anonymous.get(url(n, w.finished.id)),
+            ),
+            Recipe(name, 404, "not_found", lambda w, s, n=name: w.api.get(url(n, w.foreign.id))),
+        )
+    ),
     # --- run-fragment
     Recipe("run-fragment", 200, None, lambda w, s: w.api.get(url("run-fragment", w.finished.id))),
     Recipe(
@@ -422,6 +444,8 @@ RECIPES = [
             ("run-detail", lambda w: w.api.get(_detail(w))),
             ("run-fragment", lambda w: w.api.get(url("run-fragment", w.finished.id))),
             ("run-events", lambda w: w.api.get(url("run-events", w.finished.id))),
+            ("run-inspect", lambda w: w.api.get(url("run-inspect", w.finished.id))),
+            ("run-trace", lambda w: w.api.get(url("run-trace", w.finished.id))),
             ("run-stream", lambda w: w.api.get(url("run-stream", w.finished.id))),
             ("run-cancel", lambda w: w.api.post(url("run-cancel", w.pending.id))),
             ("run-approve", lambda w: _decide(w.api, "run-approve", w.paused)),
