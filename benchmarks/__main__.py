@@ -39,6 +39,7 @@ BENCHMARKS = {
     "latency": "run_latency",
     "streams": "run_streams",
     "concurrency": "run_concurrency",
+    "inspector": "run_inspector",
 }
 # Benchmarks that bake projects of their own, one per (task_backend, database).
 OWN_PROJECTS = {"latency": [("database", "sqlite"), ("rq", "postgres")]}
@@ -50,6 +51,7 @@ QUICK = {
     "workers": ["--runs", "2", "--workers", "1"],
     "latency": ["--quick"],
     "streams": ["--streams", "20", "--deltas", "2", "--idle-seconds", "1"],
+    "inspector": TINY,
     "concurrency": [
         *("--runs", "4", "--many", "4", "--single", "1", "--slots", "4"),
         *("--reply-seconds", "0.5", "--think-seconds", "0.2"),

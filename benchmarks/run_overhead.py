@@ -18,7 +18,10 @@ inside ``enqueue_agent_run`` after commit):
 - ``services.create_run``: the validated facade the views use;
 - ``public path, no ledger``: the public path with the usage ledger's write skipped (patched
   out for the block): what one ledger row per model call costs (issue 20's goal: at most
-  1.1x).
+  1.1x);
+- ``public path, no trace``: the public path with ``AGENTIC_DJANGO_TRACING`` disabled (the
+  setting, for the block): what the SDK's tracing and the run inspector's stored spans cost
+  (issue 21's goal: at most 1.15x).
 
 Every run gets a new session; each timed run is checked afterwards (untimed) for its output.
 ``DATABASE_URL`` picks the database (default: a throwaway SQLite file).
@@ -54,6 +57,17 @@ QUERY_LIMIT_CHAT = 12
 RATIO_LIMIT = 1.3
 NO_LEDGER = "public path, no ledger"
 LEDGER_LIMIT = 1.1
+NO_TRACE = "public path, no trace"
+TRACE_LIMIT = 1.15
+
+
+@contextlib.contextmanager
+def without_tracing() -> Iterator[None]:
+    """No trace of runs at all: the setting a project would turn off."""
+    from django.test import override_settings
+
+    with override_settings(AGENTIC_DJANGO_TRACING={"enabled": False}):
+        yield
 
 
 @contextlib.contextmanager
@@ -164,6 +178,7 @@ def build_variants(agent_key: str, *, user: Any, workdir: Path) -> list[common.V
         common.Variant("public path", public_path),
         common.Variant("services.create_run", service),
         common.Variant(NO_LEDGER, public_path, around=without_ledger),
+        common.Variant(NO_TRACE, public_path, around=without_tracing),
     ]
 
 
@@ -214,6 +229,13 @@ def measure(
                 f"{agent_key}: public path / {NO_LEDGER}",
                 value=timings.ratio("public path", NO_LEDGER),
                 limit=LEDGER_LIMIT,
+            )
+        )
+        targets.append(
+            common.target(
+                f"{agent_key}: public path / {NO_TRACE}",
+                value=timings.ratio("public path", NO_TRACE),
+                limit=TRACE_LIMIT,
             )
         )
         if agent_key == "chat":

@@ -179,7 +179,15 @@ AGENTIC_DJANGO_CLEANUP_POLICY = {
     "sessions_days": 90,
     "sessions_require_empty": True,
     "usage_days": None,  # the usage ledger (billing data) outlives its runs: kept
+    "trace_days": env.int("AGENTIC_DJANGO_TRACE_DAYS", default=30),  # the run inspector's steps
     "batch_size": 500,
+}
+# The run inspector (README: "Inspecting runs"): each run's trace -- its agents, model calls,
+# tool calls, handoffs -- kept in this database, whatever the provider; nothing is sent anywhere.
+AGENTIC_DJANGO_TRACING = {
+    "enabled": env.bool("AGENTIC_DJANGO_TRACING", default=True),
+    # False: timings, names, tokens and errors only, no inputs or outputs.
+    "include_sensitive_data": env.bool("AGENTIC_DJANGO_TRACE_SENSITIVE_DATA", default=True),
 }
 # Costs and budgets (README: "Costs and budgets"). Every model call is priced in the usage
 # ledger; caps (US dollars and/or tokens, unset = none) are checked before every model call.

@@ -8,6 +8,7 @@ A worker dies here as ``SystemExit`` raised at a chosen statement or tool (see
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,6 +24,7 @@ from agentic_django.services import approve_tool_call
 from tests.core import registry
 from tests.core.conftest import worker_died
 from tests.core.faults import database_faults
+from tests.waiting import PATIENCE
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -169,8 +171,10 @@ def test_a_retried_run_keeps_what_its_dead_attempt_traced_and_traces_each_step_o
     by_attempt = {n: [s for s in found if s.attempt == n] for n in (1, 2)}
     assert [s.name for s in by_attempt[1] if s.kind == "function"] == ["lookup"]
     assert [s.kind for s in by_attempt[2] if s.kind in ("function", "handoff")] == ["handoff"]
-    # Each attempt is a trace of its own.
-    assert sorted(s.attempt for s in found if s.kind == "trace") == [1, 2]
+    # Each attempt is a trace of its own; the retry's, first written mid-run, got its end.
+    roots = {s.attempt: s for s in found if s.kind == "trace"}
+    assert sorted(roots) == [1, 2]
+    assert roots[2].ended_at is not None
     assert len({s.span_id for s in found}) == len(found)
 
 
@@ -277,3 +281,34 @@ def test_a_database_error_storing_spans_leaves_the_run_alone(user, settings, cap
     assert (run.status, run.final_output) == ("completed", "the answer")
     assert spans(run) == []
     assert "could not store" in caplog.text
+
+
+def test_a_run_that_times_out_in_a_hung_tool_keeps_its_trace(user, settings):
+    """A tool hangs past the run's timeout: the run fails at once, and its trace shows the
+    tool it waited on (the SDK ends the tool's span when it gives up on it)."""
+    settings.TASKS = QUEUE
+    settings.AGENTIC_DJANGO_RUN_TIMEOUT = 1
+    release = threading.Event()
+
+    @function_tool
+    def hang(topic: str) -> str:
+        """Hang until released."""
+        release.wait(PATIENCE)
+        return "late"
+
+    model = ScriptedModel([[function_call("hang", {"topic": "t"}, call_id="c1")]])
+    registry.FACTORIES["hung"] = lambda: Agent(
+        name="Hung", instructions="-", model=model, tools=[hang]
+    )
+    run = new_run(user, "hung")
+    try:
+        execute(str(run.pk), task_id="w1")
+    finally:
+        release.set()
+
+    assert reload(run).status == "failed"
+    found = spans(run)
+    [tool] = [span for span in found if span.kind == "function"]
+    [root] = [span for span in found if span.kind == "trace"]
+    assert tool.name == "hang"
+    assert root.ended_at is not None and tool.ended_at is not None
