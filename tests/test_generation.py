@@ -84,7 +84,11 @@ def test_the_tree_holds_only_what_its_owner_keeps(baked, combo: Combo):
     assert {name for name in top if not name.startswith("db.sqlite3")} == TOP_LEVEL | (
         {".github"} if combo.ci == "github" else set()
     )
-    assert [path.name for path in (project / "docs").iterdir()] == ["guarantees.md"]
+    # The promises, and the README's screenshot of the run inspector.
+    assert sorted(path.name for path in (project / "docs").iterdir()) == [
+        "guarantees.md",
+        "inspector.png",
+    ]
     measuring = [path for path in project.rglob("*bench*") if "__pycache__" not in path.parts]
     assert measuring == [], "benchmarks belong to the template repository"
 

@@ -369,6 +369,10 @@ def _budgets(value: Any) -> Budgets:
     )
 
 
+# US dollars per million tokens no model costs (the ledger's cost column holds 10^9 dollars).
+MAX_PRICE = Decimal(10_000)
+
+
 def _model_prices(value: Any) -> dict[str, ModelPrice]:
     name = f"{PREFIX}MODEL_PRICES"
     if value is None:
@@ -389,6 +393,16 @@ def _model_prices(value: Any) -> dict[str, ModelPrice]:
         if unknown:
             raise ImproperlyConfigured(f"{where} has unknown keys {unknown}.")
         amounts = {key: _money(f"{where}['{key}']", price.get(key)) for key in PRICE_KEYS}
+        for key, amount in amounts.items():
+            if amount is None and key != "cached_input":
+                raise ImproperlyConfigured(
+                    f"{where}['{key}'] must be an amount in US dollars per million tokens."
+                )
+            if amount is not None and amount > MAX_PRICE:
+                raise ImproperlyConfigured(
+                    f"{where}['{key}'] must be at most {MAX_PRICE} US dollars per million "
+                    f"tokens, got {price[key]!r}."
+                )
         prices[model] = ModelPrice(
             input=amounts["input"],
             output=amounts["output"],

@@ -385,7 +385,7 @@ async def _run_agent(
         if watch.lost or _caused_by(exc, ToolCallDropped):
             return Outcome(Status.FAILED, lost=True)
         if database_unavailable(exc):
-            return _left_for_retry(fence, exc)
+            return await run_sync(_left_for_retry)(fence, exc)
         if _caused_by(exc, ToolCallCancelled):
             return _outcome(result, Status.CANCELLED)  # the tool did not run
         stop = _cause(exc, BudgetStop)

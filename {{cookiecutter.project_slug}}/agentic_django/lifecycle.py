@@ -520,13 +520,20 @@ def cancel(run: AgentRun) -> bool:
     ``run`` is refreshed; callers check ``run.is_terminal`` for runs that already finished.
     """
     waiting = (Status.PENDING, *AgentRun.PAUSED_STATUSES)
-    cancelled = AgentRun.objects.filter(pk=run.pk, status__in=waiting).update(
-        status=Status.CANCELLED, cancel_requested_at=Now(), finished_at=Now()
-    )
-    if not cancelled:
-        AgentRun.objects.filter(
-            pk=run.pk, status=Status.RUNNING, cancel_requested_at__isnull=True
-        ).update(cancel_requested_at=Now())
+    runs = AgentRun.objects.filter(pk=run.pk)
+    while True:
+        cancelled = runs.filter(status__in=waiting).update(
+            status=Status.CANCELLED, cancel_requested_at=Now(), finished_at=Now()
+        )
+        if cancelled:
+            break
+        flagged = runs.filter(status=Status.RUNNING, cancel_requested_at__isnull=True).update(
+            cancel_requested_at=Now()
+        )
+        # Neither: the run finished, was flagged already, or paused between the two
+        # statements (its worker stopped it at a budget or an approval): then cancel it now.
+        if flagged or not runs.filter(status__in=waiting).exists():
+            break
     run.refresh_from_db()
     if cancelled:
         send_safely(agent_run_cancelled, AgentRun, run=run)

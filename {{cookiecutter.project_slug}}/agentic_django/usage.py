@@ -18,6 +18,7 @@ Periods are calendar days or months in ``TIME_ZONE``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
-from django.db import connection
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -106,6 +107,11 @@ class Price:
 def price(model: str, provider: str, used: CallUsage, at: datetime | None = None) -> Price:
     """What a call cost: ``AGENTIC_DJANGO_MODEL_PRICES`` first, then genai-prices."""
     custom = get_config().model_prices.get(model)
+    reported = used.input_tokens or used.output_tokens or used.total_tokens
+    if not reported and not (custom is not None and not (custom.input or custom.output)):
+        # The server reported no usage (some ignore include_usage): the cost is unknown, not
+        # $0 (a free model excepted).
+        return Price(None, "")
     if custom is not None:
         cached = min(used.cached_tokens, used.input_tokens)
         cost = (
@@ -395,17 +401,31 @@ def user_limits(owner: Any, budgets: Budgets | None = None) -> UserLimits:
         from django.contrib.auth import get_user_model
 
         owner = get_user_model().objects.filter(pk=owner).first()
-    found = import_string(budgets.user_limits)(owner) if owner is not None else None
-    if not found:
+    if owner is None:
         return limits
     from agentic_django.conf import _money, _optional_positive_int
 
-    return UserLimits(
-        cost=_money("user_limits()['user_cost']", found.get("user_cost", limits.cost)),
-        tokens=_optional_positive_int(
-            "user_limits()['user_tokens']", found.get("user_tokens", limits.tokens)
-        ),
-    )
+    try:
+        found = import_string(budgets.user_limits)(owner)
+        if not found:
+            return limits
+        if not isinstance(found, dict):
+            raise TypeError(f"expected a dict, got {type(found).__name__}")
+        return UserLimits(
+            cost=_money("user_limits()['user_cost']", found.get("user_cost", limits.cost)),
+            tokens=_optional_positive_int(
+                "user_limits()['user_tokens']", found.get("user_tokens", limits.tokens)
+            ),
+        )
+    except Exception:
+        # A bug in the project's callable must not stop the site, nor the sweep that resumes
+        # every user's paused runs: this user gets the settings' caps until it is fixed.
+        logger.exception(
+            "agentic_django: %s failed for user %s; the settings' caps apply",
+            budgets.user_limits,
+            getattr(owner, "pk", owner),
+        )
+        return limits
 
 
 @dataclass(frozen=True)
@@ -597,9 +617,26 @@ def resume_within_budgets() -> int:
     paused = AgentRun.objects.filter(status=AgentRun.Status.BUDGET_EXCEEDED).order_by("created_at")
     resumed = 0
     for run in paused.only("pk", "owner_id", "session_id", "created_at"):
-        if not standing(run.owner_id, run).over and lifecycle.resume_within_budget(run.pk):
-            resumed += 1
+        try:
+            if not standing(run.owner_id, run).over and lifecycle.resume_within_budget(run.pk):
+                resumed += 1
+        except DatabaseError:
+            raise  # the database is away: the whole sweep waits for the next one
+        except Exception:
+            # One run's trouble must not keep the others paused, nor the sweep from going on.
+            logger.exception("agentic_django: could not look at paused run %s", run.pk)
     return resumed
+
+
+# Pauses between attempts to write a ledger row (None: the last attempt).
+RECORD_RETRY_DELAYS = (0.2, 1.0, 3.0, None)
+
+
+def _drop_connection() -> None:
+    """Close this thread's connection unless a transaction holds it (the next query opens a
+    fresh one)."""
+    if not connection.in_atomic_block:
+        connection.close()
 
 
 class BudgetStop(Exception):
@@ -636,7 +673,20 @@ class UsageMeter:
         if model is None:
             model = self._models[id(agent)] = model_of(agent)
         used = CallUsage.of(getattr(response, "usage", None))
-        row = await run_sync(self._record)(turn, getattr(agent, "name", "") or "", model, used)
+        name = getattr(agent, "name", "") or ""
+        # The call is paid for: a moment's database trouble (a restart, a dropped connection)
+        # must not lose its row. Retried a few times, a fresh connection each time; past that
+        # the attempt stops and the run is retried (database_unavailable).
+        for delay in RECORD_RETRY_DELAYS:
+            try:
+                row = await run_sync(self._record)(turn, name, model, used)
+                break
+            except (OperationalError, InterfaceError):
+                if delay is None:
+                    raise
+                logger.warning("agentic_django: could not record a model call; retrying")
+                await run_sync(_drop_connection)()
+                await asyncio.sleep(delay)
         self.guard.after_call(row)
 
     def _record(

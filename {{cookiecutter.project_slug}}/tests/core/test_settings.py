@@ -167,6 +167,16 @@ def test_an_rq_job_timeout_shorter_than_the_run_timeout_is_reported(settings):
         ),
         (
             "AGENTIC_DJANGO_MODEL_PRICES",
+            {"my-llm": {"input": None, "output": 2}},
+            "['my-llm']['input'] must be an amount in US dollars per million tokens",
+        ),
+        (
+            "AGENTIC_DJANGO_MODEL_PRICES",
+            {"my-llm": {"input": 1, "output": "1e400"}},
+            "['my-llm']['output'] must be at most 10000 US dollars",
+        ),
+        (
+            "AGENTIC_DJANGO_MODEL_PRICES",
             {"my-llm": {"input": -1, "output": 2}},
             "['my-llm']['input'] must be zero or more US dollars",
         ),

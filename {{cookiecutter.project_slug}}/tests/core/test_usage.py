@@ -33,6 +33,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 QUEUE = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
 LEDGER_INSERT = r'^INSERT INTO "agentic_django_agentusage"'
+CANCEL_FLAG = r'^UPDATE "agentic_django_agentrun" SET "cancel_requested_at"'
 RUN_FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens")
 
 
@@ -168,6 +169,42 @@ def test_a_run_killed_between_calls_counts_each_call_once_and_spends_what_was_pa
     assert usage.run_spend(run.pk).total_tokens > run.total_tokens or len(rows) == 3
 
 
+def test_a_moments_database_trouble_writing_a_row_loses_no_paid_call(user, settings):
+    """The ledger INSERT fails once on a dropped connection after the provider answered: the
+    row is written again on a fresh connection, in the same attempt, and the ledger matches."""
+    from django.db import OperationalError
+
+    settings.TASKS = QUEUE
+    counter = Counter()
+    model = register("counter", two_calls_then_done(), [counter.tool])
+    run = new_run(user, "counter")
+    with database_faults() as faults:
+        faults.fail(LEDGER_INSERT, OperationalError("server closed the connection"), times=1)
+        execute(str(run.pk), task_id="worker-1")
+
+    run = reload(run)
+    assert (run.status, run.attempt) == ("completed", 1)
+    assert_ledger_matches_the_run(run)
+    assert AgentUsage.objects.filter(run=run).count() == len(model.calls) == 3
+
+
+def test_a_cancel_racing_a_budget_pause_cancels_the_paused_run(user, settings):
+    """The run pauses on its budget between cancel's two statements (not paused yet, not
+    running any more): the cancel is not lost, the paused run is cancelled."""
+    from tests.core.conftest import running_elsewhere
+
+    run = running_elsewhere(AgentSession.objects.create(owner=user, session_key="race"))
+
+    def worker_pauses_it() -> None:
+        AgentRun.objects.filter(pk=run.pk).update(status="budget_exceeded", lease_expires_at=None)
+
+    with database_faults() as faults:
+        faults.before(CANCEL_FLAG, worker_pauses_it)
+        cancel_run(run)
+
+    assert reload(run).status == "cancelled"
+
+
 def kill() -> None:
     raise SystemExit("worker killed")
 
@@ -247,6 +284,12 @@ def test_a_call_is_priced_from_settings_then_the_price_table_and_unknown_stays_u
     assert listed.source == "genai-prices" and listed.cost > 0
     unknown = usage.price("my-own-finetune-xyz", "llm.internal", call)
     assert (unknown.cost, unknown.source) == (None, "")
+    # A server that reports no usage: the cost is unknown, never $0 (but a free model's).
+    silent = CallUsage()
+    assert usage.price("gpt-4o-mini", "openai", silent).cost is None
+    assert usage.price("house-model", "llm.internal", silent).cost is None
+    settings.AGENTIC_DJANGO_MODEL_PRICES = {"demo": {"input": 0, "output": 0}}
+    assert usage.price("demo", "", silent) == usage.Price(Decimal(0), "settings")
 
 
 def test_the_model_and_provider_of_an_agent(settings):
@@ -451,6 +494,38 @@ def test_caps_per_user_come_from_the_projects_callable(user, django_user_model, 
     with pytest.raises(BudgetExceeded):
         usage.check_new_run(trial)  # 100 of its plan's 100
     assert usage.standing(trial).limits == usage.UserLimits(cost=None, tokens=100)
+
+
+def broken_plans(user: Any) -> Any:
+    """A project's caps per user with bugs: one user's plan raises, another's is nonsense."""
+    if user.username.startswith("broken"):
+        raise KeyError("plan")
+    return {"user_tokens": "lots"} if user.username.startswith("odd") else None
+
+
+def test_a_broken_user_limits_gets_the_settings_caps_and_stops_nobody_else(
+    user, django_user_model, settings, caplog
+):
+    """The project's callable raises for one user and answers nonsense for another: both get
+    the settings' caps (logged), creating runs answers no 500, and the sweep still resumes the
+    other users' paused runs."""
+    settings.AGENTIC_DJANGO_BUDGETS = {
+        "user_tokens": 1_000,
+        "user_limits": broken_plans.__module__ + ".broken_plans",
+    }
+    broken = django_user_model.objects.create_user("broken-1", password="pw-123456789")
+    odd = django_user_model.objects.create_user("odd-1", password="pw-123456789")
+    for owner in (broken, odd, user):
+        assert usage.standing(owner).limits == usage.UserLimits(cost=None, tokens=1_000)
+        usage.check_new_run(owner)
+    paused = []
+    for owner in (broken, user):  # the broken plan's run is looked at first
+        run = new_run(owner, "counter", session_key=f"p-{owner.pk}")
+        AgentRun.objects.filter(pk=run.pk).update(status="budget_exceeded", attempt=1)
+        paused.append(run)
+    assert usage.resume_within_budgets() == 2
+    assert {reload(run).status for run in paused} == {"pending"}
+    assert "broken_plans failed for user" in caplog.text
 
 
 def test_the_period_is_a_calendar_day_or_month_in_the_time_zone(settings):

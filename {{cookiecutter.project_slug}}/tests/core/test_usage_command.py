@@ -188,6 +188,8 @@ def test_no_calls_says_so(db):
         (("--by", "user,colour"), "--by: expected distinct names among user, agent"),
         (("--by", "user,user"), "--by: expected distinct names"),
         (("--user", "nobody"), "No user with the username or id 'nobody'"),
+        (("--days", "99999999"), "out of range"),
+        (("--until", "9999-12-31"), "out of range"),
     ],
 )
 def test_bad_input_is_a_clear_command_error(db, args, message):

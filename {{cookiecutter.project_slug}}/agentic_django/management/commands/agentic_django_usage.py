@@ -121,14 +121,18 @@ class Command(BaseCommand):
             raise CommandError("Give either --days or --since/--until, not both.")
         if since and until and since > until:
             raise CommandError(f"--since ({since}) is after --until ({until}).")
-        if days is not None:
-            today = timezone.localdate()
-            return _midnight(today - timedelta(days=days - 1)), _midnight(today + timedelta(days=1))
-        if since or until:
-            return (
-                _midnight(since) if since else None,
-                _midnight(until + timedelta(days=1)) if until else None,
-            )
+        try:
+            if days is not None:
+                today = timezone.localdate()
+                start = _midnight(today - timedelta(days=days - 1))
+                return start, _midnight(today + timedelta(days=1))
+            if since or until:
+                return (
+                    _midnight(since) if since else None,
+                    _midnight(until + timedelta(days=1)) if until else None,
+                )
+        except OverflowError:
+            raise CommandError("The dates asked for are out of range.") from None
         return period_bounds(get_config().budgets.period)
 
     def _user(self, value: str) -> Any:
