@@ -269,6 +269,10 @@ def spend_meter(user: Any) -> SpendMeter | None:
     return SpendMeter(standing(user))
 
 
+# How the pause message of a run that reached its own cap starts (usage.exceeded_message).
+RUN_CAP_MESSAGE_START = "This run reached its"
+
+
 @dataclass
 class RunView:
     """What a run fragment shows: the turn's entries plus the run's state."""
@@ -309,6 +313,13 @@ class RunView:
     def is_working(self) -> bool:
         """True while the run is pending or running."""
         return not self.run.is_terminal
+
+    @property
+    def paused_on_run_cap(self) -> bool:
+        """True when a budget-paused run reached its own cap, which no new period resets."""
+        return self.run.status == AgentRun.Status.BUDGET_EXCEEDED and self.run.error.startswith(
+            RUN_CAP_MESSAGE_START
+        )
 
     @property
     def usage_text(self) -> str:

@@ -210,6 +210,13 @@ def test_a_run_paused_on_its_budget_says_why_and_polls_slowly(api, make_run, use
 
     assert "Paused: the budget is used up" in html
     assert reason in html
+    # Its own cap does not reset with the period: the page does not promise that it will.
+    assert "once this run's limit is raised" in html and "by itself" not in html
+    user_paused = make_run(
+        user, session_key="s2", status=AgentRun.Status.BUDGET_EXCEEDED, error="You have used..."
+    )
+    other = api.get(reverse("agents:run-fragment", args=[user_paused.id]), headers=HTMX)
+    assert "It goes on by itself once the budget allows it." in other.content.decode()
     assert 'hx-trigger="every 5s, agentic:refresh"' in html
     assert "data-stream-url" not in html
     assert "agentic-spinner" not in html
