@@ -133,7 +133,10 @@ def test_commands_and_health_checks(baked, combo: Combo):
         assert "worker" not in services
     else:
         assert services["worker"]["command"] == WORKER_COMMAND
-        assert services["worker"]["healthcheck"] == {"disable": True}
+        # Healthy while the worker renews its heartbeat (no Agents SDK import to check it).
+        check = services["worker"]["healthcheck"]
+        assert check["test"] == ["CMD", "python", "manage.py", "agentic_django_worker", "--check"]
+        assert check["start_period"] and check["interval"]
     if "postgres" in services:
         assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     if "redis" in services:
