@@ -46,7 +46,7 @@ def quick(tmp_path_factory, names: tuple[str, ...], reports: tuple[str, ...]) ->
 
 @pytest.fixture(scope="session")  # once per test process, whatever runs between
 def bench(tmp_path_factory) -> Bench:
-    names = ("overhead", "polling", "events", "workers", "streams", "concurrency")
+    names = ("overhead", "polling", "events", "workers", "streams", "concurrency", "inspector")
     return quick(tmp_path_factory, names, names)
 
 
@@ -78,6 +78,19 @@ def test_polling_report(bench):
     for row in by_variant.values():
         assert_timed(row)
     assert "## Polling cost" in bench.stdout
+
+
+def test_inspector_report(bench):
+    by_variant = {row["variant"]: row for row in rows(bench.reports["inspector"])}
+    assert {"run-inspect, 500 spans", "run-trace JSON, 500 spans"} <= by_variant.keys()
+    for row in by_variant.values():
+        assert_timed(row)
+    # The page reads the same few rows whatever the number of spans.
+    assert (
+        by_variant["run-inspect, 500 spans"]["queries"]
+        == by_variant["run-inspect, 20 spans"]["queries"]
+    )
+    assert "## Run inspector" in bench.stdout
 
 
 def test_events_report(bench):
