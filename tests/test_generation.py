@@ -182,7 +182,8 @@ def test_generated_test_suite_passes(baked, combo: Combo, request):
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     if combo not in FULL_SUITE_COMBOS:
         argv += ["-m", "not browser and not slow"]
-    result = run(argv, cwd=project, env=service_env(combo, request))
+    # A hang guard, not a timing check: the full suite takes ~12 min on a busy 2-core machine.
+    result = run(argv, cwd=project, env=service_env(combo, request), timeout=1800)
     assert " passed" in result.stdout
     if combo in FULL_SUITE_COMBOS:
         # Browser tests and fuzzing must really run; only PostgreSQL-only tests skip on SQLite.

@@ -84,6 +84,8 @@ def test_every_operation_taking_an_id_is_in_the_matrix():
     assert {op for op, _, _ in _operations_with_ids()} == {
         "run-detail",
         "run-fragment",
+        "run-inspect",
+        "run-trace",
         "run-events",
         "run-stream",
         "run-cancel",
