@@ -139,7 +139,7 @@ def _section(spans: list[AgentSpan], calls: dict[tuple[int, int], list[AgentUsag
     root = next((span for span in spans if span.kind == "trace"), None)
     start = min(span.started_at for span in spans)
     ends = [span.ended_at for span in spans if span.ended_at is not None]
-    end = root.ended_at if root is not None and root.ended_at is not None else None
+    end = root.ended_at if root is not None else None
     last = max(ends + [span.started_at for span in spans])
     section = Section(
         attempt=spans[0].attempt,

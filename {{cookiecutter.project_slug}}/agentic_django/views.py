@@ -80,20 +80,15 @@ def _run_pk(run_id: str) -> uuid.UUID:
         raise ApiError(400, "invalid_run_id", "The run id is not a valid UUID.") from None
 
 
-def _owned_run(request: HttpRequest, run_id: str) -> AgentRun:
+def _owned_run(request: HttpRequest, run_id: str, *, staff_may_view: bool = False) -> AgentRun:
+    """The user's run (``staff_may_view``: or any run, for staff allowed to view runs)."""
     run = AgentRun.objects.select_related("session").filter(pk=_run_pk(run_id)).first()
-    if run is None or run.owner_id != request.user.pk:
-        raise ApiError(404, "not_found", "No such run.")
-    return run
-
-
-def _inspectable_run(request: HttpRequest, run_id: str) -> AgentRun:
-    """The run, if it is the user's own or the user is staff allowed to view runs."""
-    run = AgentRun.objects.select_related("session", "owner").filter(pk=_run_pk(run_id)).first()
     if run is None:
         raise ApiError(404, "not_found", "No such run.")
     if run.owner_id != request.user.pk and not (
-        request.user.is_staff and request.user.has_perm("agentic_django.view_agentrun")
+        staff_may_view
+        and request.user.is_staff
+        and request.user.has_perm("agentic_django.view_agentrun")
     ):
         raise ApiError(404, "not_found", "No such run.")
     return run
@@ -236,7 +231,7 @@ def run_fragment(request: HttpRequest, run_id: str) -> HttpResponse:
 def run_inspect(request: HttpRequest, run_id: str) -> HttpResponse:
     """The run inspector: a timeline of what the run did, step by step (its owner, or staff
     allowed to view runs)."""
-    run = _inspectable_run(request, run_id)
+    run = _owned_run(request, run_id, staff_may_view=True)
     context = {
         "run": run,
         "inspection": inspector.inspect(run),
