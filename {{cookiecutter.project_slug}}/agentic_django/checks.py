@@ -10,6 +10,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.utils.module_loading import import_string
 
+from agentic_django import otlp
 from agentic_django.conf import TIMEOUT_GRACE_SECONDS, load_config
 
 
@@ -101,6 +102,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             )
         )
     messages += _rq_timeouts(config.run_timeout_seconds)
+    messages += [
+        checks.Error(problem, hint="See README: Inspecting runs.", id="agentic_django.E008")
+        for problem in otlp.problems()
+    ]
     if "default" not in getattr(settings, "TASKS", {"default": None}):
         messages.append(
             checks.Error(

@@ -12,8 +12,9 @@ once (``run``, ``span_id`` unique). Spans still open when the attempt ends (a hu
 at a timeout, a cancelled tool) are written as unfinished.
 
 ``install()`` registers the recorder with the SDK once per process. The SDK's own export to
-OpenAI is a separate processor, installed only when the project asks for it (``exporters``):
-the recorder works with every provider and sends nothing anywhere.
+OpenAI is a separate processor, installed only when the project asks for it (``exporters``),
+and so is the export to an OpenTelemetry collector (``otlp``, when ``OTEL_EXPORTER_OTLP_ENDPOINT``
+is set): the recorder works with every provider and sends nothing anywhere.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import DatabaseError, connection
 
+from agentic_django import otlp
 from agentic_django.conf import get_config
 from agentic_django.models import AgentRun, AgentSpan
 from agentic_django.serializers import json_safe
@@ -221,18 +223,20 @@ _installed: tuple[bool, tuple[int, ...]] | None = None
 
 def install(exporters: list[Any] | None = None) -> None:
     """Make the SDK report runs' spans to ``RECORDER`` (while ``AGENTIC_DJANGO_TRACING`` is
-    enabled) and to ``exporters`` (e.g. the SDK's export to OpenAI; ``None``: those installed
-    before), and to nothing else. Cheap when nothing changed: every attempt calls it."""
+    enabled), to the OTLP export when the environment names a collector (``otlp``), and to
+    ``exporters`` (e.g. the SDK's export to OpenAI; ``None``: those installed before), and to
+    nothing else. Cheap when nothing changed: every attempt calls it."""
     global _exporters, _installed
     with _install_lock:
         wanted = _exporters if exporters is None else list(exporters)
         enabled = get_config().tracing.enabled
-        state = (enabled, tuple(id(exporter) for exporter in wanted))
+        exporting = otlp.processors()
+        state = (enabled, tuple(id(exporter) for exporter in exporting + wanted))
         if state == _installed:
             return
         from agents import set_trace_processors, set_tracing_disabled
 
-        processors = ([RECORDER] if enabled else []) + wanted
+        processors = ([RECORDER] if enabled else []) + exporting + wanted
         set_trace_processors(processors)
         # The SDK's OPENAI_AGENTS_DISABLE_TRACING stops every processor; exporters already
         # honour it (the project leaves them out then), the local record does not need to.

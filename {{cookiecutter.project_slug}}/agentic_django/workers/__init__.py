@@ -35,7 +35,7 @@ from django.db import connections
 from django.utils.crypto import get_random_string
 from django.utils.module_loading import autodiscover_modules, import_string
 
-from agentic_django import lifecycle
+from agentic_django import lifecycle, otlp
 from agentic_django.conf import get_config
 from agentic_django.recovery import sweep
 
@@ -219,6 +219,9 @@ def stop_worker(slots: Slots, presence: Presence, sweeper: Sweeper, stopping: St
     presence.retire()
     # The runs given up still hold threads the interpreter would wait for at exit (an event
     # loop's thread is not a daemon): leave now; their work is fenced off and will be retried.
+    # What waits for the OpenTelemetry collector is sent first, unless cut short.
+    if not stopping.forced.is_set():
+        otlp.flush()
     logging.shutdown()
     os._exit(1 if stopping.forced.is_set() else 0)
 

@@ -30,9 +30,9 @@ PROJECT_DIR = Path(settings.BASE_DIR)
 OPENAI_HOST = "api.openai.com"
 
 # A worker process as `agentic_django_worker` starts one (preload: SDK import and warm-up run),
-# then one run of the sample assistant, in a database of its own.
+# then one run of a sample agent (the assistant unless RUN_AGENT says), in a database of its own.
 WORKER = """
-import django, sys
+import django, os, sys
 django.setup()
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
@@ -43,8 +43,9 @@ from agentic_django.execution import execute
 from agentic_django.models import AgentRun, AgentSession
 user = get_user_model().objects.create_user("tracer")
 session = AgentSession.objects.create(owner=user, session_key="trace")
-run = AgentRun.objects.create(session=session, owner=user, agent_key="assistant",
-                              input_payload="Hello")
+run = AgentRun.objects.create(session=session, owner=user,
+                              agent_key=os.environ.get("RUN_AGENT", "assistant"),
+                              input_payload=os.environ.get("RUN_INPUT", "Hello"))
 print("run ended", execute(str(run.pk)), flush=True)
 """
 
