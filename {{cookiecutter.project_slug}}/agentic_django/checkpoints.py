@@ -101,9 +101,9 @@ def _decisions(run_id: Any) -> dict[str, AgentApproval]:
 
 
 class CheckpointHooks:
-    """SDK run hooks: before each model call but the attempt's first of a fresh run, save
-    the state, then check the budgets (``meter``); after it, record its usage in the ledger;
-    keep the tool ledger's turn current."""
+    """SDK run hooks: before each model call of the run but the attempt's first of a fresh
+    run, save the state; keep the turn of the tool ledger and of the usage ``meter`` current
+    (the meter itself sees every model call, see ``agentic_django.metering``)."""
 
     def __init__(
         self, fence: Fence, ledger: ToolLedger, *, resumed: bool, meter: UsageMeter | None = None
@@ -126,13 +126,16 @@ class CheckpointHooks:
             async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
                 owner.ledger.plan(response.output)
                 if owner.meter is not None:
-                    await owner.meter.after_call(agent, response, turn=owner.ledger.turn)
+                    await owner.meter.settle()  # the call's ledger row, before its tools run
 
         return Hooks()
 
     async def before_model_call(self) -> None:
         turn = self.result.current_turn
         self.ledger.turn = turn
+        if self.meter is not None:
+            # Every call so far is in the ledger before the checkpoint counts its rows.
+            await self.meter.settle()
         if self._skip_first:
             self._skip_first = False
         else:
@@ -145,8 +148,9 @@ class CheckpointHooks:
                     "agentic_django: run %s lost its claim; checkpoint dropped", self.fence.run_id
                 )
         if self.meter is not None:
-            # After the checkpoint: a run that stops here goes on from this very call.
-            await self.meter.before_call()
+            # The budgets are checked as the call starts, after the checkpoint: a run that
+            # stops there goes on from this very call.
+            self.meter.turn = turn
 
 
 def pending_approvals(result: Any) -> list[dict[str, Any]]:

@@ -316,6 +316,8 @@ async def _run_agent(
     from agents import Runner
     from agents.exceptions import MaxTurnsExceeded
 
+    from agentic_django import metering
+
     config = get_config()
     loop = asyncio.get_running_loop()
     fence = ledger.fence
@@ -330,15 +332,18 @@ async def _run_agent(
             logger.exception("agentic_django: run %s cannot resume", run.pk)
             detail = failures.describe(exc).detail
             return Outcome(Status.FAILED, error=checkpoints.UNREADABLE, error_detail=detail)
-    result = Runner.run_streamed(
-        agent,
-        run_input,
-        session=session_for_run(run),
-        max_turns=max_turns,
-        hooks=hooks.hooks(),
-        context=context,
-        run_config=run_config,
-    )
+    # Every model call of the run -- the agents it runs as tools included -- is checked
+    # against the budgets and recorded by the meter (the run's task inherits it).
+    with metering.metering(meter):
+        result = Runner.run_streamed(
+            agent,
+            run_input,
+            session=session_for_run(run),
+            max_turns=max_turns,
+            hooks=hooks.hooks(),
+            context=context,
+            run_config=run_config,
+        )
     hooks.result = result
     trace_id = run_config.trace_id
     watch = _CancelWatch(fence, result)
@@ -371,6 +376,7 @@ async def _run_agent(
                     await watch.check()
                     if tracing.RECORDER.due(trace_id):
                         await run_sync(tracing.RECORDER.write)(trace_id, fence, final=False)
+            await meter.settle()  # a call the hooks did not see end (an agent's as a tool)
     except TimeoutError:
         await _stop(result)
         seconds = config.run_timeout_seconds
@@ -403,6 +409,11 @@ async def _run_agent(
         described = failures.describe(exc)
         return _outcome(result, Status.FAILED, described.message, detail=described.detail)
     finally:
+        # A call that answered before the run stopped was paid for (the run still holds it).
+        try:
+            await meter.settle()
+        except Exception:
+            logger.exception("agentic_django: run %s: a model call could not be recorded", run.pk)
         # Text streamed so far stays: the partial output of a run that failed or stopped.
         await deltas.close()
         watcher.cancel()

@@ -266,7 +266,7 @@ def spend_meter(user: Any) -> SpendMeter | None:
     limits = user_limits(user)
     if limits.cost is None and limits.tokens is None:
         return None
-    return SpendMeter(standing(user))
+    return SpendMeter(standing(user, limits=limits))
 
 
 # How the pause message of a run that reached its own cap starts (usage.exceeded_message).

@@ -21,13 +21,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
+import threading
+from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
-from django.db import DatabaseError, InterfaceError, OperationalError, connection
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    transaction,
+)
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -81,11 +91,13 @@ class CallUsage:
         )
 
 
-def model_of(agent: Any) -> tuple[str, str]:
-    """``(model name, provider)`` of the model an agent calls; "" where it cannot be told."""
-    model = getattr(agent, "model", None)
+def model_of(model: Any) -> tuple[str, str]:
+    """``(model name, provider)`` of a model a call went to (a ``Model``, or a model name for
+    the SDK's default provider, OpenAI); "" where it cannot be told.
+
+    The provider is "openai" for OpenAI's API, the genai-prices id of a provider whose API the
+    client's base URL is (e.g. "deepseek"), else the URL's host (a server of your own)."""
     if model is None or isinstance(model, str):
-        # A name: the SDK's default provider, OpenAI.
         return (model or ""), "openai"
     name = getattr(model, "model", None) or getattr(model, "name", None)
     if not isinstance(name, str):
@@ -94,8 +106,26 @@ def model_of(agent: Any) -> tuple[str, str]:
     base_url = str(getattr(client, "base_url", "") or "")
     if not base_url:
         return name, ""
+    return name, provider_of_url(base_url)
+
+
+@functools.cache
+def provider_of_url(base_url: str) -> str:
+    """The genai-prices provider id of the API at ``base_url``, else its host."""
     host = urlsplit(base_url).hostname or ""
-    return name, "openai" if host == OPENAI_HOST else host
+    if host == OPENAI_HOST:
+        return "openai"
+    try:
+        from genai_prices import data_snapshot
+
+        providers = data_snapshot.get_snapshot().providers
+    except Exception:
+        return host
+    for provider in providers:
+        pattern = getattr(provider, "api_pattern", None)
+        if pattern and re.match(pattern, base_url):
+            return provider.id
+    return host
 
 
 @dataclass(frozen=True)
@@ -105,7 +135,9 @@ class Price:
 
 
 def price(model: str, provider: str, used: CallUsage, at: datetime | None = None) -> Price:
-    """What a call cost: ``AGENTIC_DJANGO_MODEL_PRICES`` first, then genai-prices."""
+    """What a call cost: ``AGENTIC_DJANGO_MODEL_PRICES`` first, then genai-prices -- only for
+    a provider it lists (OpenAI's API, or one whose API URL it knows): a model served from
+    anywhere else (your own server, an unknown host) has no known price, whatever its name."""
     custom = get_config().model_prices.get(model)
     reported = used.input_tokens or used.output_tokens or used.total_tokens
     if not reported and not (custom is not None and not (custom.input or custom.output)):
@@ -120,7 +152,8 @@ def price(model: str, provider: str, used: CallUsage, at: datetime | None = None
             + used.output_tokens * custom.output
         ) / MILLION
         return Price(cost, "settings")
-    if not model:
+    if not model or not _known_provider(provider):
+        # A self-hosted "deepseek-r1:7b" is not DeepSeek's API: never price it as if it were.
         return Price(None, "")
     try:
         from genai_prices import Usage, calc_price
@@ -132,7 +165,7 @@ def price(model: str, provider: str, used: CallUsage, at: datetime | None = None
                 cache_read_tokens=min(used.cached_tokens, used.input_tokens) or None,
             ),
             model_ref=model,
-            provider_id=provider if _known_provider(provider) else None,
+            provider_id=provider,
             genai_request_timestamp=at,
         )
     except LookupError:
@@ -171,7 +204,13 @@ class Caller:
         return cls(owner_id=run.owner_id, session_id=run.session_id)
 
 
-def record(
+def record(fence: Fence, caller: Caller, **call: Any) -> AgentUsage | None:
+    """Write one call's ledger row (``call_row(fence, caller, **call)``, then ``store``);
+    None if it could not be."""
+    return store(fence, call_row(fence, caller, **call))
+
+
+def call_row(
     fence: Fence,
     caller: Caller,
     *,
@@ -180,12 +219,11 @@ def record(
     model: str,
     provider: str,
     used: CallUsage,
-) -> AgentUsage | None:
-    """Insert the call's ledger row under the fence (one statement); None if the fence was
-    lost. ``agent_usage_recorded`` is sent once it is stored."""
+) -> AgentUsage:
+    """The (unsaved) ledger row of one call, priced now."""
     now = timezone.now()
     priced = price(model, provider, used, now)
-    row = AgentUsage(
+    return AgentUsage(
         run_id=fence.run_id,
         attempt=fence.attempt,
         turn=turn,
@@ -205,15 +243,50 @@ def record(
         priced_at=now,
         created_at=now,
     )
-    if not _insert(fence, row):
-        logger.info(
-            "agentic_django: dropped the usage of a model call of run %s attempt %s (claim lost)",
+
+
+def store(fence: Fence, row: AgentUsage, *, again: bool = False) -> AgentUsage | None:
+    """Insert ``row`` under the fence (one statement that also numbers it).
+
+    An attempt that lost its run (recovery took it over, or it ended meanwhile) still paid for
+    the call: its row goes in marked ``superseded`` -- spending, never the run's own totals
+    (the attempt that holds the run makes its calls again). ``again``: a retry of a store
+    whose outcome is unknown (the connection dropped): a row already stored is not stored
+    twice. None if the row cannot be stored at all (its run or owner is gone).
+    ``agent_usage_recorded`` is sent once it is stored."""
+    if again and _already_stored(row):
+        return row
+    row.superseded = False
+    if not _insert(fence, row) and not _insert_superseded(row):
+        logger.warning(
+            "agentic_django: dropped the usage of a model call of run %s attempt %s (the run "
+            "or its owner is gone)",
             fence.run_id,
             fence.attempt,
         )
         return None
     send_safely(agent_usage_recorded, AgentUsage, usage=row)
     return row
+
+
+def _already_stored(row: AgentUsage) -> bool:
+    """Whether ``row`` is in the ledger: its attempt's row of the same moment (``created_at``
+    is the microsecond the call was recorded, kept across retries of its store)."""
+    found = (
+        AgentUsage.objects.filter(
+            run_id=row.run_id,
+            attempt=row.attempt,
+            created_at=row.created_at,
+            total_tokens=row.total_tokens,
+            agent_name=row.agent_name,
+        )
+        .values_list("pk", "sequence", "superseded")
+        .first()
+    )
+    if found is None:
+        return False
+    row.pk, row.sequence, row.superseded = found
+    return True
 
 
 VALUE_FIELDS = (
@@ -240,7 +313,7 @@ VALUE_FIELDS = (
 
 
 @functools.cache
-def _insert_sql(vendor: str, fence_sql: str) -> str:
+def _insert_sql(vendor: str, condition_sql: str) -> str:
     meta = AgentUsage._meta
     qn = connection.ops.quote_name
     columns = [qn(meta.get_field(name).column) for name in ("sequence", *VALUE_FIELDS)]
@@ -252,18 +325,49 @@ def _insert_sql(vendor: str, fence_sql: str) -> str:
         f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
         f"SELECT base.last + 1, {values} FROM "
         f"(SELECT COALESCE(MAX({sequence}), 0) AS last FROM {table} WHERE {run_column} = %s) base "
-        f"WHERE {fence_sql} RETURNING {qn(meta.pk.column)}, {sequence}"
+        f"WHERE {condition_sql} RETURNING {qn(meta.pk.column)}, {sequence}"
     )
 
 
 def _insert(fence: Fence, row: AgentUsage) -> bool:
-    fence_sql, fence_params = fence.exists_sql()
+    """Insert ``row`` while the fence holds; False if it does not."""
+    return _insert_where(row, *fence.exists_sql())
+
+
+def _run_exists_sql() -> str:
+    meta = AgentRun._meta
+    qn = connection.ops.quote_name
+    return f"EXISTS (SELECT 1 FROM {qn(meta.db_table)} WHERE {qn(meta.pk.column)} = %s)"  # noqa: S608
+
+
+# Tries of an unfenced insert that lost the race for its sequence number to another writer.
+SUPERSEDED_INSERT_TRIES = 3
+
+
+def _insert_superseded(row: AgentUsage) -> bool:
+    """Insert ``row`` marked superseded, fence or not (its run exists); False if it cannot."""
+    row.superseded = True
+    run_id = AgentRun._meta.pk.get_db_prep_value(row.run_id, connection)
+    for _ in range(SUPERSEDED_INSERT_TRIES):
+        try:
+            with transaction.atomic():
+                return _insert_where(row, _run_exists_sql(), (run_id,))
+        except IntegrityError:
+            # The attempt that holds the run took the same number, or the run or the owner
+            # was deleted meanwhile: number it again (or give up).
+            continue
+    return False
+
+
+def _insert_where(row: AgentUsage, condition_sql: str, condition_params: Any) -> bool:
     meta = AgentUsage._meta
     fields = [meta.get_field(name) for name in VALUE_FIELDS]
     params = [field.get_db_prep_save(getattr(row, field.attname), connection) for field in fields]
-    run_id = meta.get_field("run").get_db_prep_value(fence.run_id, connection)
+    run_id = meta.get_field("run").get_db_prep_value(row.run_id, connection)
     with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(connection.vendor, fence_sql), [*params, run_id, *fence_params])
+        cursor.execute(
+            _insert_sql(connection.vendor, condition_sql), [*params, run_id, *condition_params]
+        )
         found = cursor.fetchone()
     if found is None:
         return False
@@ -368,9 +472,13 @@ def user_spend(owner_id: Any, since: datetime) -> Totals:
 
 
 def period_bounds(period: str, now: datetime | None = None) -> tuple[datetime, datetime]:
-    """The calendar period (``day`` or ``month``, in ``TIME_ZONE``) holding ``now``:
-    ``(start, next start)``."""
-    local = timezone.localtime(now or timezone.now())
+    """The calendar period (``day`` or ``month``) holding ``now``: ``(start, next start)``.
+
+    In ``TIME_ZONE`` always, never the time zone a request activated: the web (402s, the
+    meter, ``resets_at``) and the workers (the checks before each call) count the same days.
+    """
+    tz = timezone.get_default_timezone()
+    local = timezone.localtime(now or timezone.now(), tz)
     start = local.replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "day":
         end = start + timedelta(days=1)
@@ -378,7 +486,6 @@ def period_bounds(period: str, now: datetime | None = None) -> tuple[datetime, d
         start = start.replace(day=1)
         end = (start + timedelta(days=32)).replace(day=1)
     # Re-localize: a DST change between start and end must not shift midnight.
-    tz = timezone.get_current_timezone()
     return (
         timezone.make_aware(start.replace(tzinfo=None), tz),
         timezone.make_aware(end.replace(tzinfo=None), tz),
@@ -472,12 +579,20 @@ class Standing:
         }
 
 
-def standing(owner: Any, run: AgentRun | None = None, *, now: datetime | None = None) -> Standing:
-    """The owner's spending this period against the caps (and the run's, if given)."""
+def standing(
+    owner: Any,
+    run: AgentRun | None = None,
+    *,
+    now: datetime | None = None,
+    limits: UserLimits | None = None,
+) -> Standing:
+    """The owner's spending this period against the caps (and the run's, if given);
+    ``limits``: the owner's ``user_limits``, when the caller has them already."""
     budgets = get_config().budgets
     start, end = period_bounds(budgets.period, now)
     owner_id = getattr(owner, "pk", owner)
-    limits = user_limits(owner, budgets)
+    if limits is None:
+        limits = user_limits(owner, budgets)
     checks_user = limits.cost is not None or limits.tokens is not None
     spent = user_spend(owner_id, start) if checks_user or run is None else Totals()
     exceeded = ""
@@ -648,16 +763,27 @@ class BudgetStop(Exception):
 
 
 class UsageMeter:
-    """One attempt's ledger and budget checks, called by the run's hooks around each model
-    call (on the run's event loop; the database work in a thread)."""
+    """One attempt's ledger and budget checks around each of its model calls: the run's own
+    and those of the agents it runs in turn (an agent used as a tool, a ``Runner.run`` in a
+    tool), whose models ``agentic_django.metering`` wraps. On the run's event loop (or a
+    tool's); the database work in a thread."""
 
     def __init__(self, run: AgentRun, fence: Fence) -> None:
         self.fence = fence
         self.caller = Caller.of(run)
         self.guard = BudgetGuard(run)
-        self._models: dict[int, tuple[str, str]] = {}
+        # The run's model turn (the hooks keep it current): a call an agent used as a tool
+        # makes counts in the turn of the run that called the tool.
+        self.turn = 1
+        # The models of this attempt, wrapped (see ``agentic_django.metering``).
+        self.models: dict[tuple[int, str], Any] = {}
+        # Calls made at once (parallel tool calls) number their rows one at a time.
+        self._store_lock = threading.Lock()
+        # Streamed calls that answered, recorded at the next ``settle``.
+        self._answered: deque[tuple[int, str, str, str, Any]] = deque()
 
     async def before_call(self) -> None:
+        await self.settle()  # the calls made so far count
         if not self.guard.active:
             return
         from agentic_django.db import run_sync
@@ -666,20 +792,41 @@ class UsageMeter:
         if found is not None:
             raise BudgetStop(found)
 
-    async def after_call(self, agent: Any, response: Any, *, turn: int) -> None:
+    def answered(self, agent_name: str, model: str, provider: str, usage: Any) -> None:
+        """A streamed call answered: record it at the next ``settle`` -- once the run took
+        the answer (the run's hooks settle as the SDK is done with a response, before its
+        tools run; and before each checkpoint and call, and as the attempt ends)."""
+        self._answered.append((self.turn, agent_name, model, provider, usage))
+
+    async def settle(self) -> None:
+        """Record the calls that answered and are not recorded yet."""
+        while self._answered:
+            turn, *call = self._answered.popleft()
+            await self.after_call(*call, turn=turn)
+
+    async def after_call(
+        self, agent_name: str, model: str, provider: str, usage: Any, *, turn: int | None = None
+    ) -> None:
+        """Record a call that answered (``usage``: what the provider reported)."""
         from agentic_django.db import run_sync
 
-        model = self._models.get(id(agent))
-        if model is None:
-            model = self._models[id(agent)] = model_of(agent)
-        used = CallUsage.of(getattr(response, "usage", None))
-        name = getattr(agent, "name", "") or ""
+        row = call_row(
+            self.fence,
+            self.caller,
+            turn=self.turn if turn is None else turn,
+            agent_name=agent_name,
+            model=model,
+            provider=provider,
+            used=CallUsage.of(usage),
+        )
         # The call is paid for: a moment's database trouble (a restart, a dropped connection)
-        # must not lose its row. Retried a few times, a fresh connection each time; past that
-        # the attempt stops and the run is retried (database_unavailable).
-        for delay in RECORD_RETRY_DELAYS:
+        # must not lose its row, nor -- a store that did happen though its answer was lost --
+        # store it twice. Retried a few times, a fresh connection each time; past that the
+        # attempt stops and the run is retried (database_unavailable).
+        stored = None
+        for tries, delay in enumerate(RECORD_RETRY_DELAYS):
             try:
-                row = await run_sync(self._record)(turn, name, model, used)
+                stored = await run_sync(self._store)(row, tries > 0)
                 break
             except (OperationalError, InterfaceError):
                 if delay is None:
@@ -687,17 +834,8 @@ class UsageMeter:
                 logger.warning("agentic_django: could not record a model call; retrying")
                 await run_sync(_drop_connection)()
                 await asyncio.sleep(delay)
-        self.guard.after_call(row)
+        self.guard.after_call(stored)
 
-    def _record(
-        self, turn: int, agent_name: str, model: tuple[str, str], used: CallUsage
-    ) -> AgentUsage | None:
-        return record(
-            self.fence,
-            self.caller,
-            turn=turn,
-            agent_name=agent_name,
-            model=model[0],
-            provider=model[1],
-            used=used,
-        )
+    def _store(self, row: AgentUsage, again: bool) -> AgentUsage | None:
+        with self._store_lock:
+            return store(self.fence, row, again=again)

@@ -112,22 +112,35 @@ def assert_ledger_matches_the_run(run: AgentRun) -> None:
     }
 
 
+def tool_outputs(model_call: Any) -> int:
+    """How many tool outputs a model call's input holds (a retry asks again from its
+    checkpoint, with the outputs it had then)."""
+    items = model_call.input if isinstance(model_call.input, list) else []
+    return sum(
+        1 for item in items if isinstance(item, dict) and item.get("type") == "function_call_output"
+    )
+
+
 def two_calls_then_done(count: int = 10) -> list[Any]:
-    """Steps that call ``count`` twice, then answer "done", whatever was replayed: each looks
-    at the tool outputs in its input (a retry asks again from its checkpoint)."""
+    """Steps that call ``count`` twice, then answer "done", whatever was replayed."""
 
     def respond(model_call: Any) -> Any:
-        items = model_call.input if isinstance(model_call.input, list) else []
-        outputs = sum(
-            1
-            for item in items
-            if isinstance(item, dict) and item.get("type") == "function_call_output"
-        )
-        if outputs < 2:
-            return calling("count", outputs + 1)
-        return answering("done", (100, 50))
+        outputs = tool_outputs(model_call)
+        return calling("count", outputs + 1) if outputs < 2 else answering("done", (100, 50))
 
     return [ModelStep.respond(respond) for _ in range(count)]
+
+
+def killed_at(run: AgentRun, pattern: str, nth: int) -> None:
+    """Execute ``run`` until the worker dies at the ``nth`` statement matching ``pattern``,
+    then recover it as a worker would."""
+    with database_faults() as faults:
+        faults.before(pattern, lambda: None, times=nth - 1)
+        faults.before(pattern, kill)
+        with pytest.raises(SystemExit):
+            execute(str(run.pk), task_id="worker-1")
+    worker_died(reload(run))
+    assert recovery.recover_runs(mode="requeue", dispatch=False) == 1
 
 
 @pytest.mark.parametrize(
@@ -146,13 +159,7 @@ def test_a_run_killed_between_calls_counts_each_call_once_and_spends_what_was_pa
     counter = Counter()
     model = register("counter", two_calls_then_done(), [counter.tool])
     run = new_run(user, "counter")
-    with database_faults() as faults:
-        faults.before(pattern, lambda: None, times=nth - 1)
-        faults.before(pattern, kill)
-        with pytest.raises(SystemExit):
-            execute(str(run.pk), task_id="worker-1")
-    worker_died(reload(run))
-    assert recovery.recover_runs(mode="requeue", dispatch=False) == 1
+    killed_at(run, pattern, nth)
     run = until_done(run)
 
     assert (run.status, run.final_output) == ("completed", "done")
@@ -238,9 +245,10 @@ def test_a_resumed_run_keeps_its_earlier_rows_and_adds_its_own(user, settings):
     assert [(r.turn, r.attempt, r.superseded) for r in rows] == [(1, 1, False), (2, 2, False)]
 
 
-def test_an_attempt_that_lost_its_run_records_no_call(user, settings):
+def test_an_attempt_that_lost_its_run_records_its_paid_call_as_spending_only(user, settings):
     """The ledger row is fenced like every write: once recovery took the run over, the old
-    attempt's calls are not the run's (and the run's next attempt numbers its own)."""
+    attempt's call is not the run's own -- but it was paid for, so it is stored superseded
+    (spending), numbered after the rows of the attempt that holds the run."""
     settings.TASKS = QUEUE
     run = new_run(user, "counter")
     claimed = AgentRun.objects.filter(pk=run.pk)
@@ -248,22 +256,154 @@ def test_an_attempt_that_lost_its_run_records_no_call(user, settings):
     old = lifecycle.Fence(run.pk, 1)
     caller = usage.Caller.of(run)
     call = CallUsage(input_tokens=7, output_tokens=3, total_tokens=10)
-    kept = usage.record(old, caller, turn=1, agent_name="a", model="m", provider="p", used=call)
-    assert kept is not None and kept.sequence == 1
+
+    def record(fence: lifecycle.Fence, turn: int) -> AgentUsage | None:
+        return usage.record(
+            fence, caller, turn=turn, agent_name="a", model="m", provider="p", used=call
+        )
+
+    kept = record(old, 1)
+    assert kept is not None and (kept.sequence, kept.superseded) == (1, False)
     claimed.update(attempt=2)  # taken over
-    dropped = usage.record(old, caller, turn=2, agent_name="a", model="m", provider="p", used=call)
-    assert dropped is None
-    new = usage.record(
-        lifecycle.Fence(run.pk, 2),
-        caller,
-        turn=2,
-        agent_name="a",
-        model="m",
-        provider="p",
-        used=call,
+    late = record(old, 2)
+    assert late is not None and (late.sequence, late.superseded) == (2, True)
+    new = record(lifecycle.Fence(run.pk, 2), 2)
+    assert new is not None and (new.sequence, new.superseded) == (3, False)
+    rows = AgentUsage.objects.filter(run=run).order_by("sequence")
+    assert [(r.attempt, r.superseded) for r in rows] == [(1, False), (1, True), (2, False)]
+    assert (usage.run_totals(run).calls, usage.run_spend(run.pk).calls) == (2, 3)
+    # A store retried after its outcome was lost (the connection dropped as it committed)
+    # does not store the call twice.
+    assert usage.store(old, late, again=True) == late
+    assert usage.run_spend(run.pk).calls == 3
+    # A run that is gone takes nothing more.
+    claimed.delete()
+    assert record(old, 3) is None
+
+
+# --- Agents used as tools ---------------------------------------------------------------------
+
+
+def register_boss(parent_steps: list[Any], sub_steps: list[Any], sub_tools: list[Any]) -> Any:
+    """Register "boss": an agent "Boss" that delegates to "Researcher" (``Agent.as_tool``,
+    tool name "researcher"); the two scripted models."""
+    from agents import Agent
+    from agents.testing import ScriptedModel
+
+    from tests.core import registry
+
+    parent, sub = ScriptedModel(parent_steps), ScriptedModel(sub_steps)
+    researcher = Agent(name="Researcher", instructions="Sub.", model=sub, tools=sub_tools)
+    tool = researcher.as_tool(tool_name="researcher", tool_description="Research.")
+    registry.FACTORIES["boss"] = lambda: Agent(
+        name="Boss", instructions="Test.", model=parent, tools=[tool]
     )
-    assert new is not None and new.sequence == 2
-    assert list(AgentUsage.objects.filter(run=run).values_list("attempt", flat=True)) == [2, 1]
+    return parent, sub
+
+
+def delegating(number: int) -> Any:
+    return ModelStep(
+        output=[function_call("researcher", {"input": f"q{number}"}, call_id=f"r{number}")],
+        usage=used(70, 30),
+    )
+
+
+@pytest.mark.parametrize("dies", [False, True], ids=["in-one-attempt", "killed-at-a-checkpoint"])
+def test_the_calls_of_an_agent_used_as_a_tool_are_rows_of_the_run(user, settings, dies):
+    """The sub-agent's calls (its nested run has none of the run's hooks) are rows too, in
+    the turn of the run that called it: the run's own rows add up to the SDK's usage (which
+    counts the nested calls), a retry after a worker died included."""
+    settings.TASKS = QUEUE
+
+    def respond(model_call: Any) -> Any:
+        # Delegates twice, then answers, whatever was replayed.
+        outputs = tool_outputs(model_call)
+        return delegating(outputs + 1) if outputs < 2 else answering("done")
+
+    parent, sub = register_boss(
+        [ModelStep.respond(respond) for _ in range(5)],
+        [answering(f"found {n}", (400, 100)) for n in range(1, 5)],
+        [],
+    )
+    run = new_run(user, "boss")
+    if dies:
+        # After both delegations, before the run's last call: the retry goes on from its
+        # checkpoint; the tool calls are replayed from the tool ledger, not run again.
+        killed_at(run, CHECKPOINT_SAVE, 2)
+    run = until_done(run)
+
+    assert (run.status, run.final_output) == ("completed", "done")
+    assert len(sub.calls) == 2
+    rows = list(AgentUsage.objects.filter(run=run).order_by("sequence"))
+    assert len(rows) == len(parent.calls) + len(sub.calls)
+    assert [(r.agent_name, r.turn) for r in rows[:4]] == [
+        ("Boss", 1),
+        ("Researcher", 1),
+        ("Boss", 2),
+        ("Researcher", 2),
+    ]
+    # The Boss's three turns and the Researcher's two calls; a retry replays the second
+    # delegation from the tool ledger (its nested calls are then no longer the run's own).
+    assert run.total_tokens == 3 * 100 + (1 if dies else 2) * 500
+    assert_ledger_matches_the_run(run)
+    assert usage.run_spend(run.pk).total_tokens == sum(r.total_tokens for r in rows)
+
+
+def test_a_run_cap_stops_the_calls_of_an_agent_used_as_a_tool(user, settings):
+    """The sub-agent loops on its own tool: its calls are checked like the run's, so the run
+    stops one call past its cap at most, then goes on from there once the cap is raised."""
+    settings.TASKS = QUEUE
+    settings.AGENTIC_DJANGO_BUDGETS = {"run_tokens": 250}
+    counter = Counter()
+    parent, sub = register_boss(
+        [delegating(1), answering("done")],
+        [calling("count", n) for n in range(1, 10)],
+        [counter.tool],
+    )
+    run = new_run(user, "boss")
+    execute(str(run.pk), task_id="w1")
+    run = reload(run)
+    # 100 tokens (Boss), 200, 300 (Researcher): the cap is reached, no further call is made;
+    # the stopped sub-agent's tool answers an error and the run pauses before its next call.
+    assert run.status == "budget_exceeded"
+    assert run.error == "This run reached its token limit (250 tokens)."
+    assert (len(parent.calls), len(sub.calls), counter.calls) == (1, 2, [1, 2])
+    assert usage.run_spend(run.pk).total_tokens == 300
+
+    settings.AGENTIC_DJANGO_BUDGETS = {"run_tokens": 10_000}
+    assert recovery.sweep().resumed == 1
+    execute(str(run.pk), task_id="w2")
+    run = reload(run)
+    assert (run.status, run.final_output) == ("completed", "done")
+    assert (len(parent.calls), len(sub.calls)) == (2, 2)
+    assert_ledger_matches_the_run(run)
+    assert not AgentUsage.objects.filter(run=run, superseded=True).exists()
+
+
+def test_a_call_that_answers_after_its_attempt_lost_the_run_is_spent_not_the_runs(user, settings):
+    """Recovery takes the run over while the model answers: the call was paid for, so it is
+    a row -- superseded: spending, never the run's own (the next attempt makes it again)."""
+    from django.db.models import F
+
+    settings.TASKS = QUEUE
+
+    def taken_over(model_call: Any) -> Any:
+        def take_over() -> None:
+            AgentRun.objects.filter(pk=run.pk).update(attempt=F("attempt") + 1)
+            connection.close()
+
+        thread = threading.Thread(target=take_over)  # another process, as far as it knows
+        thread.start()
+        thread.join()
+        return answering("late")
+
+    register("slow", [ModelStep.respond(taken_over)])
+    run = new_run(user, "slow")
+    execute(str(run.pk), task_id="w1")
+
+    rows = list(AgentUsage.objects.filter(run=run).values_list("attempt", "superseded"))
+    assert rows == [(1, True)]
+    assert (usage.run_totals(run).calls, usage.run_spend(run.pk).total_tokens) == (0, 100)
 
 
 # --- Prices ----------------------------------------------------------------------------------
@@ -292,23 +432,35 @@ def test_a_call_is_priced_from_settings_then_the_price_table_and_unknown_stays_u
     assert usage.price("demo", "", silent) == usage.Price(Decimal(0), "settings")
 
 
-def test_the_model_and_provider_of_an_agent(settings):
-    from agents import Agent, OpenAIChatCompletionsModel
+def test_the_model_and_provider_of_a_call(settings):
+    from agents import OpenAIChatCompletionsModel
     from openai import AsyncOpenAI
 
-    def agent(model: Any) -> Any:
-        return Agent(name="a", model=model)
-
-    assert usage.model_of(agent("gpt-4o")) == ("gpt-4o", "openai")
+    assert usage.model_of("gpt-4o") == ("gpt-4o", "openai")
     local = AsyncOpenAI(api_key="x", base_url="http://llm.internal:8000/v1")
-    assert usage.model_of(agent(OpenAIChatCompletionsModel("qwen", local))) == (
-        "qwen",
-        "llm.internal",
-    )
+    assert usage.model_of(OpenAIChatCompletionsModel("qwen", local)) == ("qwen", "llm.internal")
     openai = AsyncOpenAI(api_key="x")
-    assert usage.model_of(agent(OpenAIChatCompletionsModel("gpt-4o", openai))) == (
-        "gpt-4o",
-        "openai",
+    assert usage.model_of(OpenAIChatCompletionsModel("gpt-4o", openai)) == ("gpt-4o", "openai")
+    # A provider genai-prices knows by its API's address.
+    deepseek = AsyncOpenAI(api_key="x", base_url="https://api.deepseek.com/v1")
+    assert usage.model_of(OpenAIChatCompletionsModel("deepseek-chat", deepseek)) == (
+        "deepseek-chat",
+        "deepseek",
+    )
+
+
+def test_a_model_served_by_a_host_the_price_table_does_not_know_has_no_price(settings):
+    """A self-hosted "deepseek-r1:7b" (Ollama on localhost) is not DeepSeek's API: its cost
+    is unknown, whatever genai-prices would match its name with, until settings price it."""
+    call = CallUsage(input_tokens=1_000, output_tokens=1_000, total_tokens=2_000)
+    for model in ("deepseek-r1:7b", "gpt-4o-mini", "gpt-oss-20b"):
+        assert usage.price(model, "localhost", call) == usage.Price(None, "")
+        assert usage.price(model, "", call) == usage.Price(None, "")
+    assert usage.price("deepseek-reasoner", "deepseek", call).source == "genai-prices"
+    assert usage.price("gpt-4o-mini", "openai", call).source == "genai-prices"
+    settings.AGENTIC_DJANGO_MODEL_PRICES = {"deepseek-r1:7b": {"input": "1", "output": "1"}}
+    assert usage.price("deepseek-r1:7b", "localhost", call) == usage.Price(
+        Decimal("0.002"), "settings"
     )
 
 
@@ -532,6 +684,8 @@ def test_the_period_is_a_calendar_day_or_month_in_the_time_zone(settings):
     from datetime import datetime
     from zoneinfo import ZoneInfo
 
+    from django.utils import timezone
+
     settings.TIME_ZONE = "Europe/Berlin"
     tz = ZoneInfo("Europe/Berlin")
     now = datetime(2026, 3, 29, 12, 0, tzinfo=tz)  # the day clocks go forward
@@ -543,6 +697,15 @@ def test_the_period_is_a_calendar_day_or_month_in_the_time_zone(settings):
         datetime(2026, 12, 1, tzinfo=tz),
         datetime(2027, 1, 1, tzinfo=tz),
     )
+    # A project that activates each user's time zone (middleware) counts the same period in
+    # the web process (402s, the meter) as the workers enforce: TIME_ZONE's.
+    late = datetime(2026, 12, 31, 21, 0, tzinfo=tz)  # already next year in Kiritimati (+14)
+    with timezone.override("Pacific/Kiritimati"):
+        assert period_bounds("day", late) == (
+            datetime(2026, 12, 31, tzinfo=tz),
+            datetime(2027, 1, 1, tzinfo=tz),
+        )
+        assert period_bounds("month", late)[0] == datetime(2026, 12, 1, tzinfo=tz)
 
 
 @pytest.mark.postgres

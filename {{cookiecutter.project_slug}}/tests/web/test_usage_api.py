@@ -202,6 +202,23 @@ def test_the_spend_meter_shows_the_period_against_the_cap(api, make_run, user, s
     assert "It resets at" in meter
 
 
+LIMITS_ASKED: list[int] = []
+
+
+def counting_limits(user):
+    """A project's ``user_limits`` that counts how often it is asked."""
+    LIMITS_ASKED.append(user.pk)
+    return {"user_cost": "1.00"}
+
+
+def test_the_spend_meter_asks_the_projects_user_limits_once(api, user, settings):
+    settings.AGENTIC_DJANGO_BUDGETS = {"user_limits": f"{__name__}.counting_limits"}
+    LIMITS_ASKED.clear()
+    meter = api.get(USAGE, headers=HTMX).content.decode()
+    assert "$0.00 of $1.00 this month" in meter
+    assert len(LIMITS_ASKED) == 1
+
+
 def test_a_run_paused_on_its_budget_says_why_and_polls_slowly(api, make_run, user):
     reason = "This run reached its cost limit ($0.50)."
     run = make_run(user, status=AgentRun.Status.BUDGET_EXCEEDED, error=reason)
