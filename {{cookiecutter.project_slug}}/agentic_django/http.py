@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import TooManyFieldsSent, TooManyFilesSent
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render, resolve_url
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -78,6 +79,14 @@ class ApiError(Exception):
             logger.error("agentic_django: %s", error.message)
             message = "The server is misconfigured; the details are in its log."
         return cls(status, code, message, headers, getattr(error, "details", None))
+
+
+# Django refuses to parse a query string or form with more than DATA_UPLOAD_MAX_NUMBER_FIELDS
+# fields (or files): a 400, answered like the app's other errors, not as Django's HTML page.
+TOO_MANY_FIELDS_ERRORS = (TooManyFieldsSent, TooManyFilesSent)
+TOO_MANY_FIELDS = ApiError(
+    400, "too_many_fields", "The request has too many parameters or form fields."
+)
 
 
 def is_htmx(request: HttpRequest) -> bool:
@@ -163,7 +172,10 @@ def api_view(*methods: str) -> Callable[[Callable[..., HttpResponse]], Callable[
                 return error_response(request, error)
             except AgenticDjangoError as error:
                 return error_response(request, ApiError.from_exception(error))
+            except TOO_MANY_FIELDS_ERRORS:
+                return error_response(request, TOO_MANY_FIELDS)
 
+        wrapper.agentic_api = True  # type: ignore[attr-defined]  (see middleware.bad_request)
         return wrapper
 
     return decorator

@@ -3,7 +3,9 @@
 API clients get the usual JSON error, htmx a visible error fragment, browsers a short page.
 Add ``agentic_django.middleware.DatabaseUnavailableMiddleware`` to ``MIDDLEWARE``; errors that
 happen outside views (in other middleware) reach ``server_error`` below when the project sets
-``handler500 = "agentic_django.middleware.server_error"``, which answers the same way.
+``handler500 = "agentic_django.middleware.server_error"``, which answers the same way
+(and ``handler400 = "agentic_django.middleware.bad_request"``: the app's endpoints answer a
+request Django refuses to read as JSON too).
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ from collections.abc import Callable
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.urls import Resolver404, resolve
 from django.views import defaults
 
-from agentic_django.http import ApiError, error_response, is_browser_navigation
+from agentic_django.http import (
+    TOO_MANY_FIELDS,
+    TOO_MANY_FIELDS_ERRORS,
+    ApiError,
+    error_response,
+    is_browser_navigation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,3 +75,20 @@ def server_error(request: HttpRequest) -> HttpResponse:
     if is_database_unavailable(sys.exc_info()[1]):
         return unavailable_response(request)
     return defaults.server_error(request)
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """``handler400``: a request to one of the app's endpoints that Django refused to read
+    before the view ran (too many fields: the CSRF middleware reads a form first) gets the
+    app's error (JSON, or a fragment for htmx); anything else Django's own 400 page."""
+    if isinstance(exception, TOO_MANY_FIELDS_ERRORS) and _is_app_endpoint(request):
+        return error_response(request, TOO_MANY_FIELDS)
+    return defaults.bad_request(request, exception)
+
+
+def _is_app_endpoint(request: HttpRequest) -> bool:
+    try:
+        view = resolve(request.path_info).func
+    except Resolver404:
+        return False
+    return getattr(view, "agentic_api", False)

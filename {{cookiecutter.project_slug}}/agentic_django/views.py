@@ -36,7 +36,17 @@ from agentic_django.exceptions import (
     RunNotAwaitingApproval,
     RunNotCancellable,
 )
-from agentic_django.http import ApiError, api_view, is_htmx, json_error, parse_page, safe_next_url
+from agentic_django.http import (
+    TOO_MANY_FIELDS,
+    TOO_MANY_FIELDS_ERRORS,
+    ApiError,
+    api_view,
+    error_response,
+    is_htmx,
+    json_error,
+    parse_page,
+    safe_next_url,
+)
 from agentic_django.models import AgentRun, AgentSession
 from agentic_django.presentation import (
     PolledRun,
@@ -397,7 +407,10 @@ async def run_stream(request: HttpRequest, run_id: str) -> HttpResponse:
         return json_error(400, "invalid_run_id", "The run id is not a valid UUID.")
     if not await AgentRun.objects.filter(pk=pk, owner=user).aexists():
         return json_error(404, "not_found", "No such run.")
-    given = [request.headers.get("Last-Event-ID"), request.GET.get("after")]
+    try:
+        given = [request.headers.get("Last-Event-ID"), request.GET.get("after")]
+    except TOO_MANY_FIELDS_ERRORS:
+        return error_response(request, TOO_MANY_FIELDS)
     positions = [Position.parse(raw) for raw in given if raw is not None]
     if None in positions:
         return json_error(400, "invalid_after", "Resume from an event id, e.g. 12 or 12:40:1.")
@@ -409,6 +422,9 @@ async def run_stream(request: HttpRequest, run_id: str) -> HttpResponse:
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # proxies must pass each event on at once
     return response
+
+
+run_stream.agentic_api = True  # type: ignore[attr-defined]  (see middleware.bad_request)
 
 
 @api_view("GET")

@@ -6,6 +6,8 @@ from config.health import healthz, readyz
 
 # A 503 (not a 500) when the database is unreachable, even if other middleware hit it first.
 handler500 = "agentic_django.middleware.server_error"
+# The app's endpoints answer a request Django refuses to read (too many fields) as JSON.
+handler400 = "agentic_django.middleware.bad_request"
 
 urlpatterns = [
     path("", include("chat.urls")),

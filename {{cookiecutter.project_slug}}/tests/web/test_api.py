@@ -179,6 +179,43 @@ def test_htmx_create_errors_render_a_visible_fragment(api, settings):
     assert_htmx_error(response, 400, "The input is empty.")
 
 
+TOO_MANY = "&".join(f"p{n}=1" for n in range(1_001))  # Django reads at most 1,000 fields
+
+
+@pytest.mark.urls("tests.web.urls_without_handlers")
+@pytest.mark.parametrize("name", ["usage", "run-events", "run-stream", "session"])
+def test_a_query_with_too_many_parameters_is_a_json_400(api, make_run, user, name):
+    """Django refuses to read more than DATA_UPLOAD_MAX_NUMBER_FIELDS parameters: API clients
+    get the app's JSON error, not Django's HTML page (in a project without the handler400
+    below too)."""
+    run = make_run(user, session_key="s1")
+    urls = {
+        "usage": reverse("agents:usage"),
+        "run-events": reverse("agents:run-events", args=[run.pk]),
+        "run-stream": reverse("agents:run-stream", args=[run.pk]),
+        "session": reverse("agents:session-items", args=["s1"]),
+    }
+    assert_json_error(api.get(f"{urls[name]}?{TOO_MANY}"), 400, "too_many_fields")
+
+
+def test_a_form_with_too_many_fields_is_a_json_400_even_before_the_view(user):
+    """With CSRF checks on, the CSRF middleware reads the form before the view does: the
+    project's handler400 answers the app's endpoints the same way; other pages keep Django's."""
+    from django.test import Client
+
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    client.cookies["csrftoken"] = "a" * 32  # a cookie, and the form's token is looked for
+    body = TOO_MANY + "&input=hi"
+    response = client.post(CREATE, body, content_type="application/x-www-form-urlencoded")
+    assert_json_error(response, 400, "too_many_fields")
+    htmx = client.post(CREATE, body, content_type="application/x-www-form-urlencoded", headers=HTMX)
+    assert_htmx_error(htmx, 400, "too many parameters")
+    login = client.post(reverse("login"), body, content_type="application/x-www-form-urlencoded")
+    assert login.status_code == 400 and "json" not in login["Content-Type"]
+    assert not AgentRun.objects.exists()
+
+
 def test_get_on_create_is_405_with_allow(api):
     response = api.get(CREATE)
     assert_json_error(response, 405, "method_not_allowed")
