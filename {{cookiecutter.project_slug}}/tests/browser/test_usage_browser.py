@@ -64,4 +64,9 @@ def test_spend_the_budget_reached_and_a_paused_run(chat, chat_user, settings, pr
     expect(paused).to_contain_text(reason)
     expect(paused.locator(".agentic-spinner")).to_have_count(0)
     expect(page.locator("#agentic-spend")).to_contain_text("It resets at")
+    # The composer does not say a reply is on its way: it says the reply is paused.
+    on_budget = page.locator("#composer-hint [data-budget-text]")
+    expect(on_budget).to_be_visible()
+    expect(on_budget).to_have_text(re.compile(r"^The last reply is paused"))
+    expect(page.locator("#composer-hint [data-busy-text]")).to_be_hidden()
     screenshot(page, "usage-paused-run")

@@ -14,6 +14,7 @@
   const toast = document.getElementById("toast");
   const idleText = form.querySelector("[data-idle-text]");
   const busyText = form.querySelector("[data-busy-text]");
+  const budgetText = form.querySelector("[data-budget-text]");
   const sidebar = document.querySelector(".sidebar");
   const foldToggle = document.getElementById("conversations-toggle");
   const MAX_ROWS = 8;
@@ -21,20 +22,26 @@
   let stickToBottom = true;
   let toastTimer = null;
 
-  const activeRun = () => turns.querySelector('.agentic-run[data-terminal="false"]');
+  const activeRun = () => {
+    const active = turns.querySelectorAll('.agentic-run[data-terminal="false"]');
+    return active.length ? active[active.length - 1] : null;
+  };
   const nearBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 80;
   const scrollToEnd = () => {
     log.scrollTop = log.scrollHeight;
   };
 
   // Send is disabled while a message is being sent; while a run works, the hint says that
-  // sending stops it.
+  // sending stops it (a run paused on its budget is not on its way: the hint says so).
   function syncComposer() {
-    const working = activeRun() !== null;
+    const run = activeRun();
+    const working = run !== null;
+    const onBudget = working && run.dataset.status === "budget_exceeded";
     send.disabled = submitting;
-    form.setAttribute("aria-busy", String(submitting || working));
+    form.setAttribute("aria-busy", String(submitting || (working && !onBudget)));
     idleText.hidden = working;
-    busyText.hidden = !working;
+    busyText.hidden = !working || onBudget;
+    budgetText.hidden = !onBudget;
   }
 
   function resizeInput() {
