@@ -37,6 +37,13 @@ KIND_LABELS = {
 }
 
 
+MODEL_CALLS = ("generation", "response")
+# Messages of a model call's input that hold the agent's instructions: a run's owner sees
+# what was said and done, not the prompt behind it.
+INSTRUCTION_ROLES = ("system", "developer")
+HIDDEN = "(the agent's instructions: shown to staff only)"
+
+
 @dataclass
 class Step:
     span: AgentSpan
@@ -115,12 +122,17 @@ def duration_text(ms: float | None) -> str:
     return f"{ms / 60_000:.1f} min"
 
 
-def inspect(run: AgentRun) -> Inspection:
+def inspect(run: AgentRun, *, instructions: bool = True) -> Inspection:
+    """What ``run`` did; ``instructions``: with the agent's instructions (system and developer
+    messages) in the model calls' inputs, else those are hidden (from the run's owner)."""
     spans = list(
         AgentSpan.objects.filter(run=run).order_by("attempt", "started_at", "id")[: MAX_SPANS + 1]
     )
     truncated = len(spans) > MAX_SPANS
     spans = spans[:MAX_SPANS]
+    if not instructions:
+        for span in spans:
+            _hide_instructions(span)
     calls: dict[tuple[int, int], list[AgentUsage]] = defaultdict(list)
     for row in AgentUsage.objects.filter(run=run).order_by("sequence"):
         calls[(row.attempt, row.turn)].append(row)
@@ -133,6 +145,20 @@ def inspect(run: AgentRun) -> Inspection:
     sections.sort(key=lambda section: (section.started_at, section.attempt))
     _explain(run, sections, approvals)
     return Inspection(run=run, sections=sections, span_count=len(spans), truncated=truncated)
+
+
+def _hide_instructions(span: AgentSpan) -> None:
+    """Hide the agent's instructions in a model call's input (in memory, not stored)."""
+    data = span.data
+    if span.kind not in MODEL_CALLS or not isinstance(data, dict):
+        return
+    if isinstance(data.get("input"), list):
+        data["input"] = [
+            {**item, "content": HIDDEN}
+            if isinstance(item, dict) and item.get("role") in INSTRUCTION_ROLES
+            else item
+            for item in data["input"]
+        ]
 
 
 def _section(spans: list[AgentSpan], calls: dict[tuple[int, int], list[AgentUsage]]) -> Section:
@@ -193,7 +219,7 @@ def _attach_usage(step: Step, calls: dict[tuple[int, int], list[AgentUsage]]) ->
             costs = [row.cost for row in rows]
             step.priced = all(cost is not None for cost in costs)
             step.cost = sum((cost for cost in costs if cost is not None), Decimal(0))
-    elif span.kind in ("generation", "response"):
+    elif span.kind in MODEL_CALLS:
         usage = (span.data or {}).get("usage")
         if isinstance(usage, dict):
             total = usage.get("total_tokens")
@@ -219,10 +245,12 @@ def _explain(run: AgentRun, sections: list[Section], approvals: list[AgentApprov
             section.ending = "Paused: waiting for a decision"
             for approval in asked:
                 section.between.append(_decision_text(approval))
-        elif section.ended_at is None and not (last and not run.is_terminal):
-            section.ending = "The worker stopped (the run was retried from its last checkpoint)"
         elif last:
             section.ending = run.get_status_display()
+            if section.ended_at is None and run.is_terminal:
+                section.ending += " (its last steps were not recorded)"
+        elif section.ended_at is None:
+            section.ending = "The worker stopped (the run was retried from its last checkpoint)"
         else:
             section.ending = "Stopped, then went on in a later attempt"
 

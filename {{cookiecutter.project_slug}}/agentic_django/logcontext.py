@@ -74,9 +74,19 @@ class TextFormatter(logging.Formatter):
         fields = _fields_of(record)
         if not fields:
             return line
-        suffix = " ".join(f"{name}={value}" for name, value in fields.items() if value != "")
+        # A value is one token: a session key with a newline cannot forge a line of its own.
+        suffix = " ".join(
+            f"{name}={_escaped(value)}" for name, value in fields.items() if value != ""
+        )
         head, newline, rest = line.partition("\n")  # a traceback stays below the message
         return f"{head} [{suffix}]{newline}{rest}"
+
+
+def _escaped(value: Any) -> str:
+    text = str(value)
+    if text.isprintable() and " " not in text:
+        return text
+    return json.dumps(text)
 
 
 class JsonFormatter(logging.Formatter):

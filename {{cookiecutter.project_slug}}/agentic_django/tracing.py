@@ -19,6 +19,7 @@ is set): the recorder works with every provider and sends nothing anywhere.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -46,8 +47,15 @@ ATTEMPT_KEY = "agentic_attempt"
 # last write, or this many spans wait.
 FLUSH_SECONDS = 5.0
 FLUSH_SPANS = 200
-# Strings longer than this are cut in stored spans (a huge tool output, a long prompt).
+# Strings longer than this are cut in stored spans (a huge tool output, a long prompt); a
+# span's data longer than MAX_SPAN_BYTES (in JSON) is cut harder: strings at SHORT_TEXT, lists
+# to their last SHORT_LIST items (a model call's input is the whole conversation so far).
 MAX_TEXT = 20_000
+MAX_SPAN_BYTES = 64_000
+SHORT_TEXT = 2_000
+SHORT_LIST = 20
+# Span and trace ids longer than this (never the SDK's own) are cut.
+ID_LENGTH = 64
 UNFINISHED = {"message": "Still running when the attempt ended."}
 
 
@@ -139,29 +147,47 @@ class SpanRecorder:
                 spans += list(entry.open.values())
                 entry.ended_at = entry.ended_at or _now()
             entry.flushed_at = time.monotonic()
-        sensitive = get_config().tracing.include_sensitive_data
-        rows = [_row(span, entry, fence, sensitive) for span in spans]
-        if not entry.root_written:
-            rows.insert(0, _root_row(trace_id, entry, fence))
         try:
-            written = _insert(fence, rows)
-            if final and entry.root_written and written is not None:
-                AgentSpan.objects.filter(
-                    run__in=fence.runs().values("pk"), span_id=trace_id
-                ).update(ended_at=entry.ended_at)
-        except DatabaseError:
-            # The inspector misses these spans; the run itself goes on.
+            written = self._store(trace_id, entry, spans, fence, final=final)
+        except Exception:
+            # Whatever goes wrong with a trace, the run itself goes on: the inspector misses
+            # these spans, and a turn's batch is written again with the next one.
             logger.warning(
                 "agentic_django: could not store %d spans of run %s",
-                len(rows),
+                len(spans),
                 fence.run_id,
                 exc_info=True,
             )
+            if not final:
+                with self._lock:
+                    entry.ended[:0] = spans
             return 0
         if written is None:
             return 0  # the attempt lost its run: what it did is not the run's story
         entry.root_written = True
         return written
+
+    def _store(
+        self, trace_id: str, entry: _Trace, spans: list[Any], fence: Fence, *, final: bool
+    ) -> int | None:
+        sensitive = get_config().tracing.include_sensitive_data
+        rows = [_row(span, entry, fence, sensitive) for span in spans]
+        if not entry.root_written:
+            rows.insert(0, _root_row(trace_id, entry, fence))
+        for retry in (True, False):
+            try:
+                written = _insert(fence, rows)
+                if final and entry.root_written and written is not None:
+                    AgentSpan.objects.filter(
+                        run__in=fence.runs().values("pk"), span_id=trace_id
+                    ).update(ended_at=entry.ended_at)
+                return written
+            except DatabaseError:
+                # A dropped connection: once more on a fresh one (outside a transaction).
+                if not retry or connection.in_atomic_block:
+                    raise
+                connection.close()
+        return None
 
 
 # The span columns an insert writes, in order.
@@ -281,11 +307,11 @@ def _root_row(trace_id: str, entry: _Trace, fence: Fence) -> AgentSpan:
     return AgentSpan(
         run_id=fence.run_id,
         attempt=fence.attempt,
-        trace_id=trace_id,
-        span_id=trace_id,
+        trace_id=_text(trace_id, ID_LENGTH),
+        span_id=_text(trace_id, ID_LENGTH),
         parent_id="",
         kind="trace",
-        name=entry.name[:255],
+        name=_text(entry.name, 255),
         started_at=entry.started_at,
         ended_at=entry.ended_at,
         data={"group_id": entry.group_id} if entry.group_id else {},
@@ -302,11 +328,11 @@ def _row(span: Any, entry: _Trace, fence: Fence, sensitive: bool) -> AgentSpan:
     return AgentSpan(
         run_id=fence.run_id,
         attempt=fence.attempt,
-        trace_id=span.trace_id,
-        span_id=span.span_id,
-        parent_id=span.parent_id or span.trace_id,
-        kind=kind[:32],
-        name=name[:255],
+        trace_id=_text(span.trace_id, ID_LENGTH),
+        span_id=_text(span.span_id, ID_LENGTH),
+        parent_id=_text(span.parent_id or span.trace_id, ID_LENGTH),
+        kind=_text(kind, 32),
+        name=_text(name, 255),
         started_at=started,
         ended_at=ended,
         data=_storable(data),
@@ -334,11 +360,11 @@ def describe(span_data: Any, sensitive: bool) -> tuple[str, str, dict[str, Any]]
             data["output"] = None if span_data.output is None else str(span_data.output)
     elif kind == "generation":
         name = span_data.model or "model"
-        data = {
-            "model": span_data.model,
-            "model_config": span_data.model_config,
-            "usage": span_data.usage,
-        }
+        config = span_data.model_config
+        if isinstance(config, dict):
+            # Where the model server is, is the deployment's business, not the run's.
+            config = {key: value for key, value in config.items() if key != "base_url"}
+        data = {"model": span_data.model, "model_config": config, "usage": span_data.usage}
         if sensitive:
             data["input"] = span_data.input
             data["output"] = span_data.output
@@ -362,7 +388,7 @@ def describe(span_data: Any, sensitive: bool) -> tuple[str, str, dict[str, Any]]
         data = {"from_agent": span_data.from_agent, "to_agent": span_data.to_agent}
     elif kind == "turn":
         name = f"turn {span_data.turn}"
-        data = {"agent": span_data.agent_name, "usage": span_data.usage}
+        data = {"turn": span_data.turn, "agent": span_data.agent_name, "usage": span_data.usage}
     elif kind == "task":
         name = span_data.name
         data = {"usage": span_data.usage}
@@ -372,19 +398,38 @@ def describe(span_data: Any, sensitive: bool) -> tuple[str, str, dict[str, Any]]
     else:
         exported = span_data.export() or {}
         name = str(exported.get("name") or getattr(span_data, "name", "") or kind)
-        data = {key: value for key, value in exported.items() if key not in ("type", "name")}
+        data = {}
+        if sensitive:
+            # A custom span's data is whatever the code that made it put there.
+            data = {key: value for key, value in exported.items() if key not in ("type", "name")}
     return kind, str(name or kind), data
 
 
+def _text(value: Any, limit: int) -> str:
+    """A text column's value: storable (no NUL, no lone surrogate) and within its length."""
+    return storable_copy(str(value or ""))[:limit]
+
+
 def _storable(value: Any) -> Any:
-    return storable_copy(_cut(json_safe(value)))
+    """A span's data as stored: JSON, strings cut at ``MAX_TEXT``; when that is still more
+    than ``MAX_SPAN_BYTES`` (a model call's whole conversation), shorter strings and the last
+    ``SHORT_LIST`` items of each list; and failing that, a note of its size."""
+    safe = json_safe(value)
+    for text, items in ((MAX_TEXT, None), (SHORT_TEXT, SHORT_LIST)):
+        cut = storable_copy(_cut(safe, text, items))
+        size = len(json.dumps(cut, ensure_ascii=False, default=str))
+        if size <= MAX_SPAN_BYTES:
+            return cut
+    return {"cut": f"{size:,} characters: too large to keep"}
 
 
-def _cut(value: Any) -> Any:
+def _cut(value: Any, text: int, items: int | None) -> Any:
     if isinstance(value, str):
-        return value if len(value) <= MAX_TEXT else value[:MAX_TEXT] + " … (cut)"
+        return value if len(value) <= text else value[:text] + " … (cut)"
     if isinstance(value, dict):
-        return {key: _cut(item) for key, item in value.items()}
+        return {key: _cut(item, text, items) for key, item in value.items()}
     if isinstance(value, list):
-        return [_cut(item) for item in value]
+        kept = value if items is None or len(value) <= items else value[-items:]
+        cut = [_cut(item, text, items) for item in kept]
+        return cut if len(kept) == len(value) else [f"… {len(value) - items} earlier", *cut]
     return value

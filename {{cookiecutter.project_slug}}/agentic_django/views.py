@@ -95,13 +95,15 @@ def _owned_run(request: HttpRequest, run_id: str, *, staff_may_view: bool = Fals
     run = AgentRun.objects.select_related("session").filter(pk=_run_pk(run_id)).first()
     if run is None:
         raise ApiError(404, "not_found", "No such run.")
-    if run.owner_id != request.user.pk and not (
-        staff_may_view
-        and request.user.is_staff
-        and request.user.has_perm("agentic_django.view_agentrun")
-    ):
+    if run.owner_id != request.user.pk and not (staff_may_view and _views_any_run(request)):
         raise ApiError(404, "not_found", "No such run.")
     return run
+
+
+def _views_any_run(request: HttpRequest) -> bool:
+    """Staff allowed to view runs: they see any run's inspector, and the agents' instructions
+    in it (a run's owner sees the rest of what their own runs did)."""
+    return request.user.is_staff and request.user.has_perm("agentic_django.view_agentrun")
 
 
 def _polled_run(request: HttpRequest, run_id: str) -> PolledRun:
@@ -244,7 +246,7 @@ def run_inspect(request: HttpRequest, run_id: str) -> HttpResponse:
     run = _owned_run(request, run_id, staff_may_view=True)
     context = {
         "run": run,
-        "inspection": inspector.inspect(run),
+        "inspection": inspector.inspect(run, instructions=_views_any_run(request)),
         "back_url": safe_next_url(request, request.GET.get("next") or _referrer(request)),
     }
     return render(request, INSPECTOR_TEMPLATE, context)
@@ -263,7 +265,7 @@ def run_trace(request: HttpRequest, run_id: str) -> HttpResponse:
     """The run's stored trace as JSON: every span (each attempt a trace of its own) and the
     approvals it asked for."""
     run = _owned_run(request, run_id)
-    inspection = inspector.inspect(run)
+    inspection = inspector.inspect(run, instructions=_views_any_run(request))
     return JsonResponse(
         {
             "run_id": str(run.id),

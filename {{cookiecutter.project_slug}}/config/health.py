@@ -36,8 +36,7 @@ OK = "ok"
 def healthz(request):
     """Liveness and database reachability, for container health checks."""
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
+        _database()
     except Exception:
         return JsonResponse({"status": "error", "database": "unreachable"}, status=503)
     return JsonResponse({"status": "ok"})

@@ -92,6 +92,18 @@ def call(tool: str, arguments: dict[str, Any], call_id: str = "call-1") -> Any:
     return [function_call(tool, arguments, call_id=call_id)]
 
 
+def used(input_tokens: int, output_tokens: int) -> Any:
+    """What a model call reports having used: one request, these tokens."""
+    from agents.usage import Usage
+
+    return Usage(
+        requests=1,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+    )
+
+
 def register(key: str, steps: Sequence[Any], tools: Sequence[Any] = ()) -> Any:
     """Register ``key`` -> an agent "Clerk" whose ScriptedModel plays ``steps``; the model."""
     from agents import Agent

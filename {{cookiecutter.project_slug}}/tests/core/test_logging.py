@@ -134,3 +134,7 @@ def test_text_lines_show_the_bound_fields_and_nested_binds_add_to_them():
     with logcontext.bind(run_id="r1"):
         first, *traceback = formatter.format(failed).splitlines()
     assert first == "ERROR oops [run_id=r1]" and traceback[-1] == "ValueError: boom"
+    # A client's session key is one quoted value: it cannot forge a line of its own.
+    forged = "s\nERROR run x failed"
+    with logcontext.bind(run_id="r1", session=forged):
+        assert formatter.format(record) == 'INFO hello [run_id=r1 session="s\\nERROR run x failed"]'

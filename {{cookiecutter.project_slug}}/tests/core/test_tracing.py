@@ -8,21 +8,24 @@ A worker dies here as ``SystemExit`` raised at a chosen statement or tool (see
 
 from __future__ import annotations
 
+import io
+import json
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from agents import Agent, function_tool
-from agents.testing import ScriptedModel, assistant_message, function_call
+from agents import Agent, GenerationSpanData, custom_span, function_tool
+from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
 
-from agentic_django import recovery, tracing
+from agentic_django import inspector, recovery, tracing
 from agentic_django.execution import execute
 from agentic_django.models import AgentRun, AgentSession, AgentSpan
 from agentic_django.services import approve_tool_call
 from tests.core import registry
-from tests.core.conftest import worker_died
+from tests.core.conftest import register, used, worker_died
 from tests.core.faults import database_faults
 from tests.waiting import PATIENCE
 
@@ -313,3 +316,155 @@ def test_a_run_that_times_out_in_a_hung_tool_keeps_its_trace(user, settings):
     [root] = [span for span in found if span.kind == "trace"]
     assert tool.name == "hang"
     assert root.ended_at is not None and tool.ended_at is not None
+
+
+def register_clerk(tool: Any, arguments: dict[str, Any]) -> None:
+    """ "Clerk" calls ``tool`` once (100 tokens), then answers "done" (100 tokens)."""
+    call = function_call(tool.name, arguments, call_id="c1")
+    answer = assistant_message("done")
+    register("clerk", [ModelStep(output=[call], usage=used(70, 30)),
+                       ModelStep(output=[answer], usage=used(80, 20))], [tool])  # fmt: skip
+
+
+def test_odd_text_in_span_names_and_ids_neither_fails_the_run_nor_loses_its_trace(user, settings):
+    """A NUL or a lone surrogate in a span's name (a provider's model name, a tool's custom
+    span) and an id longer than the column: each stored as text the database takes."""
+    settings.TASKS = QUEUE
+
+    @function_tool
+    def lookup(topic: str) -> str:
+        """Look up, in traced steps with odd names."""
+        with (
+            custom_span("step \ud800"),
+            custom_span("step \x00"),
+            custom_span("long id", span_id="span_" + "a" * 80),
+        ):
+            return "notes"
+
+    register_clerk(lookup, {"topic": "x"})
+    run = new_run(user, "clerk")
+    execute(str(run.pk), task_id="w1")
+
+    run = reload(run)
+    assert (run.status, run.final_output) == ("completed", "done")
+    names = sorted(span.name for span in spans(run) if span.kind == "custom")
+    assert names[0] == "long id"
+    assert [name.strip("\ufffd") for name in names[1:]] == ["step ", "step "]
+    assert {"trace", "agent", "turn", "function"} <= {span.kind for span in spans(run)}
+
+
+@pytest.mark.parametrize("failing", ["a turn's write", "the final write"])
+def test_a_span_write_that_meets_a_dropped_connection_is_made_again(
+    user, settings, monkeypatch, failing
+):
+    """A write is tried once more on a fresh connection; a turn's batch that still fails goes
+    with the next write: the run's trace is whole, and ends as the run did."""
+    from django.db import OperationalError
+
+    settings.TASKS = QUEUE
+    # Every turn's end writes, or only the attempt's end does.
+    monkeypatch.setattr(tracing, "FLUSH_SECONDS", 0 if failing == "a turn's write" else 1e9)
+    monkeypatch.setattr(tracing, "FLUSH_SPANS", 10**6)
+
+    @function_tool
+    def lookup(topic: str) -> str:
+        """Look up."""
+        return "notes"
+
+    register_clerk(lookup, {"topic": "tides"})
+    run = new_run(user, "clerk")
+    with database_faults() as faults:
+        # A turn's write fails on the fresh connection too; the final write gets one.
+        times = 2 if failing == "a turn's write" else 1
+        faults.fail(SPAN_INSERT, OperationalError("server closed the connection"), times=times)
+        execute(str(run.pk), task_id="w1")
+
+    run = reload(run)
+    assert (run.status, run.attempt) == ("completed", 1)
+    found = spans(run)
+    assert [span.name for span in found if span.kind == "function"] == ["lookup"]
+    assert [span.name for span in found if span.kind == "turn"] == ["turn 1", "turn 2"]
+    [root] = [span for span in found if span.kind == "trace"]
+    assert root.ended_at is not None
+    assert [section.ending for section in inspector.inspect(run).sections] == ["Completed"]
+
+
+def test_without_sensitive_data_a_custom_span_keeps_its_name_and_turns_their_cost(user, settings):
+    settings.TASKS = QUEUE
+    settings.AGENTIC_DJANGO_TRACING = {"include_sensitive_data": False}
+    settings.AGENTIC_DJANGO_MODEL_PRICES = {"scripted": {"input": "3", "output": "15"}}
+
+    @function_tool
+    def lookup(topic: str) -> str:
+        """Look up, in a traced step of its own."""
+        with custom_span("search", {"query": topic, "hits": f"notes on {topic}"}):
+            return f"notes on {topic}"
+
+    register_clerk(lookup, {"topic": "patient-4711"})
+    run = new_run(user, "clerk")
+    execute(str(run.pk), task_id="w1")
+
+    [search] = [span for span in spans(run) if span.kind == "custom"]
+    assert (search.name, search.data) == ("search", {})
+    assert "patient-4711" not in str([(span.data, span.error) for span in spans(run)])
+    # Each turn shows what the ledger says its model call cost.
+    steps = [step for section in inspector.inspect(run).sections for step in section.steps]
+    turns = [step for step in steps if step.span.kind == "turn"]
+    assert [step.tokens for step in turns] == [100, 100]
+
+
+def test_a_spans_data_is_kept_within_a_bound_and_without_the_model_servers_address():
+    # A model call late in a long conversation: its input is the whole conversation.
+    history = [{"role": "user", "content": f"message {n}: " + "x" * 5_000} for n in range(100)]
+    stored = tracing._storable({"input": history})
+    assert len(json.dumps(stored)) <= tracing.MAX_SPAN_BYTES
+    assert stored["input"][0] == "… 80 earlier"
+    assert stored["input"][-1]["content"].startswith("message 99: ")
+    wide = {f"key {n}": "y" * 2_000 for n in range(100)}
+    assert "too large to keep" in tracing._storable(wide)["cut"]
+    assert tracing._storable({"output": "short"}) == {"output": "short"}
+
+    config = {"base_url": "http://vllm.internal:8000/v1", "temperature": 0.2}
+    _kind, _name, data = tracing.describe(
+        GenerationSpanData(model="m", model_config=config), sensitive=True
+    )
+    assert data["model_config"] == {"temperature": 0.2}
+
+
+def test_trace_cleanup_prunes_whole_traces_of_runs_no_longer_in_progress(user):
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    now = timezone.now()
+
+    def traced(status: str, started_ago: timedelta) -> AgentRun:
+        run = new_run(user, "desk")
+        AgentRun.objects.filter(pk=run.pk).update(status=status)
+        began = now - started_ago
+        rows = [
+            AgentSpan(run=run, attempt=1, trace_id="t", span_id="t", kind="trace", name="desk",
+                      started_at=began, ended_at=began + timedelta(seconds=60))
+        ]  # fmt: skip
+        rows += [
+            AgentSpan(run=run, attempt=1, trace_id="t", span_id=f"s{n}", parent_id="t",
+                      kind="function", name="lookup", started_at=began + timedelta(seconds=n * 20))
+            for n in range(4)
+        ]  # fmt: skip
+        AgentSpan.objects.bulk_create(rows)
+        return run
+
+    waiting = traced("awaiting_approval", timedelta(days=3))
+    # A trace across the cutoff: its root is older, its last steps are not.
+    done = traced("completed", timedelta(days=2, seconds=30))
+    recent = traced("completed", timedelta(days=1))
+    orphan = AgentSpan.objects.create(
+        run=recent, attempt=1, trace_id="gone", span_id="o", kind="function", name="lookup",
+        started_at=now - timedelta(days=5),
+    )  # fmt: skip
+
+    call_command("agentic_django_cleanup", "--trace-days", "2", stdout=io.StringIO())
+
+    assert AgentSpan.objects.filter(run=waiting).count() == 5
+    assert AgentSpan.objects.filter(run=done).count() == 0
+    assert AgentSpan.objects.filter(run=recent).count() == 5
+    assert not AgentSpan.objects.filter(pk=orphan.pk).exists()

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from agents import function_tool
 from agents.testing import ModelStep, function_call
-from agents.usage import Usage
 from django.db import connection
 from django.db.models import Sum
 
@@ -26,7 +25,7 @@ from agentic_django.execution import execute
 from agentic_django.models import AgentRun, AgentSession, AgentUsage
 from agentic_django.services import cancel_run, create_run
 from agentic_django.usage import BudgetExceeded, CallUsage, period_bounds
-from tests.core.conftest import register, worker_died
+from tests.core.conftest import register, used, worker_died
 from tests.core.faults import CHECKPOINT_SAVE, TOOL_START, database_faults
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -35,15 +34,6 @@ QUEUE = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
 LEDGER_INSERT = r'^INSERT INTO "agentic_django_agentusage"'
 CANCEL_FLAG = r'^UPDATE "agentic_django_agentrun" SET "cancel_requested_at"'
 RUN_FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens")
-
-
-def used(input_tokens: int, output_tokens: int) -> Usage:
-    return Usage(
-        requests=1,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        total_tokens=input_tokens + output_tokens,
-    )
 
 
 def calling(tool: str, number: int, tokens: tuple[int, int] = (70, 30)) -> Any:

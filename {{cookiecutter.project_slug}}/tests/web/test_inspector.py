@@ -224,3 +224,40 @@ def test_staff_find_slow_runs_in_the_admin_and_open_the_inspector(
     change = client.get(reverse("admin:agentic_django_agentrun_change", args=[slow.pk]))
     assert inspect_url(slow) in change.content.decode()
     assert client.get(inspect_url(slow)).status_code == 200
+
+
+def test_a_runs_owner_sees_its_model_calls_without_the_agents_instructions(
+    client, make_run, user, other_user
+):
+    run = make_run(user, status="completed")
+    root = span(run, "trace", "assistant", "", start=0, ms=900, span_id="trace_a")
+    prompt = [
+        {"role": "system", "content": "Secret house rules: never refund."},
+        {"role": "user", "content": "Can I get a refund?"},
+    ]
+    span(run, "generation", "gpt-test", root.span_id, start=5, ms=800, data={"input": prompt})
+    client.force_login(user)
+    for body in (client.get(trace_url(run)), client.get(inspect_url(run))):
+        text = body.content.decode()
+        assert "Can I get a refund?" in text and "house rules" not in text
+        assert "shown to staff only" in text
+
+    other_user.is_staff = True
+    other_user.save()
+    other_user.user_permissions.add(Permission.objects.get(codename="view_agentrun"))
+    client.force_login(other_user)
+    assert "Secret house rules" in client.get(inspect_url(run)).content.decode()
+
+
+@pytest.mark.parametrize(
+    ("status", "ending"),
+    [("completed", "Completed (its last steps were not recorded)"), ("running", "Running")],
+)
+def test_an_attempt_whose_end_was_not_recorded_is_not_called_a_dead_worker(
+    api, make_run, user, status, ending
+):
+    run = make_run(user, status=status)
+    root = span(run, "trace", "assistant", "", start=0, ms=None, span_id="trace_a")
+    span(run, "function", "lookup", root.span_id, start=5, ms=10)
+    page = api.get(inspect_url(run)).content.decode()
+    assert ending in page and "worker stopped" not in page

@@ -3,7 +3,7 @@ in batches."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -94,11 +94,31 @@ class Command(BaseCommand):
             rows = AgentUsage.objects.filter(created_at__lt=now - timedelta(days=usage_days))
             results.append(("usage records", self._delete(rows, batch_size, dry_run)))
         if trace_days:
-            spans = AgentSpan.objects.filter(started_at__lt=now - timedelta(days=trace_days))
-            results.append(("trace spans", self._delete(spans, batch_size, dry_run)))
+            cutoff = now - timedelta(days=trace_days)
+            results.append(("trace spans", self._delete_traces(cutoff, batch_size, dry_run)))
         verb = "Would delete" if dry_run else "Deleted"
         summary = ", ".join(f"{count} {name}" for name, count in results)
         self.stdout.write(self.style.SUCCESS(f"{verb} {summary}."))
+
+    def _delete_traces(self, cutoff: datetime, batch_size: int, dry_run: bool) -> int:
+        """Whole traces started before ``cutoff`` (an attempt's spans go with its root), of
+        runs no longer in progress, and spans left without their root."""
+        done = AgentSpan.objects.exclude(run__status__in=ACTIVE_STATUSES)
+        roots = done.filter(kind="trace", started_at__lt=cutoff)
+        same_trace = {"run": OuterRef("run"), "trace_id": OuterRef("trace_id")}
+        rootless = done.filter(started_at__lt=cutoff).exclude(
+            Exists(AgentSpan.objects.filter(kind="trace", **same_trace))
+        )
+        if dry_run:
+            in_old_traces = done.filter(Exists(roots.filter(**same_trace)))
+            return in_old_traces.count() + rootless.count()
+        total = 0
+        while batch := list(roots.order_by("pk").values_list("run_id", "trace_id")[:batch_size]):
+            traces = Q()
+            for run_id, trace_id in batch:
+                traces |= Q(run_id=run_id, trace_id=trace_id)
+            total += AgentSpan.objects.filter(traces).delete()[0]
+        return total + self._delete(rootless, batch_size, dry_run=False)
 
     def _delete(self, queryset: QuerySet, batch_size: int, dry_run: bool) -> int:
         if dry_run:
