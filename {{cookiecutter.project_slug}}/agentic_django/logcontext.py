@@ -84,9 +84,9 @@ class TextFormatter(logging.Formatter):
 
 def _escaped(value: Any) -> str:
     text = str(value)
-    if text.isprintable() and " " not in text:
+    if text.isascii() and text.isprintable() and " " not in text:
         return text
-    return json.dumps(text)
+    return json.dumps(text)  # escapes control, blank-looking and other non-ASCII characters
 
 
 class JsonFormatter(logging.Formatter):

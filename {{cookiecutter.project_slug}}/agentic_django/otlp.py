@@ -24,50 +24,68 @@ collector's key), ``OTEL_EXPORTER_OTLP_TIMEOUT``, ``OTEL_SERVICE_NAME``,
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
 PROTOCOL = "http/protobuf"
+# Seconds a stopping process waits to send the spans left (a collector that hangs must not
+# hold up a worker's stop; OpenTelemetry's own flush does not keep to its timeout).
+FLUSH_SECONDS = 5.0
 DEFAULT_SERVICE_NAME = "agentic-django"
 _lock = threading.Lock()
 _processors: dict[str, Any] = {}
+_flusher: Flusher | None = None
+_labels: ContextVar[dict[str, str] | None] = ContextVar("agentic_django_otlp", default=None)
 
 
 def endpoint() -> str:
     """The collector's address, or ``""`` when nothing is to be exported."""
+    return _endpoint()[1]
+
+
+def _endpoint() -> tuple[str, str]:
+    """``(variable, address)`` of the collector, or ``("", "")``."""
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return ""
+        return "", ""
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return "", ""
     for variable in ENDPOINT_VARIABLES:
         value = os.environ.get(variable, "").strip()
         if value:
-            return value
-    return ""
+            return variable, value
+    return "", ""
 
 
 def problems() -> list[str]:
-    """What is wrong with the export's environment (the system checks report it)."""
-    address = endpoint()
+    """What is wrong with the export's environment (the system checks report it, without
+    repeating a value that may hold a secret)."""
+    variable, address = _endpoint()
     if not address:
         return []
     found = []
     parts = urlsplit(address)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        found.append(
-            f"OTEL_EXPORTER_OTLP_ENDPOINT must be an http:// or https:// URL (got {address!r})."
-        )
-    for variable in PROTOCOL_VARIABLES:
-        protocol = os.environ.get(variable, "").strip()
+        found.append(f"{variable} must be an http:// or https:// URL.")
+    for name in PROTOCOL_VARIABLES:
+        protocol = os.environ.get(name, "").strip()
         if protocol and protocol != PROTOCOL:
             found.append(
-                f"{variable}={protocol!r}: runs' traces are exported with OTLP over HTTP "
+                f"{name}={protocol!r}: runs' traces are exported with OTLP over HTTP "
                 f"({PROTOCOL!r}) only; point the endpoint at the collector's HTTP port (4318)."
             )
+    for name in HEADER_VARIABLES:
+        items = [item for item in os.environ.get(name, "").split(",") if item.strip()]
+        if any("=" not in item for item in items):
+            # The OpenTelemetry SDK would log the header, a collector's key, and drop it.
+            found.append(f"{name} must be key=value pairs separated by commas.")
     return found
 
 
@@ -79,17 +97,49 @@ def processors() -> list[Any]:
         return []
     with _lock:
         if address not in _processors:
+            global _flusher
+            if _flusher is None:
+                _flusher = Flusher()
+                atexit.register(flush)
             provider = _tracer_provider()
+            _flusher.providers.append(provider)
             _processors[address] = RunAttributes(_openinference_processor(provider), provider)
         return [_processors[address]]
 
 
-def flush(timeout_seconds: float = 5.0) -> None:
-    """Send the spans still waiting in the batch processors (a stopping worker calls it)."""
+def flush(timeout_seconds: float = FLUSH_SECONDS) -> None:
+    """Send the spans still waiting in the batch processors, waiting ``timeout_seconds`` at
+    most (a stopping worker calls it, and every process as it exits)."""
     with _lock:
-        exporting = list(_processors.values())
-    for processor in exporting:
-        processor.force_flush(timeout_seconds)
+        flusher = _flusher
+    if flusher is not None:
+        flusher.flush(timeout_seconds)
+
+
+class Flusher:
+    """A thread of its own that sends what waits when asked, so that whoever asks waits no
+    longer than they say (OpenTelemetry's own flush does not keep to its timeout). Started
+    with the first exporting processor: a thread cannot be started at exit."""
+
+    def __init__(self) -> None:
+        self.providers: list[Any] = []
+        self._asked = threading.Event()
+        self._done = threading.Event()
+        thread = threading.Thread(target=self._serve, name="agentic-django-otlp", daemon=True)
+        thread.start()
+
+    def flush(self, timeout_seconds: float) -> None:
+        self._done.clear()
+        self._asked.set()
+        self._done.wait(timeout_seconds)
+
+    def _serve(self) -> None:
+        while True:
+            self._asked.wait()
+            self._asked.clear()
+            for provider in list(self.providers):
+                provider.force_flush()
+            self._done.set()
 
 
 def _tracer_provider() -> Any:
@@ -108,7 +158,9 @@ def _tracer_provider() -> Any:
     )
     # Given attributes override the environment's: the default name only when it names none.
     resource = Resource.create({} if named else {SERVICE_NAME: DEFAULT_SERVICE_NAME})
-    provider = TracerProvider(resource=resource)
+    # Sent at exit by ``flush``, which keeps to its timeout (the provider's own exit hook
+    # waits for a hanging collector).
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
 
@@ -123,61 +175,74 @@ def _openinference_processor(provider: Any) -> Any:
     # The SDK leaves inputs and outputs out of the spans unless the project keeps them; the
     # OPENINFERENCE_HIDE_* variables (read by TraceConfig) can hide them from the export alone.
     tracer = OITracer(provider.get_tracer("agentic_django", __version__), config=TraceConfig())
-    return OpenInferenceTracingProcessor(tracer)
+    return OpenInferenceTracingProcessor(LabellingTracer(tracer))
+
+
+class LabellingTracer:
+    """The exporting processor's tracer: every span it starts carries the labels of the run
+    whose SDK span or trace is being started (``RunAttributes``)."""
+
+    def __init__(self, tracer: Any) -> None:
+        self._tracer = tracer
+
+    def start_span(self, *args: Any, attributes: Any = None, **kwargs: Any) -> Any:
+        labels = _labels.get()
+        if labels:
+            attributes = {**labels, **(attributes or {})}
+        return self._tracer.start_span(*args, attributes=attributes, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tracer, name)
 
 
 class RunAttributes:
     """A trace processor around the exporting one: the spans of a run's trace carry the
-    conversation (``session.id``) and the run's id and attempt (``metadata``)."""
+    conversation (``session.id``) and the run's id and attempt (``metadata``, JSON)."""
 
     def __init__(self, processor: Any, provider: Any) -> None:
         self.processor = processor
         self.provider = provider
-        self._traces: dict[str, dict[str, Any]] = {}
+        self._traces: dict[str, dict[str, str]] = {}
 
     def on_trace_start(self, trace: Any) -> None:
-        metadata = getattr(trace, "metadata", None) or {}
         from agentic_django.tracing import ATTEMPT_KEY, RUN_KEY
 
-        attributes: dict[str, Any] = {}
+        metadata = getattr(trace, "metadata", None) or {}
+        labels: dict[str, str] = {}
         if getattr(trace, "group_id", None):
-            attributes["session_id"] = str(trace.group_id)
+            labels["session.id"] = str(trace.group_id)
         run = {
             name: str(metadata[key])
             for name, key in (("run_id", RUN_KEY), ("attempt", ATTEMPT_KEY))
             if key in metadata
         }
         if run:
-            attributes["metadata"] = run
-        self._traces[trace.trace_id] = attributes
-        with _attributes(attributes):
-            self.processor.on_trace_start(trace)
+            labels["metadata"] = json.dumps(run)
+        self._traces[trace.trace_id] = labels
+        self._started(self.processor.on_trace_start, trace, labels)
 
     def on_trace_end(self, trace: Any) -> None:
         self._traces.pop(trace.trace_id, None)
         self.processor.on_trace_end(trace)
 
     def on_span_start(self, span: Any) -> None:
-        with _attributes(self._traces.get(span.trace_id)):
-            self.processor.on_span_start(span)
+        self._started(self.processor.on_span_start, span, self._traces.get(span.trace_id))
 
     def on_span_end(self, span: Any) -> None:
         self.processor.on_span_end(span)
 
     def shutdown(self) -> None:
-        # The provider may be the project's: send what waits, leave it running.
-        self.force_flush()
+        pass  # sent at exit by ``flush``; the provider may be the project's: left running
 
-    def force_flush(self, timeout_seconds: float = 5.0) -> None:
-        self.provider.force_flush(int(timeout_seconds * 1000))
+    def force_flush(self) -> None:
+        flush()
 
-
-@contextmanager
-def _attributes(attributes: dict[str, Any] | None) -> Iterator[None]:
-    if not attributes:
-        yield
-        return
-    from openinference.instrumentation import using_attributes
-
-    with using_attributes(**attributes):
-        yield
+    @staticmethod
+    def _started(start: Any, item: Any, labels: dict[str, str] | None) -> None:
+        # Our own context variable, set only for the call: the processor's own change of
+        # OpenTelemetry's context (the span it makes current) stays as it leaves it.
+        token = _labels.set(labels or None)
+        try:
+            start(item)
+        finally:
+            _labels.reset(token)

@@ -138,3 +138,5 @@ def test_text_lines_show_the_bound_fields_and_nested_binds_add_to_them():
     forged = "s\nERROR run x failed"
     with logcontext.bind(run_id="r1", session=forged):
         assert formatter.format(record) == 'INFO hello [run_id=r1 session="s\\nERROR run x failed"]'
+    with logcontext.bind(session="s\u3164run_id=r9"):  # a blank that is "printable"
+        assert formatter.format(record) == 'INFO hello [session="s\\u3164run_id=r9"]'

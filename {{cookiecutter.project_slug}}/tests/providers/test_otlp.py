@@ -12,6 +12,7 @@ the process exits, as a stopping worker's are.
 from __future__ import annotations
 
 import gzip
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from agentic_django import otlp
 from agentic_django.checks import check_settings
 from tests.fakes.openai_server import FakeOpenAI, Text, ToolCall
 from tests.providers.test_tracing import RecordingProxy, worker_process
+from tests.waiting import PATIENCE, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -185,6 +187,9 @@ def test_the_environment_decides_whether_and_where_traces_are_exported(monkeypat
     assert otlp.endpoint() == "http://traces:4318/v1/traces"
     [exporting] = otlp.processors()
     assert otlp.processors() == [exporting]  # built once per process
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert otlp.processors() == []
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER")
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     assert otlp.processors() == []
 
@@ -192,8 +197,9 @@ def test_the_environment_decides_whether_and_where_traces_are_exported(monkeypat
 @pytest.mark.parametrize(
     ("variable", "value", "problem"),
     [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318", "must be an http:// or https:// URL"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "sk-secret@collector:4318", "an http:// or"),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "OTLP over HTTP ('http/protobuf') only"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "Authorization: Bearer sk-secret", "key=value pairs"),
     ],
 )
 def test_an_export_it_cannot_make_fails_the_checks(monkeypatch, variable, value, problem):
@@ -201,3 +207,73 @@ def test_an_export_it_cannot_make_fails_the_checks(monkeypatch, variable, value,
     monkeypatch.setenv(variable, value)
     found = [message for message in check_settings() if message.id == "agentic_django.E008"]
     assert [problem in message.msg for message in found] == [True]
+    assert found[0].msg.startswith(variable) and "sk-secret" not in found[0].msg
+
+
+def test_the_run_span_is_current_inside_it_and_nothing_of_the_run_stays(monkeypatch):
+    """Other instrumentation (the HTTP client of a model call, a tool's queries, the project's
+    own spans) nests under the SDK span it runs in, and carries nothing of the run after."""
+    from agents import custom_span, trace
+    from opentelemetry import context
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from agentic_django import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    processor = otlp.RunAttributes(otlp._openinference_processor(provider), provider)
+    monkeypatch.setattr(tracing, "_exporters", [processor])
+    monkeypatch.setattr(tracing, "_installed", None)
+    monkeypatch.setattr(tracing, "RECORDER", tracing.SpanRecorder())
+    monkeypatch.setattr(otlp, "processors", list)
+    tracing.install()
+    before = context.get_current()
+    metadata = {tracing.RUN_KEY: "r1", tracing.ATTEMPT_KEY: "2"}
+    try:
+        with (
+            trace("run", group_id="conv-1", metadata=metadata),
+            custom_span("model call"),
+            provider.get_tracer("httpx").start_as_current_span("POST /v1/responses"),
+        ):
+            pass
+    finally:
+        monkeypatch.undo()
+        tracing._installed = None
+        tracing.install(exporters=[])
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert spans["POST /v1/responses"].parent.span_id == spans["model call"].context.span_id
+    labels = dict(spans["model call"].attributes)
+    assert (labels["session.id"], labels["metadata"]) == (
+        "conv-1",
+        '{"run_id": "r1", "attempt": "2"}',
+    )
+    assert "session.id" not in dict(spans["POST /v1/responses"].attributes)
+    assert context.get_current() == before
+    assert otel_trace.get_current_span() is otel_trace.INVALID_SPAN
+
+
+def test_a_collector_that_never_answers_does_not_hold_up_the_flush(monkeypatch):
+    """A stopping process sends what waits for a few seconds at most: a collector that takes
+    the connection and never answers keeps the spans, not the process."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    taken: list[socket.socket] = []
+    threading.Thread(target=lambda: taken.append(silent.accept()[0]), daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "600")  # the exporter would wait that long
+    monkeypatch.setattr(otlp, "_processors", {})
+    [exporting] = otlp.processors()
+    exporting.provider.get_tracer("test").start_span("waiting").end()
+    flushing = threading.Thread(target=otlp.flush, args=(0.5,), daemon=True)
+    try:
+        flushing.start()
+        wait_for(lambda: taken, "the collector to take the connection")
+        flushing.join(PATIENCE)
+        assert not flushing.is_alive()
+    finally:
+        silent.close()
+        for connection in taken:
+            connection.close()
