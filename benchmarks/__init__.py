@@ -8,9 +8,11 @@ analysis: docs/benchmarks.md. In a project baked with ``--workdir``, one script 
     PYTHONPATH=<template> python -m benchmarks.run_polling --runs 500   # polled views vs a floor
     PYTHONPATH=<template> python -m benchmarks.run_events --runs 200    # events on vs off
     PYTHONPATH=<template> python -m benchmarks.run_workers --runs 100   # workers' runs/s
+    PYTHONPATH=<template> python -m benchmarks.compare_reference        # vs agentic-django 0.5.1
 
 Every script uses ``benchmarks.settings`` (the project's settings, an agent registry backed by
 the SDK's ``ScriptedModel``, DEBUG off) and a throwaway database on the server ``DATABASE_URL``
-names (an SQLite file by default); no network and no API key are needed. The scripts import
-only the project (its settings and ``agentic_django``), never the template's own code.
+names (an SQLite file by default); no network and no API key are needed (``compare_reference``
+installs the reference package from PyPI once). The scripts import only the project (its
+settings and ``agentic_django``), never the template's own code.
 """

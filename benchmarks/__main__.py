@@ -40,6 +40,7 @@ BENCHMARKS = {
     "streams": "run_streams",
     "concurrency": "run_concurrency",
     "inspector": "run_inspector",
+    "reference": "compare_reference",
 }
 # Benchmarks that bake projects of their own, one per (task_backend, database).
 OWN_PROJECTS = {"latency": [("database", "sqlite"), ("rq", "postgres")]}
@@ -52,6 +53,7 @@ QUICK = {
     "latency": ["--quick"],
     "streams": ["--streams", "20", "--deltas", "2", "--idle-seconds", "1"],
     "inspector": TINY,
+    "reference": [*TINY, "--agent", "chat"],
     "concurrency": [
         *("--runs", "4", "--many", "4", "--single", "1", "--slots", "4"),
         *("--reply-seconds", "0.5", "--think-seconds", "0.2"),

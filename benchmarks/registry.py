@@ -1,10 +1,9 @@
 """The benchmark-only agent registry: the SDK's ``ScriptedModel`` answers, so no network.
 
-``chat`` answers one message; ``tool`` calls one function tool, then answers. Each factory
-builds a fresh agent and model (a scripted model consumes its steps), exactly like a project
-factory builds a fresh agent per run. ``stream`` has the project's own model instead
-(``chat/providers.py``): with ``OPENAI_BASE_URL`` set, the ``openai`` client streaming from
-that server over HTTP (``run_concurrency`` points it at the fake OpenAI server).
+``chat`` answers one message; ``tool`` calls one function tool, then answers (both in
+``benchmarks/scripted.py``, fresh agent and model per run). ``stream`` has the project's own
+model instead (``chat/providers.py``): with ``OPENAI_BASE_URL`` set, the ``openai`` client
+streaming from that server over HTTP (``run_concurrency`` points it at the fake OpenAI server).
 """
 
 from __future__ import annotations
@@ -12,40 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 # Imported at module level like a real registry, so preloading workers import it once.
-from agents import Agent, function_tool
-from agents.testing import ScriptedModel, assistant_message, function_call
+from agents import Agent
 
+from benchmarks.scripted import CHAT_REPLY, TOOL_REPLY, build_chat, build_tool
 from chat.providers import build_model
 
-CHAT_REPLY = "Hello from the scripted model."
-TOOL_REPLY = "2 + 3 = 5"
-
-
-def add(a: int, b: int) -> int:
-    """Add two integers."""
-    return a + b
-
-
-def build_chat() -> Agent:
-    """One model call that answers with one message."""
-    model = ScriptedModel([[assistant_message(CHAT_REPLY)]])
-    return Agent(name="Bench chat", instructions="Answer briefly.", model=model)
-
-
-def build_tool() -> Agent:
-    """Two model calls: one function-tool call, then an answer."""
-    model = ScriptedModel(
-        [
-            [function_call("add", {"a": 2, "b": 3}, call_id="call-add")],
-            [assistant_message(TOOL_REPLY)],
-        ]
-    )
-    return Agent(
-        name="Bench tool",
-        instructions="Use the add tool.",
-        tools=[function_tool(add)],
-        model=model,
-    )
+__all__ = ["CHAT_REPLY", "TOOL_REPLY", "build_chat", "build_stream", "build_tool"]
 
 
 def build_stream() -> Agent:

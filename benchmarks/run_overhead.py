@@ -37,12 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
+from benchmarks.scripted import BARE, FLOOR, FLOOR_NORMAL, STREAMED
 
-FLOOR = "Runner.run + SQLiteSession"
-FLOOR_NORMAL = "Runner.run + SQLiteSession, synchronous=NORMAL"
-# What the engine does around the SDK, minus Django: stream events, from sync code.
-STREAMED = "Runner.run_streamed + SQLiteSession, synchronous=NORMAL"
-BARE = "Runner.run"
 REFERENCES = (BARE, FLOOR, FLOOR_NORMAL, STREAMED)
 # The SDK-default floor fsyncs every commit, so it moves with disk load; the ratios to the
 # NORMAL floor and to the CPU-only bare Runner.run are the steadier ones to track.
@@ -77,7 +73,7 @@ def without_ledger() -> Iterator[None]:
 
     recording = UsageMeter.after_call
 
-    async def skip(self: Any, agent: Any, response: Any, *, turn: int) -> None:
+    async def skip(self: Any, *call: Any, **where: Any) -> None:
         return None
 
     UsageMeter.after_call = skip  # type: ignore[method-assign]
@@ -89,72 +85,12 @@ def without_ledger() -> Iterator[None]:
 
 def build_variants(agent_key: str, *, user: Any, workdir: Path) -> list[common.Variant]:
     """The floors, the reference and the two public paths for ``agent_key``."""
-    from agents import Runner, SQLiteSession
-    from asgiref.sync import async_to_sync
-
     from agentic_django.models import AgentRun, AgentSession
     from agentic_django.services import create_run, enqueue_agent_run
-    from benchmarks import registry
-
-    factory = registry.get_agent_registry()[agent_key]
-    reply = registry.CHAT_REPLY if agent_key == "chat" else registry.TOOL_REPLY
-    sqlite_path = workdir / f"sdk-sessions-{agent_key}.sqlite3"
-    normal_path = workdir / f"sdk-sessions-normal-{agent_key}.sqlite3"
-
-    class NormalSQLiteSession(SQLiteSession):
-        """The SDK's SQLiteSession with the project database's durability setting."""
-
-        @staticmethod
-        def _configure_connection(conn: Any) -> None:
-            SQLiteSession._configure_connection(conn)
-            conn.execute("PRAGMA synchronous=NORMAL")
-
-    def expect(output: Any) -> None:
-        if output != reply:
-            raise AssertionError(f"unexpected final output {output!r}")
-
-    def bare() -> common.Check:
-        result = Runner.run_sync(factory(), "Hi")
-        return lambda: expect(result.final_output)
-
-    def bare_sqlite() -> common.Check:
-        session = SQLiteSession(uuid.uuid4().hex, db_path=sqlite_path)
-        try:
-            result = Runner.run_sync(factory(), "Hi", session=session)
-        finally:
-            session.close()
-        return lambda: expect(result.final_output)
-
-    def bare_sqlite_normal() -> common.Check:
-        session = NormalSQLiteSession(uuid.uuid4().hex, db_path=normal_path)
-        try:
-            result = Runner.run_sync(factory(), "Hi", session=session)
-        finally:
-            session.close()
-        return lambda: expect(result.final_output)
-
-    async def streamed(session: Any) -> Any:
-        result = Runner.run_streamed(factory(), "Hi", session=session)
-        async for _ in result.stream_events():
-            pass
-        return result
-
-    def streamed_sqlite() -> common.Check:
-        session = NormalSQLiteSession(uuid.uuid4().hex, db_path=normal_path)
-        try:
-            result = async_to_sync(streamed)(session)
-        finally:
-            session.close()
-        return lambda: expect(result.final_output)
+    from benchmarks import scripted
 
     def check_run(run: Any) -> common.Check:
-        def check() -> None:
-            run.refresh_from_db()
-            if run.status != AgentRun.Status.COMPLETED:
-                raise AssertionError(f"run {run.id} is {run.status}: {run.error}")
-            expect(run.final_output)
-
-        return check
+        return scripted.run_check(run, agent_key)
 
     def public_path() -> common.Check:
         session, _ = AgentSession.objects.get_or_create(owner=user, session_key=uuid.uuid4().hex)
@@ -171,10 +107,7 @@ def build_variants(agent_key: str, *, user: Any, workdir: Path) -> list[common.V
         return check_run(run)
 
     return [
-        common.Variant(BARE, bare),
-        common.Variant(FLOOR, bare_sqlite),
-        common.Variant(FLOOR_NORMAL, bare_sqlite_normal),
-        common.Variant(STREAMED, streamed_sqlite),
+        *scripted.sdk_variants(agent_key, workdir),
         common.Variant("public path", public_path),
         common.Variant("services.create_run", service),
         common.Variant(NO_LEDGER, public_path, around=without_ledger),

@@ -46,7 +46,10 @@ def quick(tmp_path_factory, names: tuple[str, ...], reports: tuple[str, ...]) ->
 
 @pytest.fixture(scope="session")  # once per test process, whatever runs between
 def bench(tmp_path_factory) -> Bench:
-    names = ("overhead", "polling", "events", "workers", "streams", "concurrency", "inspector")
+    names = (
+        *("overhead", "polling", "events", "workers", "streams", "concurrency", "inspector"),
+        "reference",
+    )
     return quick(tmp_path_factory, names, names)
 
 
@@ -69,6 +72,23 @@ def test_overhead_report(bench):
     assert public and all(row["queries"] >= 4 for row in public)
     assert {target["target"] for target in report["targets"]} >= {"chat: SQL queries per run"}
     assert report["machine"]["database"].startswith("PostgreSQL")
+
+
+def test_reference_report(bench):
+    """The reference package (agentic-django 0.5.1 from PyPI, in a virtualenv of its own)
+    runs the same scripted agent, each side over its own SDK floor."""
+    report = bench.reports["reference"]
+    [table] = report["tables"]
+    assert table["title"] == "chat run, PostgreSQL"
+    by_variant = {row["variant"]: row for row in table["rows"]}
+    assert by_variant.keys() == {
+        "public path",
+        "services.create_run",
+        "reference: submit_agent_run",
+    }
+    for row in by_variant.values():
+        assert row["over_floor"] > 0 and row["over_bare"] > 0 and row["queries"] >= 4
+    assert len(report["targets"]) == 5
 
 
 def test_polling_report(bench):
