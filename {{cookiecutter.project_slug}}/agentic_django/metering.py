@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from agents import Model
+from agents import Model, ModelBehaviorError
 from agents.run_internal import run_loop
 from django.core.exceptions import ImproperlyConfigured
 
@@ -58,15 +58,18 @@ def metering(meter: UsageMeter) -> Iterator[None]:
 
 
 def metered(meter: UsageMeter, model: Model, agent: Any) -> Model:
-    """``model`` as ``agent`` calls it in the metered run (one wrapper each, kept)."""
+    """``model`` as ``agent`` calls it in the metered run (the SDK resolves a model for each
+    call, a new one for a model given by name: so is its wrapper)."""
     if isinstance(model, MeteredModel):
         return model
-    name = getattr(agent, "name", "") or ""
-    key = (id(model), name)
-    wrapper = meter.models.get(key)
-    if wrapper is None:
-        wrapper = meter.models[key] = MeteredModel(model, meter, name)
-    return wrapper
+    return MeteredModel(model, meter, getattr(agent, "name", "") or "")
+
+
+# The events that end a streamed call with its response, and so its usage: a call cut short
+# (its output tokens used up, a content filter) was paid for all the same.
+TERMINAL_EVENTS = {"response.completed", "response.incomplete", "response.failed"}
+# What the SDK's error says when a call it did not stream ended so (it keeps no usage).
+TERMINAL_FAILURES = ("`response.incomplete`", "`response.failed`")
 
 
 class MeteredModel(Model):
@@ -88,7 +91,15 @@ class MeteredModel(Model):
 
     async def get_response(self, *args: Any, **kwargs: Any) -> Any:
         await self._meter.before_call()
-        response = await self._inner.get_response(*args, **kwargs)
+        try:
+            response = await self._inner.get_response(*args, **kwargs)
+        except ModelBehaviorError as exc:
+            if any(failure in str(exc) for failure in TERMINAL_FAILURES):
+                # Answered and paid for, but the SDK kept no usage: a call of unknown cost.
+                await self._meter.after_call(
+                    self._agent_name, self._model_name, self._provider, None
+                )
+            raise
         usage = getattr(response, "usage", None)
         await self._meter.after_call(self._agent_name, self._model_name, self._provider, usage)
         return response
@@ -96,15 +107,14 @@ class MeteredModel(Model):
     async def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         await self._meter.before_call()
         stream = self._inner.stream_response(*args, **kwargs)
-        completed = None
         try:
             async for event in stream:
-                if getattr(event, "type", None) == "response.completed":
-                    completed = event
+                if getattr(event, "type", None) in TERMINAL_EVENTS:
+                    # Noted before the run sees the event: it may stop reading right there
+                    # (a cancel, a lost lease, a timeout, an error at the end of the call).
+                    usage = getattr(getattr(event, "response", None), "usage", None)
+                    self._meter.answered(self._agent_name, self._model_name, self._provider, usage)
                 yield event
-            if completed is not None:
-                usage = getattr(getattr(completed, "response", None), "usage", None)
-                self._meter.answered(self._agent_name, self._model_name, self._provider, usage)
         finally:
             close = getattr(stream, "aclose", None)
             if close is not None:

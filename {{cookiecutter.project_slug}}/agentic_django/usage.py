@@ -30,6 +30,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
+from django.conf import settings
 from django.db import (
     DatabaseError,
     IntegrityError,
@@ -112,7 +113,10 @@ def model_of(model: Any) -> tuple[str, str]:
 @functools.cache
 def provider_of_url(base_url: str) -> str:
     """The genai-prices provider id of the API at ``base_url``, else its host."""
-    host = urlsplit(base_url).hostname or ""
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    # Scheme and host compared in lower case, as they are meant.
+    base_url = parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower()).geturl()
     if host == OPENAI_HOST:
         return "openai"
     try:
@@ -123,9 +127,23 @@ def provider_of_url(base_url: str) -> str:
         return host
     for provider in providers:
         pattern = getattr(provider, "api_pattern", None)
-        if pattern and re.match(pattern, base_url):
+        if pattern and _is_api(pattern, base_url):
             return provider.id
     return host
+
+
+def _is_api(pattern: str, base_url: str) -> bool:
+    """Whether ``base_url`` is the API ``pattern`` describes -- its whole host: the patterns
+    match an address's start, and "api.openai.com.gateway.internal" is a server of your own."""
+    found = re.match(pattern, base_url)
+    if found is None:
+        return False
+    matched, rest = found.group(0), base_url[found.end() :]
+    if not rest or rest[0] in "/:?#" or matched.endswith("/"):
+        return True
+    if matched.endswith("."):  # a pattern that leaves the top-level domain open
+        return "." not in re.split(r"[/:?#]", rest, maxsplit=1)[0]
+    return False
 
 
 @dataclass(frozen=True)
@@ -255,6 +273,8 @@ def store(fence: Fence, row: AgentUsage, *, again: bool = False) -> AgentUsage |
     twice. None if the row cannot be stored at all (its run or owner is gone).
     ``agent_usage_recorded`` is sent once it is stored."""
     if again and _already_stored(row):
+        # Stored, but the answer was lost with the connection: nobody was told yet.
+        send_safely(agent_usage_recorded, AgentUsage, usage=row)
         return row
     row.superseded = False
     if not _insert(fence, row) and not _insert_superseded(row):
@@ -331,7 +351,7 @@ def _insert_sql(vendor: str, condition_sql: str) -> str:
 
 def _insert(fence: Fence, row: AgentUsage) -> bool:
     """Insert ``row`` while the fence holds; False if it does not."""
-    return _insert_where(row, *fence.exists_sql())
+    return _numbered(row, *fence.exists_sql())
 
 
 def _run_exists_sql() -> str:
@@ -340,21 +360,28 @@ def _run_exists_sql() -> str:
     return f"EXISTS (SELECT 1 FROM {qn(meta.db_table)} WHERE {qn(meta.pk.column)} = %s)"  # noqa: S608
 
 
-# Tries of an unfenced insert that lost the race for its sequence number to another writer.
-SUPERSEDED_INSERT_TRIES = 3
+# Tries of an insert that lost the race for its sequence number to another writer (an
+# attempt that lost its run storing a late call beside the attempt that holds it).
+INSERT_TRIES = 3
 
 
 def _insert_superseded(row: AgentUsage) -> bool:
     """Insert ``row`` marked superseded, fence or not (its run exists); False if it cannot."""
     row.superseded = True
     run_id = AgentRun._meta.pk.get_db_prep_value(row.run_id, connection)
-    for _ in range(SUPERSEDED_INSERT_TRIES):
+    return _numbered(row, _run_exists_sql(), (run_id,))
+
+
+def _numbered(row: AgentUsage, condition_sql: str, condition_params: Any) -> bool:
+    """Insert ``row`` where the condition holds, numbered after the run's last row; numbered
+    again when another writer took that number meanwhile. False if it cannot be stored."""
+    for _ in range(INSERT_TRIES):
         try:
             with transaction.atomic():
-                return _insert_where(row, _run_exists_sql(), (run_id,))
+                return _insert_where(row, condition_sql, condition_params)
         except IntegrityError:
-            # The attempt that holds the run took the same number, or the run or the owner
-            # was deleted meanwhile: number it again (or give up).
+            # Another writer took the same number, or the run or the owner was deleted
+            # meanwhile: number it again (or give up).
             continue
     return False
 
@@ -478,18 +505,19 @@ def period_bounds(period: str, now: datetime | None = None) -> tuple[datetime, d
     meter, ``resets_at``) and the workers (the checks before each call) count the same days.
     """
     tz = timezone.get_default_timezone()
-    local = timezone.localtime(now or timezone.now(), tz)
-    start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    now = now or timezone.now()
+    # Without USE_TZ, times are TIME_ZONE's wall clock already (naive).
+    local = timezone.localtime(now, tz) if timezone.is_aware(now) else now
+    start = local.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
     if period == "day":
         end = start + timedelta(days=1)
     else:
         start = start.replace(day=1)
         end = (start + timedelta(days=32)).replace(day=1)
-    # Re-localize: a DST change between start and end must not shift midnight.
-    return (
-        timezone.make_aware(start.replace(tzinfo=None), tz),
-        timezone.make_aware(end.replace(tzinfo=None), tz),
-    )
+    if not settings.USE_TZ:
+        return start, end
+    # Localized again: a DST change between start and end must not shift midnight.
+    return timezone.make_aware(start, tz), timezone.make_aware(end, tz)
 
 
 @dataclass(frozen=True)
@@ -775,8 +803,6 @@ class UsageMeter:
         # The run's model turn (the hooks keep it current): a call an agent used as a tool
         # makes counts in the turn of the run that called the tool.
         self.turn = 1
-        # The models of this attempt, wrapped (see ``agentic_django.metering``).
-        self.models: dict[tuple[int, str], Any] = {}
         # Calls made at once (parallel tool calls) number their rows one at a time.
         self._store_lock = threading.Lock()
         # Streamed calls that answered, recorded at the next ``settle``.

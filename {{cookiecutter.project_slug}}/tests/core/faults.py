@@ -144,3 +144,15 @@ def queued_results() -> list[Any]:
     those of ``django.tasks.task_backends``, so ask the task itself.
     """
     return execute_agent_run.get_backend().results
+
+
+def lock_waiters() -> int:
+    """Connections of this database waiting for a lock (PostgreSQL)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        return cursor.fetchone()[0]

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 from agents import function_tool
-from django.db import close_old_connections, connection, transaction
+from django.db import close_old_connections, transaction
 from django.test import Client
 from django.utils import timezone
 
@@ -26,6 +26,7 @@ from agentic_django.models import (
 )
 from agentic_django.services import create_run
 from tests.core.conftest import call, echo_steps, register
+from tests.core.faults import lock_waiters
 from tests.waiting import PATIENCE, in_thread, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -216,15 +217,6 @@ def test_fifty_posts_at_once_leave_one_run_in_progress(user, queued, settings, s
         assert AgentRun.objects.filter(status="cancelled", error=INTERRUPTED_ERROR).count() == 49
         # The one left is the last post to get the conversation's lock: the newest.
         assert in_progress.get() == AgentRun.objects.order_by("-created_at", "-id").first()
-
-
-def lock_waiters() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        )
-        return cursor.fetchone()[0]
 
 
 @pytest.mark.postgres

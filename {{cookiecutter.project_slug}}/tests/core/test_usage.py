@@ -8,15 +8,17 @@ A worker dies here as ``SystemExit`` raised at a chosen statement or tool (see
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from agents import function_tool
 from agents.testing import ModelStep, function_call
-from django.db import connection
+from asgiref.sync import sync_to_async
+from django.db import connection, transaction
 from django.db.models import Sum
 
 from agentic_django import lifecycle, recovery, signals, usage
@@ -26,7 +28,8 @@ from agentic_django.models import AgentRun, AgentSession, AgentUsage
 from agentic_django.services import cancel_run, create_run
 from agentic_django.usage import BudgetExceeded, CallUsage, period_bounds
 from tests.core.conftest import register, used, worker_died
-from tests.core.faults import CHECKPOINT_SAVE, TOOL_START, database_faults
+from tests.core.faults import CHECKPOINT_SAVE, TOOL_START, database_faults, lock_waiters
+from tests.waiting import PATIENCE, in_thread, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -263,8 +266,18 @@ def test_an_attempt_that_lost_its_run_records_its_paid_call_as_spending_only(use
     assert [(r.attempt, r.superseded) for r in rows] == [(1, False), (1, True), (2, False)]
     assert (usage.run_totals(run).calls, usage.run_spend(run.pk).calls) == (2, 3)
     # A store retried after its outcome was lost (the connection dropped as it committed)
-    # does not store the call twice.
-    assert usage.store(old, late, again=True) == late
+    # does not store the call twice; nobody was told of it yet: now they are.
+    told: list[int] = []
+
+    def receiver(sender: Any, usage: AgentUsage, **kwargs: Any) -> None:
+        told.append(usage.pk)
+
+    signals.agent_usage_recorded.connect(receiver, weak=False)
+    try:
+        assert usage.store(old, late, again=True) == late
+    finally:
+        signals.agent_usage_recorded.disconnect(receiver)
+    assert told == [late.pk]
     assert usage.run_spend(run.pk).calls == 3
     # A run that is gone takes nothing more.
     claimed.delete()
@@ -727,3 +740,110 @@ def test_runs_of_one_user_racing_the_cap_overshoot_by_at_most_one_call_each(
     assert [reload(run).status for run in runs] == ["budget_exceeded"] * 2
     spent = AgentUsage.objects.filter(owner=user).aggregate(total=Sum("total_tokens"))["total"]
     assert 450 <= spent <= 450 + 2 * 100
+
+
+# --- Calls cut short, races ------------------------------------------------------------------
+
+
+def ending(status: str, tokens: tuple[int, int]) -> ModelStep:
+    """A streamed call the provider ends with ``response.<status>`` (its usage billed): a
+    model that ran into its output limit or a content filter ("incomplete")."""
+    from agents.testing import assistant_message
+    from agents.testing.model import _convert_output_items, _response_for_step
+    from openai.types.responses import ResponseIncompleteEvent
+
+    step = ModelStep(output=[assistant_message("partial")], usage=used(*tokens))
+    response = _response_for_step(step, _convert_output_items(step.output))
+    response.status = status
+
+    async def events(call: Any) -> Any:
+        yield ResponseIncompleteEvent(
+            type=f"response.{status}", response=response, sequence_number=1
+        )
+
+    return ModelStep.stream(events)
+
+
+def test_a_call_cut_short_is_paid_for_and_counts_against_the_budget(user, settings):
+    """A call that ends "incomplete" (its output tokens used up: easy to provoke) fails its
+    run, but the provider billed it: it is in the ledger, and the user's cap stops the next."""
+    settings.TASKS = QUEUE
+    settings.AGENTIC_DJANGO_BUDGETS = {"user_tokens": 1000}
+    model = register("truncated", [ending("incomplete", (70, 4000)) for _ in range(2)])
+    for number in range(2):
+        run = new_run(user, "truncated", session_key=f"cut-{number}")
+        execute(str(run.pk), task_id=f"w{number}")
+    assert list(AgentUsage.objects.values_list("total_tokens", flat=True)) == [4070]
+    assert len(model.calls) == 1  # the second run met the cap before its call
+
+
+def test_a_call_that_answered_as_its_run_was_cancelled_is_in_the_ledger(user, settings):
+    """The provider sent the end of the call (paid, its usage known) and the run is cancelled
+    while its client still reads the stream: the call is recorded all the same."""
+    from agents.testing.model import _stream_events_for_step
+
+    settings.TASKS = QUEUE
+    run = new_run(user, "cut")
+
+    async def events(call: Any) -> Any:
+        from agents.testing import assistant_message
+
+        step = ModelStep(output=[assistant_message("done")], usage=used(70, 30))
+        for event in _stream_events_for_step(step, preserve_raw_usage=False):
+            yield event
+        # The call ended; the user cancels while the last bytes are read.
+        await sync_to_async(cancel_run)(run)
+        for _ in range(int(PATIENCE / 0.05)):
+            await asyncio.sleep(0.05)  # until the cancel reaches the run
+
+    register("cut", [ModelStep.stream(events)])
+    execute(str(run.pk), task_id="w1")
+
+    assert AgentRun.objects.get(pk=run.pk).status == "cancelled"
+    assert list(AgentUsage.objects.filter(run=run).values_list("total_tokens", flat=True)) == [100]
+
+
+@pytest.mark.postgres
+def test_the_live_attempts_row_survives_a_late_row_taking_its_number(user, settings):
+    """An attempt that lost its run stores its late call while the attempt that holds the
+    run stores its own: both read the same last number; the one that loses numbers again."""
+    run = new_run(user, "counter")
+    AgentRun.objects.filter(pk=run.pk).update(status="running", attempt=2)
+    caller = usage.Caller.of(run)
+    call = CallUsage(input_tokens=7, output_tokens=3, total_tokens=10)
+    inserted = threading.Event()
+
+    def row(fence: lifecycle.Fence) -> AgentUsage:
+        return usage.call_row(
+            fence, caller, turn=1, agent_name="a", model="m", provider="p", used=call
+        )
+
+    def late() -> None:
+        with transaction.atomic():  # its row not committed until the live insert waits on it
+            usage.store(lifecycle.Fence(run.pk, 1), row(lifecycle.Fence(run.pk, 1)))
+            inserted.set()
+            wait_for(lambda: lock_waiters() > 0, "the live insert to wait on the late row")
+
+    thread = in_thread(late)
+    assert inserted.wait(PATIENCE)
+    live = usage.store(lifecycle.Fence(run.pk, 2), row(lifecycle.Fence(run.pk, 2)))
+    thread.join(PATIENCE)
+    assert live is not None and (live.sequence, live.superseded) == (2, False)
+    rows = AgentUsage.objects.filter(run=run).order_by("sequence")
+    assert [(row.attempt, row.superseded) for row in rows] == [(1, True), (2, False)]
+
+
+def test_a_host_that_only_starts_like_a_cloud_api_is_a_server_of_your_own():
+    assert usage.provider_of_url("https://api.openai.com.gateway.internal/v1") == (
+        "api.openai.com.gateway.internal"
+    )
+    assert usage.provider_of_url("https://API.DeepSeek.com/v1") == "deepseek"
+    assert usage.provider_of_url("https://api.moonshot.cn/v1") == "moonshotai"
+    cost = usage.price("gpt-4o", "api.openai.com.gateway.internal", CallUsage(total_tokens=9))
+    assert cost.cost is None
+
+
+def test_budget_periods_without_time_zone_support(settings):
+    settings.USE_TZ = False
+    start, end = period_bounds("day", datetime(2026, 3, 8, 15, 30))
+    assert (start, end) == (datetime(2026, 3, 8), datetime(2026, 3, 9))
