@@ -19,6 +19,7 @@ Periods are calendar days or months in ``TIME_ZONE``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -376,8 +377,10 @@ def _numbered(row: AgentUsage, condition_sql: str, condition_params: Any) -> boo
     """Insert ``row`` where the condition holds, numbered after the run's last row; numbered
     again when another writer took that number meanwhile. False if it cannot be stored."""
     for _ in range(INSERT_TRIES):
+        # Inside a transaction, a savepoint: a clash must not spoil it (none needed outside).
+        inside = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
         try:
-            with transaction.atomic():
+            with inside:
                 return _insert_where(row, condition_sql, condition_params)
         except IntegrityError:
             # Another writer took the same number, or the run or the owner was deleted
