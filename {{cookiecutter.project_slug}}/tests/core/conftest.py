@@ -104,6 +104,27 @@ def used(input_tokens: int, output_tokens: int) -> Any:
     )
 
 
+class Refunds:
+    """A tool with a side effect (a refund) that needs approval, counting how often it really
+    ran."""
+
+    def __init__(self) -> None:
+        from agents import function_tool
+
+        self.done: list[str] = []
+        self.tool = function_tool(self.refund, needs_approval=True)
+
+    def refund(self, order: str) -> str:
+        """Refund an order."""
+        self.done.append(order)
+        return f"refunded {order}"
+
+
+@pytest.fixture
+def refunds() -> Refunds:
+    return Refunds()
+
+
 def register(key: str, steps: Sequence[Any], tools: Sequence[Any] = ()) -> Any:
     """Register ``key`` -> an agent "Clerk" whose ScriptedModel plays ``steps``; the model."""
     from agents import Agent

@@ -32,24 +32,6 @@ QUEUE = {"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
 IMMEDIATE = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
 
 
-class Refunds:
-    """A tool with a side effect (a refund), counting how often it really ran."""
-
-    def __init__(self) -> None:
-        self.done: list[str] = []
-        self.tool = function_tool(self.refund, needs_approval=True)
-
-    def refund(self, order: str) -> str:
-        """Refund an order."""
-        self.done.append(order)
-        return f"refunded {order}"
-
-
-@pytest.fixture
-def refunds() -> Refunds:
-    return Refunds()
-
-
 def start(user, key: str, text_input: str = "refund order 42", session_key: str = "k") -> AgentRun:
     run = create_run(owner=user, session_key=session_key, input_payload=text_input, agent_key=key)
     run.refresh_from_db()

@@ -25,7 +25,7 @@ from agentic_django.execution import execute
 from agentic_django.models import AgentRun, AgentSession, AgentSpan
 from agentic_django.services import approve_tool_call
 from tests.core import registry
-from tests.core.conftest import register, used, worker_died
+from tests.core.conftest import call, register, used, worker_died
 from tests.core.faults import database_faults
 from tests.waiting import PATIENCE
 
@@ -181,22 +181,10 @@ def test_a_retried_run_keeps_what_its_dead_attempt_traced_and_traces_each_step_o
     assert len({s.span_id for s in found}) == len(found)
 
 
-def test_an_approval_pause_and_its_resumption_are_two_traces(user, settings):
+def test_an_approval_pause_and_its_resumption_are_two_traces(user, settings, refunds):
     settings.TASKS = QUEUE
-    refunded = []
-
-    @function_tool(needs_approval=True)
-    def refund(n: int) -> str:
-        """Refund."""
-        refunded.append(n)
-        return "ok"
-
-    model = ScriptedModel(
-        [[function_call("refund", {"n": 1}, call_id="c1")], [assistant_message("refunded")]]
-    )
-    registry.FACTORIES["clerk"] = lambda: Agent(
-        name="Clerk", instructions="-", model=model, tools=[refund]
-    )
+    steps = [call("refund", {"order": "42"}, call_id="c1"), [assistant_message("refunded")]]
+    register("clerk", steps, [refunds.tool])
     run = new_run(user, "clerk")
     execute(str(run.pk), task_id="w1")
     assert reload(run).status == "awaiting_approval"
@@ -204,7 +192,7 @@ def test_an_approval_pause_and_its_resumption_are_two_traces(user, settings):
     execute(str(run.pk), task_id="w2")
 
     run = reload(run)
-    assert (run.status, refunded) == ("completed", [1])
+    assert (run.status, refunds.done) == ("completed", ["42"])
     found = spans(run)
     roots = [s for s in found if s.kind == "trace"]
     assert [r.attempt for r in roots] == [1, 2]
@@ -212,7 +200,7 @@ def test_an_approval_pause_and_its_resumption_are_two_traces(user, settings):
     # The call that asked for approval (no output), then the call itself once approved.
     assert [(s.attempt, s.name, s.data["output"]) for s in found if s.kind == "function"] == [
         (1, "refund", None),
-        (2, "refund", "ok"),
+        (2, "refund", "refunded 42"),
     ]
     assert len({s.span_id for s in found}) == len(found)
 

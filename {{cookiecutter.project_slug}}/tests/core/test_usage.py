@@ -27,7 +27,7 @@ from agentic_django.execution import execute
 from agentic_django.models import AgentRun, AgentSession, AgentUsage
 from agentic_django.services import cancel_run, create_run
 from agentic_django.usage import BudgetExceeded, CallUsage, period_bounds
-from tests.core.conftest import register, used, worker_died
+from tests.core.conftest import call, register, used, worker_died
 from tests.core.faults import CHECKPOINT_SAVE, TOOL_START, database_faults, lock_waiters
 from tests.waiting import PATIENCE, in_thread, wait_for
 
@@ -209,21 +209,14 @@ def kill() -> None:
     raise SystemExit("worker killed")
 
 
-def test_a_resumed_run_keeps_its_earlier_rows_and_adds_its_own(user, settings):
+def test_a_resumed_run_keeps_its_earlier_rows_and_adds_its_own(user, settings, refunds):
     """Pausing for an approval and resuming (a later attempt, from the checkpoint) adds rows
     and supersedes none."""
     from agentic_django.services import approve_tool_call
 
     settings.TASKS = QUEUE
-    refunded = []
-
-    @function_tool(needs_approval=True)
-    def refund(n: int) -> str:
-        """Refund."""
-        refunded.append(n)
-        return "ok"
-
-    register("clerk", [calling("refund", 1), answering("refunded")], [refund])
+    asking = ModelStep(output=call("refund", {"order": "42"}, call_id="c1"), usage=used(70, 30))
+    register("clerk", [asking, answering("refunded")], [refunds.tool])
     run = new_run(user, "clerk")
     execute(str(run.pk), task_id="w1")
     run = reload(run)
@@ -232,7 +225,7 @@ def test_a_resumed_run_keeps_its_earlier_rows_and_adds_its_own(user, settings):
     approve_tool_call(run, "c1")
     execute(str(run.pk), task_id="w2")
     run = reload(run)
-    assert (run.status, refunded) == ("completed", [1])
+    assert (run.status, refunds.done) == ("completed", ["42"])
     assert_ledger_matches_the_run(run)
     rows = AgentUsage.objects.filter(run=run).order_by("sequence")
     assert [(r.turn, r.attempt, r.superseded) for r in rows] == [(1, 1, False), (2, 2, False)]
