@@ -29,10 +29,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 
-from agentic_django import checkpoints, failures, lifecycle, logcontext, toolcalls, tracing
+from agentic_django import (
+    checkpoints,
+    eventloop,
+    failures,
+    lifecycle,
+    logcontext,
+    toolcalls,
+    tracing,
+)
 from agentic_django.checkpoints import CheckpointHooks, UnreadableCheckpoint, run_context
 from agentic_django.conf import TIMEOUT_GRACE_SECONDS, get_config, validate_run_options
 from agentic_django.db import release_connection, released, run_sync
@@ -42,7 +49,7 @@ from agentic_django.exceptions import AgenticDjangoError
 from agentic_django.lifecycle import Fence
 from agentic_django.logcontext import bind_run
 from agentic_django.models import AgentApproval, AgentCheckpoint, AgentRun, AgentToolCall
-from agentic_django.recovery import ensure_startup_recovery
+from agentic_django.recovery import ensure_startup_recovery, sweep
 from agentic_django.registry import build_agent
 from agentic_django.serializers import json_safe
 from agentic_django.sessions import SessionWriteRejected, session_for_run
@@ -123,6 +130,21 @@ def abandon_in_flight() -> list[Fence]:
     for _, keeper in abandoned:
         keeper.abandon()
     return [fence for fence, _ in abandoned]
+
+
+def give_up_blocked(fences: list[Fence]) -> None:
+    """The attempts of ``fences`` wait on an event loop that another run's code blocks: each
+    gives its run up now (its slot frees, its lease ends) and recovery retries it at once, on
+    a loop that runs, from its last checkpoint."""
+    with _in_flight_lock:
+        keepers = [(fence, _in_flight[fence]) for fence in fences if fence in _in_flight]
+    for _, keeper in keepers:
+        keeper.give_up("another run's code blocks its event loop")
+    try:
+        released(lifecycle.give_up)([fence for fence, _ in keepers])
+        released(sweep)()
+    except DatabaseError:
+        logger.warning("agentic_django: could not hand on the runs of a stuck loop", exc_info=True)
 
 
 @dataclass
@@ -245,7 +267,17 @@ def _execute(run: AgentRun, keeper: LeaseKeeper) -> Outcome:
     run_config = tracing.run_config(run)
     release_connection()  # the run's database work borrows a connection for each step
     with logcontext.bind(trace_id=run_config.trace_id):
-        return async_to_sync(_stream)(run, agent, options, recorder, keeper, checkpoint, run_config)
+        return eventloop.run(
+            _stream,
+            run,
+            agent,
+            options,
+            recorder,
+            keeper,
+            checkpoint,
+            run_config,
+            owner=keeper.fence,
+        )
 
 
 def calls_in_doubt(run: AgentRun, repeatable: dict[str, bool]) -> list[dict[str, Any]]:
@@ -287,9 +319,10 @@ async def _stream(
     run_config: Any,
 ) -> Outcome:
     config = get_config()
-    loop = asyncio.get_running_loop()
-    # Sync tools run in daemon threads that the attempt never waits for once it is over.
-    loop.set_default_executor(DaemonThreadExecutor())
+    if eventloop.shared() is None:
+        # Sync tools run in daemon threads that the attempt never waits for once it is over
+        # (a shared loop has one such executor for all its runs).
+        asyncio.get_running_loop().set_default_executor(DaemonThreadExecutor())
     max_turns = options.get("max_turns", config.max_turns)
     turn = checkpoint.turn if checkpoint else 1
     ledger = ToolLedger(Fence.of(run), turn=turn, resumed_turn=turn)
@@ -695,6 +728,11 @@ class LeaseKeeper:
 
     def abandon(self) -> None:
         """Renew no more: this process gives the attempt up (without waiting for it)."""
+        self._stopped.set()
+
+    def give_up(self, why: str) -> None:
+        """The attempt loses its run now (its slot frees), and its lease is renewed no more."""
+        self._lose(why)
         self._stopped.set()
 
     def on_lost(self, callback: Callable[[], object]) -> None:

@@ -2,10 +2,12 @@
 
 Whatever the task backend, a worker process:
 
-- runs up to ``AGENTIC_DJANGO_WORKER_CONCURRENCY`` runs at once (its slots), each in a thread
-  of its own with its own event loop: a run spends nearly all its time waiting on a model
-  provider, and a hung provider, a blocking tool or a blocked event loop costs one slot,
-  never the worker. It takes a task only when a slot is free;
+- runs up to ``AGENTIC_DJANGO_WORKER_CONCURRENCY`` runs at once (its slots): a run spends
+  nearly all its time waiting on a model provider. Each run has a thread of its own for its
+  database work and its lease keeper; the async part of all of them (the SDK's turns, the
+  model's stream) shares one event loop (``agentic_django.eventloop``). A hung provider or a
+  blocking sync tool costs one slot, never the worker. It takes a task only when a slot is
+  free;
 - imports the Agents SDK, the agent registry and the task modules once, at start, and warms
   them up with one in-memory agent run, so no task pays for the import;
 - records the deployment's concurrency limit in the database (``lifecycle``) and announces
@@ -51,6 +53,7 @@ def start_worker(presence: Presence) -> None:
     """What every worker process does before taking tasks: preload, record the limit,
     announce itself, sweep."""
     preload()
+    share_event_loop()
     try:
         lifecycle.record_concurrency_limit(get_config().concurrency_limit)
         presence.announce()
@@ -241,6 +244,14 @@ def stop_in_flight() -> None:
         )
     finally:
         connections.close_all()
+
+
+def share_event_loop() -> None:
+    """The runs of this process share one event loop (see ``agentic_django.eventloop``)."""
+    from agentic_django import eventloop
+    from agentic_django.execution import DaemonThreadExecutor, give_up_blocked
+
+    eventloop.share(DaemonThreadExecutor, on_stall=give_up_blocked)
 
 
 def preload() -> None:

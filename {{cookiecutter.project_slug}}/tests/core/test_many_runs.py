@@ -240,6 +240,8 @@ def start_worker(
         "AGENTIC_DJANGO_CONCURRENCY_LIMIT": "60",  # the worker's slots are the tighter bound
         "TOOL_LOG": str(tmp_path / "tools.log"),
         "HOLD_FILE": str(tmp_path / "hold"),
+        "RELEASE_FILE": str(tmp_path / "release"),
+        "LEFTOVER_LOG": str(tmp_path / "leftovers.log"),
         "PGAPPNAME": WORKER_APP,  # its PostgreSQL connections, told apart from the test's
     }
     return subprocess.Popen(  # noqa: S603 (this interpreter, a fixed script)
@@ -288,9 +290,9 @@ def rq_started_jobs(runs: Sequence[AgentRun]) -> dict[str, float] | None:
     return {job: at for job, at in expiries.items() if job in jobs}
 
 
-def crowd(user: Any, count: int, prefix: str) -> list[AgentRun]:
+def crowd(user: Any, count: int, prefix: str, agent_key: str = "crowd") -> list[AgentRun]:
     return [
-        create_run(owner=user, session_key=f"{prefix}{i}", input_payload="go", agent_key="crowd")
+        create_run(owner=user, session_key=f"{prefix}{i}", input_payload="go", agent_key=agent_key)
         for i in range(count)
     ]
 
@@ -418,6 +420,43 @@ def test_a_worker_rides_out_a_database_that_drops_its_connections(user, tmp_path
         stop(worker)
     assert {AgentRun.objects.get(pk=r.pk).attempt for r in runs + later} == {1}
     assert len((tmp_path / "tools.log").read_text().split()) == 5  # each call once
+
+
+@pytest.mark.slow
+def test_runs_sharing_a_worker_event_loop_outlive_one_that_blocks_it(user, tmp_path, real_queue):
+    """A worker's runs share one event loop. A run whose async tool blocks it (a sync wait)
+    holds it alone: the runs on it are retried on a new loop -- each tool call once -- and the
+    next runs start there. A task a run leaves behind is cancelled when the run ends."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    worker = start_worker(tmp_path, "worker")
+    try:
+        wait_for(lambda: AgentWorker.objects.exists(), "the worker to start", PATIENCE * 2)
+        (leaver,) = crowd(user, 1, "l", agent_key="leaver")
+        wait_for(lambda: statuses([leaver]) == ["completed"], "the run leaving a task")
+        wait_for(lambda: (tmp_path / "leftovers.log").exists(), "its task to be cancelled")
+        waiting = crowd(user, 2, "w")
+        wait_for(lambda: all_held(waiting), "two runs waiting on their model")
+        (blocker,) = crowd(user, 1, "b", agent_key="blocker")
+        wait_for(lambda: AgentToolCall.objects.filter(run=blocker).exists(), "the loop blocked")
+        hold.unlink()  # they could answer now, but their loop is stuck
+        later = crowd(user, 2, "n")
+        wait_for(
+            lambda: statuses(waiting + later) == ["completed"] * 4,
+            "the other runs to finish while the loop stays blocked",
+            PATIENCE * 2,
+        )
+        assert statuses([blocker]) == ["running"]
+        (tmp_path / "release").touch()
+        wait_for(lambda: statuses([blocker]) == ["completed"], "the blocking run to finish")
+        assert worker.poll() is None
+    finally:
+        stop(worker)
+    assert (tmp_path / "leftovers.log").read_text() == "cancelled\n"
+    assert {AgentRun.objects.get(pk=r.pk).attempt for r in waiting} == {2}  # retried
+    assert AgentRun.objects.get(pk=blocker.pk).attempt == 1
+    keys = (tmp_path / "tools.log").read_text().split()
+    assert len(keys) == len(set(keys)) == 4  # each tally once: 2 waiting runs, 2 later ones
 
 
 @pytest.mark.slow

@@ -1,0 +1,218 @@
+"""One event loop for a worker's runs.
+
+A run spends nearly all its time waiting on its model, and an event loop per run (a thread
+of its own, created and torn down for every run) costs a worker more CPU than the waits. A
+worker process therefore runs the async part of every run -- the SDK's turns, the model's
+stream, the watchers -- on one shared loop (``share()``, called at the worker's start), while
+each run keeps its slot thread for its database work: ``run()`` hands the coroutine to the
+shared loop the way ``async_to_sync`` hands it to a loop of its own, and the run's
+``sync_to_async`` steps still run on the run's thread, with its connection and its
+transaction rules. Outside a worker (the immediate backend, a test calling ``execute``) there
+is no shared loop and ``run()`` is ``async_to_sync``.
+
+What the shared loop changes, and how it is kept as it was:
+
+- tasks a run leaves behind (the SDK's background turn of a run that lost its lease, a
+  stream nobody drained) were cancelled by ``asyncio.run`` at the end of the run's own loop;
+  here every task created inside a run is marked with it, and the run's end cancels those
+  still running (``LEFTOVER_SECONDS`` to wind down);
+- sync tools run in daemon threads (``DaemonThreadExecutor``), as before;
+- code that blocks the loop itself (an ``async`` tool calling ``time.sleep``) would hold every
+  run on it: a watchdog notices a loop that has not answered for ``STALL_SECONDS``, logs where
+  it is stuck, gives the runs that start from then on a new loop, and hands every other run
+  of the stuck loop to ``on_stall`` (the worker gives their attempts up, so recovery retries
+  each from its last checkpoint on a loop that runs). The run blocking the loop keeps it, and
+  its lease keeper ends it at its run timeout at the latest, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any
+
+from asgiref.sync import AsyncToSync, SyncToAsync, async_to_sync
+
+logger = logging.getLogger(__name__)
+
+# How long a run's leftover tasks get to end once they are cancelled.
+LEFTOVER_SECONDS = 5.0
+# A loop that has not run a callback for this long is stuck (see the module's docstring).
+STALL_SECONDS = 10.0
+# How often the watchdog looks.
+WATCH_SECONDS = 1.0
+
+# The run a task belongs to (tasks inherit it from the task that created them).
+_owner: contextvars.ContextVar[Hashable] = contextvars.ContextVar("agentic_django_run_owner")
+
+
+class SharedLoop:
+    """An event loop running in a daemon thread of its own until the process ends."""
+
+    def __init__(self, default_executor: Any = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        # The runs handed to this loop and not returned yet (see ``run``).
+        self.owners: set[Hashable] = set()
+        self.owners_lock = threading.Lock()
+        if default_executor is not None:
+            self.loop.set_default_executor(default_executor)
+        self.thread = threading.Thread(target=self._run, name="agentic-django-runs", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def answers(self, timeout: float) -> bool:
+        """Whether the loop runs a callback within ``timeout`` seconds."""
+        answered = threading.Event()
+        try:
+            self.loop.call_soon_threadsafe(answered.set)
+        except RuntimeError:  # closed
+            return False
+        return answered.wait(timeout)
+
+    def blocker(self) -> Hashable | None:
+        """The run whose task the loop is running now (the one blocking a stuck loop)."""
+        task = asyncio.current_task(self.loop)
+        return task.get_context().get(_owner) if task is not None else None
+
+    def stack(self) -> str:
+        """Where the loop's thread is now."""
+        frame = sys._current_frames().get(self.thread.ident or 0)
+        return "".join(traceback.format_stack(frame)) if frame is not None else ""
+
+
+_lock = threading.Lock()
+_current: SharedLoop | None = None
+_make_executor: Callable[[], Any] | None = None
+_on_stall: Callable[[list[Hashable]], object] | None = None
+
+
+def share(
+    default_executor: Callable[[], Any],
+    on_stall: Callable[[list[Hashable]], object] | None = None,
+) -> None:
+    """From now on, this process's runs share one event loop (a worker's start).
+
+    ``default_executor()`` makes each loop's default executor; ``on_stall(owners)`` gets the
+    runs a stuck loop holds that are not the one blocking it (from the watchdog's thread).
+    """
+    global _current, _make_executor, _on_stall
+    with _lock:
+        if _current is not None:
+            return
+        _make_executor, _on_stall = default_executor, on_stall
+        _current = loop = SharedLoop(default_executor())
+    threading.Thread(
+        target=_watch, args=(loop,), name="agentic-django-loop-watch", daemon=True
+    ).start()
+
+
+def unshare() -> None:
+    """Runs get an event loop each again (the shared loop ends once its runs are done)."""
+    global _current
+    with _lock:
+        loop, _current = _current, None
+    if loop is not None:
+        loop.loop.call_soon_threadsafe(loop.loop.stop)
+
+
+def shared() -> SharedLoop | None:
+    return _current
+
+
+def _watch(loop: SharedLoop) -> None:
+    """Watch ``loop`` while it is the shared one; then the loop that replaced it, if any."""
+    pause = threading.Event()
+    while _current is loop:
+        if loop.answers(STALL_SECONDS):
+            pause.wait(WATCH_SECONDS)
+        else:
+            loop = _replace(loop) or loop
+
+
+def _replace(stuck: SharedLoop) -> SharedLoop | None:
+    """Runs starting from now get a new loop; the others of the stuck one are handed on."""
+    global _current
+    with _lock:
+        if _current is not stuck or _make_executor is None:
+            return None
+        _current = fresh = SharedLoop(_make_executor())
+    blocker = stuck.blocker()
+    with stuck.owners_lock:
+        others = [owner for owner in stuck.owners if owner != blocker]
+    logger.error(
+        "agentic_django: the runs' event loop has not answered for %ss: code is blocking it "
+        "(an async tool or hook calling something synchronous?). New runs go to a new loop; "
+        "%d other run(s) on it are retried there. It is stuck here:\n%s",
+        STALL_SECONDS,
+        len(others),
+        stuck.stack(),
+    )
+    if others and _on_stall is not None:
+        try:
+            _on_stall(others)
+        except Exception:
+            logger.exception("agentic_django: could not hand on the runs of a stuck loop")
+    return fresh
+
+
+def run[R](fn: Callable[..., Coroutine[Any, Any, R]], *args: Any, owner: Hashable) -> R:
+    """``async_to_sync(fn)(*args)``, on the shared loop when there is one; the calling thread
+    runs the coroutine's thread-sensitive ``sync_to_async`` steps meanwhile. ``owner`` names
+    the run (the tasks it creates are its own, and ``on_stall`` gets it)."""
+    loop = _current
+    if loop is None:
+        return async_to_sync(fn)(*args)
+    local = SyncToAsync.threadlocal
+    saved = {name: getattr(local, name, None) for name in _THREADLOCALS}
+    # What asgiref looks at to run a nested ``async_to_sync`` on its caller's loop.
+    local.main_event_loop = loop.loop
+    local.main_event_loop_pid = os.getpid()
+    local.task_context = None
+    with loop.owners_lock:
+        loop.owners.add(owner)
+    try:
+        return AsyncToSync(_owned)(owner, fn, *args)
+    finally:
+        with loop.owners_lock:
+            loop.owners.discard(owner)
+        for name, value in saved.items():
+            setattr(local, name, value)
+
+
+_THREADLOCALS = ("main_event_loop", "main_event_loop_pid", "task_context")
+
+
+async def _owned[R](owner: Hashable, fn: Callable[..., Coroutine[Any, Any, R]], *args: Any) -> R:
+    """``fn(*args)``, then the end of every task it left running."""
+    _owner.set(owner)
+    try:
+        return await fn(*args)
+    finally:
+        await _end_leftovers(owner)
+
+
+async def _end_leftovers(owner: Hashable) -> None:
+    me = asyncio.current_task()
+    leftovers = [
+        task
+        for task in asyncio.all_tasks()
+        if task is not me and not task.done() and task.get_context().get(_owner) is owner
+    ]
+    if not leftovers:
+        return
+    for task in leftovers:
+        task.cancel()
+    _, pending = await asyncio.wait(leftovers, timeout=LEFTOVER_SECONDS)
+    if pending:
+        logger.warning(
+            "agentic_django: %d task(s) of a run did not end when cancelled", len(pending)
+        )
