@@ -58,7 +58,8 @@ DB_WORKER = "tests/core/test_database_worker.py"
 IDLE_WORKER = "tests/core/test_worker.py"
 MANY = "tests/core/test_many_runs.py::"
 SLOTS_TOGETHER = MANY + "test_slots_taken_together_are_only_the_free_ones"
-BLOCKING_TOOL = MANY + "test_a_blocking_tool_or_event_loop_costs_its_run_one_slot"
+BLOCKING_TOOL = MANY + "test_a_blocking_sync_tool_costs_its_run_one_slot"
+SHARED_LOOP = MANY + "test_runs_sharing_a_worker_event_loop_outlive_one_that_blocks_it"
 STOPPING = MANY + "test_a_stopping_worker_lets_its_runs_finish_then_hands_the_rest_on"
 KILLED_50 = MANY + "test_a_worker_killed_with_50_runs_in_flight_loses_none_and_repeats_no_call"
 LOOP_TIMEOUT = "tests/core/test_faults.py::test_a_timeout_ends_a_run_whose_event_loop_is_blocked"
@@ -82,6 +83,7 @@ RQ = "agentic_django/workers/rq.py"
 EXECUTION = "agentic_django/execution.py"
 LIFECYCLE = "agentic_django/lifecycle.py"
 DISPATCH = "agentic_django/dispatch.py"
+EVENTLOOP = "agentic_django/eventloop.py"
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,31 @@ class Mutant:
 
 
 MUTANTS = (
+    # --- The worker's shared event loop (eventloop.py) ----------------------------------------
+    Mutant(
+        "stuck_loop_keeps_its_runs",
+        EVENTLOOP,
+        "    if others and _on_stall is not None:",
+        "    if False:",
+        "the runs of a loop another run blocks are not handed on (they wait for it)",
+        (SHARED_LOOP,),
+    ),
+    Mutant(
+        "stuck_loop_hands_on_its_blocker",
+        EVENTLOOP,
+        "        others = [owner for owner in stuck.owners if owner != blocker]",
+        "        others = list(stuck.owners)",
+        "the run blocking a stuck loop is handed on too (retried while it still blocks)",
+        (SHARED_LOOP,),
+    ),
+    Mutant(
+        "leftover_tasks_live_on",
+        EVENTLOOP,
+        "    if not leftovers:\n        return",
+        "    if True:\n        return",
+        "a task a run leaves behind keeps running on the shared loop after the run ended",
+        (SHARED_LOOP,),
+    ),
     # --- The database worker's batch claim (workers/database.py) ------------------------------
     Mutant(
         "claim_one_at_a_time",

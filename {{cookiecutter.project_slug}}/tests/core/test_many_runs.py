@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from django.conf import settings
 from django.db import OperationalError, connection
 from django.db.models import F
 
+from agentic_django import eventloop
 from agentic_django.execution import execute
 from agentic_django.models import (
     AgentCheckpoint,
@@ -71,9 +72,17 @@ def pending_runs(user: Any, agent_key: str, count: int, prefix: str = "c") -> li
 
 
 @pytest.fixture
-def queue(settings) -> None:
-    """The test plays the worker: a run that finishes dispatches into a queue nobody takes."""
+def queue(settings) -> Iterator[None]:
+    """The test plays the worker: its runs share one event loop, as a worker's do, and a run
+    that finishes dispatches into a queue nobody takes."""
+    from agentic_django.execution import DaemonThreadExecutor
+
     settings.TASKS = QUEUE
+    eventloop.share(DaemonThreadExecutor)
+    try:
+        yield
+    finally:
+        eventloop.unshare()
 
 
 def start(slots: Slots, runs: Sequence[AgentRun]) -> None:
@@ -134,9 +143,10 @@ def test_a_worker_runs_its_slots_at_once_on_a_bounded_pool(user, settings, queue
         assert max(peak) <= pool + 2
 
 
-def test_a_blocking_tool_or_event_loop_costs_its_run_one_slot(user, queue):
-    """A sync tool that blocks, and an async tool that blocks its event loop: both hold their
-    own slot only; every other run of the worker starts and finishes meanwhile."""
+def test_a_blocking_sync_tool_costs_its_run_one_slot(user, queue):
+    """A sync tool that blocks holds its own slot only: every other run of the worker starts
+    and finishes meanwhile, on the event loop they share. (An async tool blocking that loop:
+    ``test_runs_sharing_a_worker_event_loop_outlive_one_that_blocks_it``.)"""
     release = threading.Event()
 
     @function_tool
@@ -145,25 +155,18 @@ def test_a_blocking_tool_or_event_loop_costs_its_run_one_slot(user, queue):
         release.wait(PATIENCE)
         return "thread released"
 
-    @function_tool
-    async def wait_on_the_loop() -> str:
-        """Block the run's event loop (a sync call inside an async tool)."""
-        release.wait(PATIENCE)
-        return "loop released"
-
     from agents.testing import function_call
 
-    for name, tool in (("sync", wait_in_thread), ("loop", wait_on_the_loop)):
-        register_each(
-            name,
-            lambda tool=tool: [
-                [function_call(tool.name, {}, call_id="c1")],
-                [assistant_message("blocked no one")],
-            ],
-            [tool],
-        )
+    register_each(
+        "sync",
+        lambda: [
+            [function_call(wait_in_thread.name, {}, call_id="c1")],
+            [assistant_message("blocked no one")],
+        ],
+        [wait_in_thread],
+    )
     register_each("quick", lambda: [[assistant_message("quick")]])
-    blocked = pending_runs(user, "sync", 1, "s") + pending_runs(user, "loop", 1, "l")
+    blocked = pending_runs(user, "sync", 2, "s")
     quick = pending_runs(user, "quick", 6, "q")
     slots = Slots(4)
     start(slots, blocked)
