@@ -4,13 +4,15 @@ Session items are OpenAI Responses input items (user/assistant messages, functio
 their outputs). Here they become ``Entry`` objects -- a message, or one tool call paired with its
 output -- and Markdown is rendered to sanitized HTML. Queries for the template tags and the
 HTML views live here too, so templates and tags never build querysets: a page of runs reads
-their usage in the same statement as the runs, and the spend meter is one aggregate.
+their usage in the same statement as the runs, and the spend meter is one aggregate. So do the
+polled reads of one run, each one statement: the fragment's (``polled_run``) and the JSON
+detail's (``detailed_run``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cache
@@ -22,6 +24,7 @@ from django.db.models import OuterRef, Prefetch, Subquery
 from django.utils.safestring import SafeString, mark_safe
 from markdown_it import MarkdownIt
 
+from agentic_django.conf import get_config
 from agentic_django.models import (
     AgentApproval,
     AgentRun,
@@ -31,6 +34,7 @@ from agentic_django.models import (
 )
 from agentic_django.prepared import column_converters, convert_row
 from agentic_django.usage import (
+    TOTAL_FIELDS,
     Standing,
     Totals,
     format_money,
@@ -392,7 +396,19 @@ class _PolledRunQuery:
     cost_converters: list[tuple[int, Any, list[Any]]]
 
 
-@cache
+# Statements built by hand once per database, and again whenever the settings change (as
+# ``prepared.Statement``'s are): (builder, alias) -> (the settings, the statement).
+_BUILT: dict[tuple[Callable[[str], Any], str], tuple[Any, Any]] = {}
+
+
+def _built(build: Callable[[str], Any], alias: str) -> Any:
+    config = get_config()
+    found = _BUILT.get((build, alias))
+    if found is None or found[0] is not config:
+        found = _BUILT[build, alias] = (config, build(alias))
+    return found[1]
+
+
 def _polled_run_query(alias: str) -> _PolledRunQuery:
     """One statement for a run of an owner, the count of its items, their payloads and the
     run's usage (calls, priced calls, tokens, cost of its rows not superseded), built once per
@@ -449,7 +465,7 @@ def polled_run(run_id: Any, owner_id: Any) -> PolledRun | None:
         items = run.session_items.order_by("sequence").values_list("sequence", "payload")
         used = run_totals(run) if run.is_terminal else None
         return PolledRun(run, len(items), list(items), used)
-    query = _polled_run_query(alias)
+    query = _built(_polled_run_query, alias)
     pk = AgentRun._meta.pk.get_db_prep_value(run_id, connection)
     with connection.cursor() as cursor:
         cursor.execute(query.sql, [pk, owner_id])
@@ -467,6 +483,127 @@ def polled_run(run_id: Any, owner_id: Any) -> PolledRun | None:
     )
     run = AgentRun.from_db(alias, query.field_names, values)
     return PolledRun(run, item_count, items, used)
+
+
+@dataclass
+class DetailedRun:
+    """A run read for its JSON detail: the columns the JSON shows (and those recovery decides
+    by), its conversation's key, and what it used."""
+
+    run: AgentRun
+    session_key: str
+    usage: Totals
+
+
+# The run's columns a JSON detail reads: what ``serializers.run_to_dict`` shows and what
+# ``recovery.recover_if_stuck`` decides by. The streamed text is read for a finished run only
+# (the only one the JSON shows it for); every other column stays deferred.
+_DETAIL_FIELDS = frozenset(
+    {
+        "id", "session", "owner", "agent_key", "status", "input_payload", "final_output",
+        "error", "requests", "input_tokens", "output_tokens", "total_tokens", "created_at",
+        "started_at", "finished_at", "dispatched_at", "attempt", "lease_expires_at",
+        "cancel_requested_at", "last_response_id", "approval_expires_at", "stream_text",
+    }
+)  # fmt: skip
+_FINISHED_ONLY = "stream_text"
+_TERMINAL = sorted(status.value for status in AgentRun.TERMINAL_STATUSES)
+
+
+@dataclass(frozen=True)
+class _RunDetailQuery:
+    sql: str
+    # The run's selected columns in model order, with and without the streamed text.
+    field_names: list[str]
+    unfinished_names: list[str]
+    finished_only: int
+    converters: list[tuple[int, Any, list[Any]]]
+    cost_converters: list[tuple[int, Any, list[Any]]]
+
+
+def _run_detail_query(alias: str) -> _RunDetailQuery:
+    """One statement for a run of an owner, its conversation's key and the run's usage totals
+    (its ledger rows not superseded, summed in a subquery), with only the columns the JSON
+    shows: the ORM would select every column of the run and its session, and the usage takes
+    a second query."""
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    run, session, ledger = AgentRun._meta, AgentSession._meta, AgentUsage._meta
+
+    def column(meta: Any, name: str, alias: str) -> str:
+        return f"{alias}.{quote(meta.get_field(name).column)}"
+
+    fields = [f for f in run.concrete_fields if f.name in _DETAIL_FIELDS]
+    finished_only = next(i for i, f in enumerate(fields) if f.name == _FINISHED_ONLY)
+    terminal = ", ".join(["%s"] * len(_TERMINAL))
+    selected = [f"r.{quote(f.column)}" for f in fields]
+    selected[finished_only] = (
+        f"CASE WHEN {column(run, 'status', 'r')} IN ({terminal}) THEN {selected[finished_only]} END"
+    )
+    cost = column(ledger, "cost", "u")
+    sums = ", ".join(f"SUM({column(ledger, name, 'u')}) AS {quote(name)}" for name in TOTAL_FIELDS)
+    # Only quoted table and column names are interpolated; values go in as parameters.
+    sql = (
+        f"SELECT {', '.join(selected)}, {column(session, 'session_key', 's')}, "  # noqa: S608
+        f"t.* FROM {quote(run.db_table)} r "
+        f"INNER JOIN {quote(session.db_table)} s "
+        f"ON {column(session, 'id', 's')} = {column(run, 'session', 'r')} "
+        f"CROSS JOIN (SELECT COUNT(*) AS {quote('calls')}, {sums}, "
+        f"COUNT({cost}) AS {quote('priced')}, SUM({cost}) AS {quote('cost')} "
+        f"FROM {quote(ledger.db_table)} u WHERE {column(ledger, 'run', 'u')} = %s "
+        f"AND NOT {column(ledger, 'superseded', 'u')}) t "
+        f"WHERE r.{quote(run.pk.column)} = %s AND {column(run, 'owner', 'r')} = %s"
+    )
+    columns = [f.get_col(run.db_table) for f in fields]
+    columns.append(session.get_field("session_key").get_col(session.db_table))
+    converters = column_converters(columns, connection)
+    cost_column = ledger.get_field("cost").get_col(ledger.db_table)
+    names = [f.attname for f in fields]
+    return _RunDetailQuery(
+        sql,
+        names,
+        names[:finished_only] + names[finished_only + 1 :],
+        finished_only,
+        converters,
+        column_converters([cost_column], connection),
+    )
+
+
+def detailed_run(run_id: Any, owner_id: Any) -> DetailedRun | None:
+    """The run ``run_id`` of ``owner_id`` for its JSON detail, in one query (None if there is
+    none): what a polled run detail costs on top of the request's session and user lookups.
+    On databases other than PostgreSQL and SQLite it takes the ORM's two queries."""
+    alias = router.db_for_read(AgentRun)
+    connection = connections[alias]
+    if connection.vendor not in _ITEMS_AGGREGATE:
+        run = AgentRun.objects.select_related("session").filter(pk=run_id, owner_id=owner_id)
+        found = run.first()
+        if found is None:
+            return None
+        return DetailedRun(found, found.session.session_key, run_totals(found))
+    query = _built(_run_detail_query, alias)
+    pk = AgentRun._meta.pk.get_db_prep_value(run_id, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(query.sql, [*_TERMINAL, pk, pk, owner_id])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    # The run's columns and its session key, then the calls, sums, priced calls and cost.
+    usage = len(TOTAL_FIELDS) + 3
+    calls, *sums, priced, cost = row[-usage:]
+    *values, session_key = convert_row(row[:-usage], query.converters, connection)
+    names = query.field_names
+    if values[query.finished_only] is None:  # not finished: the streamed text was not read
+        del values[query.finished_only]
+        names = query.unfinished_names
+    (cost,) = convert_row([cost], query.cost_converters, connection)
+    used = Totals(
+        calls=calls,
+        **{name: int(value or 0) for name, value in zip(TOTAL_FIELDS, sums, strict=True)},
+        cost=Decimal(cost or 0),
+        unpriced=calls - priced,
+    )
+    return DetailedRun(AgentRun.from_db(alias, names, values), session_key, used)
 
 
 def conversation(session: AgentSession | None) -> dict[str, Any]:

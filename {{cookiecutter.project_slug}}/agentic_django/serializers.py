@@ -63,11 +63,14 @@ def _iso(value: datetime.datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def run_to_dict(run: AgentRun) -> dict[str, Any]:
-    """The public view of a run (no lease or task internals)."""
+def run_to_dict(
+    run: AgentRun, *, session_key: str | None = None, used: Totals | None = None
+) -> dict[str, Any]:
+    """The public view of a run (no lease or task internals). ``session_key`` and ``used``
+    (its usage, see ``usage_to_dict``): read here when not given."""
     return {
         "id": str(run.id),
-        "session_key": run.session.session_key,
+        "session_key": run.session.session_key if session_key is None else session_key,
         "agent_key": run.agent_key,
         "status": run.status,
         "is_terminal": run.is_terminal,
@@ -76,7 +79,7 @@ def run_to_dict(run: AgentRun) -> dict[str, Any]:
         # What a run that failed or was cancelled mid-message had streamed of it.
         "partial_output": (run.stream_text or None) if run.is_terminal else None,
         "error": run.error or None,
-        "usage": usage_to_dict(run),
+        "usage": usage_to_dict(run, used),
         "created_at": _iso(run.created_at),
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
@@ -96,9 +99,10 @@ def totals_to_dict(totals: Totals) -> dict[str, Any]:
     return totals.as_dict()
 
 
-def usage_to_dict(run: AgentRun) -> dict[str, Any]:
-    """What the run used by its ledger (one query): each call once, retries included."""
-    used = totals_to_dict(run_totals(run))
+def usage_to_dict(run: AgentRun, used: Totals | None = None) -> dict[str, Any]:
+    """What the run used by its ledger (``used``, or one query): each call once, retries
+    included."""
+    used = totals_to_dict(run_totals(run) if used is None else used)
     if not used["calls"] and run.total_tokens:
         # A run older than the ledger: its own counts, at a cost nobody recorded.
         used.update({name: getattr(run, name) for name in RUN_COUNTS}, cost_known=False)

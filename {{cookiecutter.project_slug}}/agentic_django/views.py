@@ -49,8 +49,10 @@ from agentic_django.http import (
 )
 from agentic_django.models import AgentRun, AgentSession
 from agentic_django.presentation import (
+    DetailedRun,
     PolledRun,
     conversation,
+    detailed_run,
     polled_run,
     run_version,
     run_view,
@@ -209,11 +211,23 @@ def run_create(request: HttpRequest) -> HttpResponse:
 
 @api_view("GET")
 def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
-    """The run's status, output, error and usage as JSON."""
-    run = _owned_run(request, run_id)
-    if recover_if_stuck(run):
-        run.refresh_from_db()
-    return JsonResponse(run_to_dict(run))
+    """The run's status, output, error and usage as JSON.
+
+    One query reads the user's run (the columns the JSON shows), its session key and its usage
+    totals, so a poll costs the request's session and user lookups plus one statement (and one
+    more for the tool calls a paused run waits on)."""
+    found = _detailed_run(request, run_id)
+    if recover_if_stuck(found.run):
+        found = _detailed_run(request, run_id)
+    body = run_to_dict(found.run, session_key=found.session_key, used=found.usage)
+    return JsonResponse(body)
+
+
+def _detailed_run(request: HttpRequest, run_id: str) -> DetailedRun:
+    found = detailed_run(_run_pk(run_id), request.user.pk)
+    if found is None:
+        raise ApiError(404, "not_found", "No such run.")
+    return found
 
 
 @api_view("GET")

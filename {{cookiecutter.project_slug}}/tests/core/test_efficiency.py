@@ -1,13 +1,17 @@
-"""Efficiency rules of the engine: one task per run, and a fixed SQL budget per chat run."""
+"""Efficiency rules of the engine: one task per run, a fixed SQL budget per chat run, and one
+statement per JSON run-detail poll after the login's lookups."""
 
 from __future__ import annotations
 
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import connection, transaction
 from django.tasks.backends.immediate import ImmediateBackend
+from django.urls import reverse
+from django.utils import timezone
 
 from agentic_django.dispatch import dispatch_next
 from agentic_django.execution import execute
@@ -24,6 +28,9 @@ COUNTING_TASKS = {"default": {"BACKEND": "tests.core.test_efficiency.CountingBac
 # which its log lines carry (agentic_django.logcontext); one stores its trace for the run
 # inspector (agentic_django.tracing).
 SQL_BUDGET = {"sqlite": 18, "postgresql": 26}
+# A JSON run-detail poll: the session and user lookups, then the run with its session key and
+# its usage in one statement (presentation.detailed_run).
+DETAIL_POLL_SQL = 3
 
 
 class CountingBackend(ImmediateBackend):
@@ -107,3 +114,35 @@ def test_a_chat_run_stays_within_its_sql_budget(
     run.refresh_from_db()
     assert (run.status, run.final_output) == ("completed", "first")
     assert session.items.count() == 2 and run.events.count() == 2
+
+
+def test_a_json_run_detail_poll_is_one_statement_after_the_login(
+    client, user, scripted_agent, django_assert_num_queries
+):
+    agent = scripted_agent(
+        [text("first", requests=1, input_tokens=30, output_tokens=12, total_tokens=42)]
+    )
+    finished = create_run(owner=user, session_key="k", input_payload="hi", agent_key=agent.key)
+    now = timezone.now()
+    running = AgentRun.objects.create(
+        session=finished.session,
+        owner=user,
+        agent_key=agent.key,
+        input_payload="and now?",
+        status=AgentRun.Status.RUNNING,
+        attempt=1,
+        lease_expires_at=now + timedelta(minutes=5),
+    )
+    client.force_login(user)
+
+    with django_assert_num_queries(DETAIL_POLL_SQL):
+        body = client.get(reverse("agents:run-detail", args=[finished.pk])).json()
+    with django_assert_num_queries(DETAIL_POLL_SQL):
+        assert client.get(reverse("agents:run-detail", args=[running.pk])).status_code == 200
+
+    assert (body["status"], body["final_output"], body["session_key"]) == (
+        "completed",
+        "first",
+        "k",
+    )
+    assert (body["usage"]["calls"], body["usage"]["total_tokens"]) == (1, 42)
