@@ -108,19 +108,11 @@ class Mutant:
 MUTANTS = (
     # --- The worker's shared event loop (eventloop.py) ----------------------------------------
     Mutant(
-        "stuck_loop_keeps_its_runs",
+        "stuck_loop_kept",
         EVENTLOOP,
-        "    if others and _on_stall is not None:",
-        "    if False:",
-        "the runs of a loop another run blocks are not handed on (they wait for it)",
-        (SHARED_LOOP,),
-    ),
-    Mutant(
-        "stuck_loop_hands_on_its_blocker",
-        EVENTLOOP,
-        "        others = [owner for owner in stuck.owners if owner != blocker]",
-        "        others = list(stuck.owners)",
-        "the run blocking a stuck loop is handed on too (retried while it still blocks)",
+        "            loop = _replace(loop) or loop",
+        "            pass",
+        "a loop a run blocks is never replaced: new runs wait for it too",
         (SHARED_LOOP,),
     ),
     Mutant(

@@ -17,12 +17,13 @@ What the shared loop changes, and how it is kept as it was:
   here every task created inside a run is marked with it, and the run's end cancels those
   still running (``LEFTOVER_SECONDS`` to wind down);
 - sync tools run in daemon threads (``DaemonThreadExecutor``), as before;
-- code that blocks the loop itself (an ``async`` tool calling ``time.sleep``) would hold every
-  run on it: a watchdog notices a loop that has not answered for ``STALL_SECONDS``, logs where
-  it is stuck, gives the runs that start from then on a new loop, and hands every other run
-  of the stuck loop to ``on_stall`` (the worker gives their attempts up, so recovery retries
-  each from its last checkpoint on a loop that runs). The run blocking the loop keeps it, and
-  its lease keeper ends it at its run timeout at the latest, as before.
+- code that blocks the loop itself (an ``async`` tool calling ``time.sleep``) holds every run
+  on it: a watchdog notices a loop that has not answered for ``STALL_SECONDS``, logs which
+  run blocks it and where, and gives the runs that start from then on a new loop. The runs
+  on the stuck loop stay where they are (their lease keepers renew their leases from their
+  own threads): they go on when the loop does, or end at their run timeout at the latest.
+  Giving them up to be retried elsewhere would cost each an attempt, and a sync tool call
+  still running in its thread would be asked about as if its worker had died.
 """
 
 from __future__ import annotations
@@ -92,23 +93,16 @@ class SharedLoop:
 _lock = threading.Lock()
 _current: SharedLoop | None = None
 _make_executor: Callable[[], Any] | None = None
-_on_stall: Callable[[list[Hashable]], object] | None = None
 
 
-def share(
-    default_executor: Callable[[], Any],
-    on_stall: Callable[[list[Hashable]], object] | None = None,
-) -> None:
-    """From now on, this process's runs share one event loop (a worker's start).
-
-    ``default_executor()`` makes each loop's default executor; ``on_stall(owners)`` gets the
-    runs a stuck loop holds that are not the one blocking it (from the watchdog's thread).
-    """
-    global _current, _make_executor, _on_stall
+def share(default_executor: Callable[[], Any]) -> None:
+    """From now on, this process's runs share one event loop (a worker's start);
+    ``default_executor()`` makes each loop's default executor."""
+    global _current, _make_executor
     with _lock:
         if _current is not None:
             return
-        _make_executor, _on_stall = default_executor, on_stall
+        _make_executor = default_executor
         _current = loop = SharedLoop(default_executor())
     threading.Thread(
         target=_watch, args=(loop,), name="agentic-django-loop-watch", daemon=True
@@ -139,7 +133,7 @@ def _watch(loop: SharedLoop) -> None:
 
 
 def _replace(stuck: SharedLoop) -> SharedLoop | None:
-    """Runs starting from now get a new loop; the others of the stuck one are handed on."""
+    """Runs starting from now get a new loop; the stuck one keeps its runs."""
     global _current
     with _lock:
         if _current is not stuck or _make_executor is None:
@@ -147,27 +141,24 @@ def _replace(stuck: SharedLoop) -> SharedLoop | None:
         _current = fresh = SharedLoop(_make_executor())
     blocker = stuck.blocker()
     with stuck.owners_lock:
-        others = [owner for owner in stuck.owners if owner != blocker]
+        waiting = len(stuck.owners) - (blocker in stuck.owners)
     logger.error(
-        "agentic_django: the runs' event loop has not answered for %ss: code is blocking it "
-        "(an async tool or hook calling something synchronous?). New runs go to a new loop; "
-        "%d other run(s) on it are retried there. It is stuck here:\n%s",
+        "agentic_django: the runs' event loop has not answered for %ss: code of %s is "
+        "blocking it (an async tool or hook calling something synchronous?). New runs start "
+        "on a new loop; %d other run(s) wait for it to go on, or for their timeout. It is "
+        "stuck here:\n%s",
         STALL_SECONDS,
-        len(others),
+        f"run {getattr(blocker, 'run_id', blocker)}" if blocker is not None else "no run",
+        waiting,
         stuck.stack(),
     )
-    if others and _on_stall is not None:
-        try:
-            _on_stall(others)
-        except Exception:
-            logger.exception("agentic_django: could not hand on the runs of a stuck loop")
     return fresh
 
 
 def run[R](fn: Callable[..., Coroutine[Any, Any, R]], *args: Any, owner: Hashable) -> R:
     """``async_to_sync(fn)(*args)``, on the shared loop when there is one; the calling thread
     runs the coroutine's thread-sensitive ``sync_to_async`` steps meanwhile. ``owner`` names
-    the run (the tasks it creates are its own, and ``on_stall`` gets it)."""
+    the run (the tasks it creates are its own; a stuck loop's log line names it)."""
     loop = _current
     if loop is None:
         return async_to_sync(fn)(*args)

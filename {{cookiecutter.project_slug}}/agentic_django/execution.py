@@ -49,7 +49,7 @@ from agentic_django.exceptions import AgenticDjangoError
 from agentic_django.lifecycle import Fence
 from agentic_django.logcontext import bind_run
 from agentic_django.models import AgentApproval, AgentCheckpoint, AgentRun, AgentToolCall
-from agentic_django.recovery import ensure_startup_recovery, sweep
+from agentic_django.recovery import ensure_startup_recovery
 from agentic_django.registry import build_agent
 from agentic_django.serializers import json_safe
 from agentic_django.sessions import SessionWriteRejected, session_for_run
@@ -130,21 +130,6 @@ def abandon_in_flight() -> list[Fence]:
     for _, keeper in abandoned:
         keeper.abandon()
     return [fence for fence, _ in abandoned]
-
-
-def give_up_blocked(fences: list[Fence]) -> None:
-    """The attempts of ``fences`` wait on an event loop that another run's code blocks: each
-    gives its run up now (its slot frees, its lease ends) and recovery retries it at once, on
-    a loop that runs, from its last checkpoint."""
-    with _in_flight_lock:
-        keepers = [(fence, _in_flight[fence]) for fence in fences if fence in _in_flight]
-    for _, keeper in keepers:
-        keeper.give_up("another run's code blocks its event loop")
-    try:
-        released(lifecycle.give_up)([fence for fence, _ in keepers])
-        released(sweep)()
-    except DatabaseError:
-        logger.warning("agentic_django: could not hand on the runs of a stuck loop", exc_info=True)
 
 
 @dataclass
@@ -728,11 +713,6 @@ class LeaseKeeper:
 
     def abandon(self) -> None:
         """Renew no more: this process gives the attempt up (without waiting for it)."""
-        self._stopped.set()
-
-    def give_up(self, why: str) -> None:
-        """The attempt loses its run now (its slot frees), and its lease is renewed no more."""
-        self._lose(why)
         self._stopped.set()
 
     def on_lost(self, callback: Callable[[], object]) -> None:

@@ -115,8 +115,10 @@ def build_client() -> AsyncOpenAI:
     timeout = Timeout(
         settings.OPENAI_TIMEOUT, connect=min(CONNECT_TIMEOUT, settings.OPENAI_TIMEOUT)
     )
-    # Each run has its own event loop, gone when the run ends: a connection kept open for
-    # the next request would outlive it and fail to close later.
+    # One client per run, with no connection kept open after a request: a run outside a
+    # worker has an event loop of its own, gone when the run ends, and a kept connection
+    # would outlive it and fail to close later. (A worker's runs share a loop; a client
+    # shared by them would keep connections alive -- not done yet.)
     http_client = DefaultAsyncHttpxClient(
         timeout=timeout,
         limits=httpx2.Limits(max_keepalive_connections=0),

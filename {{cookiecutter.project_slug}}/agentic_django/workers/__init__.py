@@ -249,9 +249,9 @@ def stop_in_flight() -> None:
 def share_event_loop() -> None:
     """The runs of this process share one event loop (see ``agentic_django.eventloop``)."""
     from agentic_django import eventloop
-    from agentic_django.execution import DaemonThreadExecutor, give_up_blocked
+    from agentic_django.execution import DaemonThreadExecutor
 
-    eventloop.share(DaemonThreadExecutor, on_stall=give_up_blocked)
+    eventloop.share(DaemonThreadExecutor)
 
 
 def preload() -> None:
