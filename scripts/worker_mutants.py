@@ -60,6 +60,8 @@ MANY = "tests/core/test_many_runs.py::"
 SLOTS_TOGETHER = MANY + "test_slots_taken_together_are_only_the_free_ones"
 BLOCKING_TOOL = MANY + "test_a_blocking_sync_tool_costs_its_run_one_slot"
 SHARED_LOOP = MANY + "test_runs_sharing_a_worker_event_loop_outlive_one_that_blocks_it"
+BOUNDED_POOL = MANY + "test_a_worker_runs_its_slots_at_once_on_a_bounded_pool"
+ONE_POLL = MANY + "test_one_poll_tells_a_workers_runs_of_a_cancellation_and_a_lost_claim"
 STOPPING = MANY + "test_a_stopping_worker_lets_its_runs_finish_then_hands_the_rest_on"
 KILLED_50 = MANY + "test_a_worker_killed_with_50_runs_in_flight_loses_none_and_repeats_no_call"
 LOOP_TIMEOUT = "tests/core/test_faults.py::test_a_timeout_ends_a_run_whose_event_loop_is_blocked"
@@ -114,6 +116,42 @@ MUTANTS = (
         "            pass",
         "a loop a run blocks is never replaced: new runs wait for it too",
         (SHARED_LOOP,),
+    ),
+    Mutant(
+        "steps_keep_connections",
+        EVENTLOOP,
+        "        return self.steps.submit(_then_release, fn, *args, **kwargs)",
+        "        return self.steps.submit(fn, *args, **kwargs)",
+        "a run's sync_to_async step keeps its pooled connection until the run ends",
+        (BOUNDED_POOL,),
+        IN_PROCESS,
+    ),
+    Mutant(
+        "poller_ignores_cancellation",
+        EXECUTION,
+        "            if state is not False:",
+        "            if state is None:",
+        "the process's poll does not pass a cancellation request on to the run",
+        (ONE_POLL,),
+        IN_PROCESS,
+    ),
+    Mutant(
+        "poller_ignores_lost_claims",
+        EXECUTION,
+        "            if state is not False:",
+        "            if state:",
+        "the process's poll does not tell an attempt that it lost its run",
+        (ONE_POLL,),
+        IN_PROCESS,
+    ),
+    Mutant(
+        "poll_ignores_status",
+        LIFECYCLE,
+        "pk__in={fence.run_id for fence in fences}, status=Status.RUNNING",
+        "pk__in={fence.run_id for fence in fences}",
+        "a run another process ended still counts as held by its attempt",
+        (ONE_POLL,),
+        IN_PROCESS,
     ),
     Mutant(
         "leftover_tasks_live_on",

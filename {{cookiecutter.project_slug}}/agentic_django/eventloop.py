@@ -6,8 +6,8 @@ worker process therefore runs the async part of every run -- the SDK's turns, th
 stream, the watchers -- on one shared loop (``share()``, called at the worker's start), while
 each run keeps its slot thread for its database work: ``run()`` hands the coroutine to the
 shared loop the way ``async_to_sync`` hands it to a loop of its own, and the run's
-``sync_to_async`` steps still run on the run's thread, with its connection and its
-transaction rules. Outside a worker (the immediate backend, a test calling ``execute``) there
+``sync_to_async`` steps still run on the run's thread, which gives its pooled connection
+back after each step. Outside a worker (the immediate backend, a test calling ``execute``) there
 is no shared loop and ``run()`` is ``async_to_sync``.
 
 What the shared loop changes, and how it is kept as it was:
@@ -17,6 +17,8 @@ What the shared loop changes, and how it is kept as it was:
   here every task created inside a run is marked with it, and the run's end cancels those
   still running (``LEFTOVER_SECONDS`` to wind down);
 - sync tools run in daemon threads (``DaemonThreadExecutor``), as before;
+- a step that borrowed a pooled connection (a tool's ``sync_to_async(Model.objects...)``)
+  gives it back when it returns, as the engine's own steps (``db.run_sync``) always did;
 - code that blocks the loop itself (an ``async`` tool calling ``time.sleep``) holds every run
   on it: a watchdog notices a loop that has not answered for ``STALL_SECONDS``, logs which
   run blocks it and where, and gives the runs that start from then on a new loop. The runs
@@ -29,6 +31,7 @@ What the shared loop changes, and how it is kept as it was:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import logging
 import os
@@ -61,6 +64,7 @@ class SharedLoop:
         # The runs handed to this loop and not returned yet (see ``run``).
         self.owners: set[Hashable] = set()
         self.owners_lock = threading.Lock()
+        _loops.add(self.loop)
         if default_executor is not None:
             self.loop.set_default_executor(default_executor)
         self.thread = threading.Thread(target=self._run, name="agentic-django-runs", daemon=True)
@@ -92,6 +96,7 @@ class SharedLoop:
 
 _lock = threading.Lock()
 _current: SharedLoop | None = None
+_loops: set[asyncio.AbstractEventLoop] = set()  # every shared loop made (stuck ones stay)
 _make_executor: Callable[[], Any] | None = None
 
 
@@ -116,6 +121,11 @@ def unshare() -> None:
         loop, _current = _current, None
     if loop is not None:
         loop.loop.call_soon_threadsafe(loop.loop.stop)
+
+
+def is_shared(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` is (or was) a shared loop of this process."""
+    return loop in _loops
 
 
 def shared() -> SharedLoop | None:
@@ -156,9 +166,13 @@ def _replace(stuck: SharedLoop) -> SharedLoop | None:
 
 
 def run[R](fn: Callable[..., Coroutine[Any, Any, R]], *args: Any, owner: Hashable) -> R:
-    """``async_to_sync(fn)(*args)``, on the shared loop when there is one; the calling thread
-    runs the coroutine's thread-sensitive ``sync_to_async`` steps meanwhile. ``owner`` names
-    the run (the tasks it creates are its own; a stuck loop's log line names it)."""
+    """``async_to_sync(fn)(*args)``, on the shared loop when there is one. ``owner`` names the
+    run (the tasks it creates are its own; a stuck loop's log line names it).
+
+    As with ``async_to_sync``, the calling thread runs the coroutine's thread-sensitive
+    ``sync_to_async`` steps meanwhile -- the engine's and a tool's alike -- and here it gives
+    its database connection back to the pool after each one: a run holds a pooled connection
+    only while a step of it uses one, never while it waits on its model."""
     loop = _current
     if loop is None:
         return async_to_sync(fn)(*args)
@@ -182,9 +196,33 @@ def run[R](fn: Callable[..., Coroutine[Any, Any, R]], *args: Any, owner: Hashabl
 _THREADLOCALS = ("main_event_loop", "main_event_loop_pid", "task_context")
 
 
+class _Releasing(concurrent.futures.Executor):
+    """The calling thread's executor for a run's ``sync_to_async`` steps (asgiref's), giving
+    the thread's pooled database connection back after each step."""
+
+    def __init__(self, steps: concurrent.futures.Executor) -> None:
+        self.steps = steps
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return self.steps.submit(_then_release, fn, *args, **kwargs)
+
+
+def _then_release(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    from agentic_django.db import release_connection
+
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        release_connection()
+
+
 async def _owned[R](owner: Hashable, fn: Callable[..., Coroutine[Any, Any, R]], *args: Any) -> R:
     """``fn(*args)``, then the end of every task it left running."""
     _owner.set(owner)
+    # asgiref put the calling thread's executor here; its steps now give connections back.
+    steps = getattr(AsyncToSync.executors, "current", None)
+    if steps is not None:
+        AsyncToSync.executors.current = _Releasing(steps)
     try:
         return await fn(*args)
     finally:

@@ -366,7 +366,12 @@ async def _run_agent(
     trace_id = run_config.trace_id
     watch = _CancelWatch(fence, result)
     keeper.on_lost(lambda: loop.call_soon_threadsafe(watch.lose))
-    watcher = asyncio.create_task(watch.run())
+    if eventloop.is_shared(loop):
+        # A worker's runs: one query a second for all of them (``CancelPoller``).
+        watcher = None
+        CANCEL_POLLER.watch(watch, loop)
+    else:
+        watcher = asyncio.create_task(watch.run())
     deltas = DeltaWriter(fence, events=recorder is not None)
     try:
         async with asyncio.timeout(time_left(run)):
@@ -434,9 +439,12 @@ async def _run_agent(
             logger.exception("agentic_django: run %s: a model call could not be recorded", run.pk)
         # Text streamed so far stays: the partial output of a run that failed or stopped.
         await deltas.close()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, DatabaseError):
-            await watcher
+        if watcher is None:
+            CANCEL_POLLER.forget(watch)
+        else:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, DatabaseError):
+                await watcher
         # What the attempt did, step by step, for the inspector (before its terminal state).
         await run_sync(tracing.RECORDER.write)(trace_id, fence, final=True)
     if watch.lost:
@@ -623,6 +631,12 @@ class _CancelWatch:
             # keeper decides whether the attempt still holds its run).
             logger.warning("agentic_django: could not look for a cancellation", exc_info=True)
             return
+        self.found(state)
+
+    def found(self, state: bool | None) -> None:
+        """What a look at the run found (``Fence.state``): lost, cancelled or neither."""
+        if self.cancel_requested or self.lost:
+            return
         if state is None:
             self.lose()
         elif state:
@@ -634,6 +648,59 @@ class _CancelWatch:
         if not self.lost:
             self.lost = True
             self.result.cancel()
+
+
+class CancelPoller:
+    """Looks for the cancellation requests (and lost claims) of every run a process executes
+    on a shared event loop with one query every ``POLL_SECONDS``, from a thread of its own,
+    instead of one query per run: 200 runs in flight cost one query a second, not 200. What
+    it finds goes to each run's ``_CancelWatch`` on its loop; a turn's end still looks at
+    once (``_CancelWatch.check``)."""
+
+    def __init__(self) -> None:
+        self._watches: dict[_CancelWatch, asyncio.AbstractEventLoop] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, watch: _CancelWatch, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._watches[watch] = loop
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="agentic-django-cancel-poller", daemon=True
+                )
+                self._thread.start()
+
+    def forget(self, watch: _CancelWatch) -> None:
+        with self._lock:
+            self._watches.pop(watch, None)
+
+    def _run(self) -> None:
+        pause = threading.Event()
+        while True:
+            pause.wait(POLL_SECONDS)
+            with self._lock:
+                watches = list(self._watches.items())
+            if watches:
+                self.poll(watches)
+
+    def poll(self, watches: list[tuple[_CancelWatch, asyncio.AbstractEventLoop]]) -> None:
+        """One look at the runs of ``watches``; each watch hears what concerns it."""
+        try:
+            states = released(lifecycle.fence_states)([watch.fence for watch, _ in watches])
+        except DatabaseError:
+            # The database is away for a moment: look again next time (the lease keepers
+            # decide whether the attempts still hold their runs).
+            logger.warning("agentic_django: could not look for cancellations", exc_info=True)
+            return
+        for watch, loop in watches:
+            state = states.get(watch.fence)
+            if state is not False:
+                with contextlib.suppress(RuntimeError):  # a closed loop: its runs are gone
+                    loop.call_soon_threadsafe(watch.found, state)
+
+
+CANCEL_POLLER = CancelPoller()
 
 
 class DaemonThreadExecutor(concurrent.futures.ThreadPoolExecutor):

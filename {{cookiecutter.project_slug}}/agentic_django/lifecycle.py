@@ -136,6 +136,16 @@ class Fence:
         return None if not rows else rows[0][0] is not None
 
 
+def fence_states(fences: list[Fence]) -> dict[Fence, bool | None]:
+    """``Fence.state`` of many fences in one query: None for a lost claim, otherwise whether
+    cancellation was requested."""
+    rows = AgentRun.objects.filter(
+        pk__in={fence.run_id for fence in fences}, status=Status.RUNNING
+    ).values_list("pk", "attempt", "cancel_requested_at")
+    held = {(pk, attempt): requested is not None for pk, attempt, requested in rows}
+    return {fence: held.get((fence.run_id, fence.attempt)) for fence in fences}
+
+
 # The values of statements conditional on a fence, prepared as the fields they are compared to.
 FENCE_VALUES = {"run_id": AgentRun._meta.pk, "attempt": AgentRun._meta.get_field("attempt")}
 _FENCE_HOLDS = Statement(lambda **fence: Fence(**fence).runs().values("pk"), values=FENCE_VALUES)

@@ -30,12 +30,13 @@ from agentic_django import eventloop
 from agentic_django.execution import execute
 from agentic_django.models import (
     AgentCheckpoint,
+    AgentEvent,
     AgentRun,
     AgentSession,
     AgentToolCall,
     AgentWorker,
 )
-from agentic_django.services import create_run
+from agentic_django.services import cancel_run, create_run
 from agentic_django.workers import Slots
 from tests.core import registry
 from tests.core.crowd_registry import ANSWER, QUICK
@@ -114,7 +115,9 @@ def test_slots_taken_together_are_only_the_free_ones():
 
 def test_a_worker_runs_its_slots_at_once_on_a_bounded_pool(user, settings, queue):
     """20 runs that each wait until all 20 started: only a worker running them at once
-    finishes them. On PostgreSQL the process never holds more connections than its pool allows."""
+    finishes them. They look with ``sync_to_async`` ORM reads, as a tool would: on PostgreSQL
+    each read gives its connection back, so 20 runs share a pool of 10, and the process never
+    holds more connections than its pool allows."""
     settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = 20
     runs = pending_runs(user, "together", 20)
     peak: list[int] = []
@@ -211,6 +214,42 @@ def test_a_failing_renewal_of_one_run_leaves_the_others_alone(user, settings, qu
     for run in runs:
         run.refresh_from_db()
         assert (run.status, run.final_output, run.attempt) == ("completed", "kept", 1)
+
+
+def test_one_poll_tells_a_workers_runs_of_a_cancellation_and_a_lost_claim(user, settings, queue):
+    """Four runs wait on their model in one worker. One is cancelled, one is taken over by a
+    later attempt (as recovery does), one is ended by another process (recovery giving up on
+    it): each hears of it from the process's poll -- the leases are long, so no renewal could
+    tell them -- while the fourth runs on untouched."""
+    settings.AGENTIC_DJANGO_LEASE_SECONDS = 600  # renewals every 200 s
+    runs = pending_runs(user, "waiting", 4, "p")
+    cancelled, taken, ended, untouched = runs
+    release = threading.Event()
+
+    async def wait_for_release(model_call: Any) -> Any:
+        while not release.is_set():
+            await asyncio.sleep(0.05)
+        return [assistant_message("untouched")]
+
+    register_each("waiting", lambda: [ModelStep.respond(wait_for_release)])
+    slots = Slots(4)
+    start(slots, runs)
+    # Each waits on its model, its first event stored (no write of theirs is due to come).
+    wait_for(
+        lambda: AgentEvent.objects.filter(run__in=runs).values("run").distinct().count() == 4,
+        "the runs to wait on their model",
+    )
+    cancel_run(AgentRun.objects.get(pk=cancelled.pk))
+    AgentRun.objects.filter(pk=taken.pk).update(attempt=F("attempt") + 1)
+    AgentRun.objects.filter(pk=ended.pk).update(status="failed", error="Given up elsewhere.")
+    wait_for(lambda: statuses([cancelled]) == ["cancelled"], "the cancellation to be heard")
+    wait_for(lambda: slots.busy == 1, "the attempts that lost their runs to stop")
+    release.set()
+    assert slots.wait_idle(PATIENCE)
+    # The later attempt's run stays its own; the ended one keeps what ended it.
+    assert statuses(runs) == ["cancelled", "running", "failed", "completed"]
+    assert AgentRun.objects.get(pk=ended.pk).error == "Given up elsewhere."
+    assert AgentRun.objects.get(pk=untouched.pk).final_output == "untouched"
 
 
 # A worker process of this project's task backend, serving the crowd registry's agent.
