@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import pytest
 
 from benchmarks.run_polling import FLOOR as POLLING_FLOOR
+from benchmarks.run_workers import CPU_TABLE as WORKERS_CPU
+from benchmarks.run_workers import DRAIN_TABLE as WORKERS_DRAIN
 from scripts.bake import TEMPLATE
 from tests.conftest import run
 
@@ -123,12 +125,21 @@ def test_events_report(bench):
 
 def test_workers_report(bench):
     report = bench.reports["workers"]
-    by_backend = {row["backend"]: row for row in rows(report)}
+    tables = {table["title"]: table["rows"] for table in report["tables"]}
+    by_backend = {row["backend"]: row for row in tables[WORKERS_DRAIN]}
     # The database worker always; RQ's against the Redis the command started.
     assert {"database", "rq", "rq-simple"} <= by_backend.keys()
     for backend, row in by_backend.items():
         assert (row["workers"], row["completed"]) == (1, 2), backend
         assert row["runs_per_s"] > 0
+        # CPU from /proc, lock waits sampled from pg_locks (PostgreSQL) while the runs drained.
+        assert row["worker_cpu_ms_per_run"] >= 0 and row["lock_samples"] >= 1, backend
+        assert 0 <= row["lock_wait_percent"] <= 100, backend
+    assert [row["backend"] for row in tables[WORKERS_CPU]] == list(by_backend)
+    assert any(
+        target["target"].startswith("database: samples with a lock wait")
+        for target in report["targets"]
+    )
     assert report["in_process_ms"] > 0
 
 
