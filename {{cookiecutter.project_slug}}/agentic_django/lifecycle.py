@@ -359,6 +359,11 @@ def fail_pending(run_id: Any, message: str) -> bool:
 # --- An attempt ------------------------------------------------------------------------------
 
 
+# Set by a worker process (``workers.start_worker``): it claims a run only for a slot of its
+# own that it took first (``workers.Slots``).
+claims_hold_slots = False
+
+
 def claim(run_id: Any, *, task_id: str = "") -> AgentRun | None:
     """Move a startable run to RUNNING with a fresh lease and the next attempt number.
 
@@ -368,6 +373,12 @@ def claim(run_id: Any, *, task_id: str = "") -> AgentRun | None:
     statement, values = (_CLAIM_TASK, {"task_id": task_id}) if task_id else (_CLAIM, {})
     if connection.vendor == "sqlite":
         # SQLite runs one writer at a time: a single UPDATE sees every committed claim.
+        return _first(statement.update_returning(run_id=run_id, **values))
+    if claims_hold_slots and get_config().concurrency_limit is None:
+        # "auto": the limit is the live workers' slots, and this worker claims a run only for
+        # a free slot of its own, so no claim can pass the limit and claims need not take
+        # turns on the deployment's lock. (A conversation's order needs no lock: only its
+        # first pending run can be claimed, and two claims of one run meet on its row.)
         return _first(statement.update_returning(run_id=run_id, **values))
     with transaction.atomic():
         # Every claim takes this lock, so the running count in the UPDATE cannot race; the

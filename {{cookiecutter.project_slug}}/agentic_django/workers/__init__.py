@@ -12,7 +12,8 @@ Whatever the task backend, a worker process:
   them up with one in-memory agent run, so no task pays for the import;
 - records the deployment's concurrency limit in the database (``lifecycle``) and announces
   itself with its slots, renewing that every half lease (``AgentWorker``): unset, the limit
-  is the live workers' slots;
+  is the live workers' slots, and since it claims a run only for a free slot of its own, its
+  claims then skip the deployment-wide lock that an integer limit needs;
 - sweeps every half lease (``recovery.sweep``): runs whose worker died are recovered and runs
   that wait are dispatched, so an idle deployment heals itself without cron;
 - on SIGTERM/SIGINT stops taking tasks, lets the runs in flight finish within
@@ -54,6 +55,7 @@ def start_worker(presence: Presence) -> None:
     announce itself, sweep."""
     preload()
     share_event_loop()
+    lifecycle.claims_hold_slots = True
     try:
         lifecycle.record_concurrency_limit(get_config().concurrency_limit)
         presence.announce()

@@ -129,13 +129,17 @@ def test_the_concurrency_limit_holds_across_workers(user, settings):
     assert 1 <= in_flight["max"] <= 2
 
 
-def test_racing_claims_never_exceed_the_concurrency_limit(user, settings):
+@pytest.mark.parametrize("limit", [1, None])
+def test_racing_claims_never_exceed_the_concurrency_limit(user, settings, limit):
     """Six workers claim six startable runs at the same moment, with one slot: one wins. On
     PostgreSQL each claim counts the running runs in its own snapshot, so without the lock
-    they all take before counting, several would see the slot free."""
+    they all take before counting, several would see the slot free. The limit is an integer,
+    or "auto" in a process that is no worker (the immediate backend): one worker's slots."""
     from agentic_django import lifecycle
 
-    settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = 1
+    settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = limit
+    settings.AGENTIC_DJANGO_WORKER_CONCURRENCY = 1
+    lifecycle.record_concurrency_limit(limit)
     runs = [
         pending_run(AgentSession.objects.create(owner=user, session_key=f"c{n}"), "demo", "go", n)
         for n in range(6)
@@ -146,3 +150,52 @@ def test_racing_claims_never_exceed_the_concurrency_limit(user, settings):
         assert sum(run is not None for run in claimed) == 1
         assert AgentRun.objects.filter(status=AgentRun.Status.RUNNING).count() == 1
         AgentRun.objects.update(status=AgentRun.Status.PENDING, lease_expires_at=None)
+
+
+@pytest.mark.parametrize("limit", [None, 5])
+def test_a_workers_claims_take_turns_only_under_an_integer_limit(user, settings, limit):
+    """A worker claims a run only for a free slot of its own. With the limit "auto" (the live
+    workers' slots) that bounds the runs already, and two claims of different conversations
+    go on at once; an integer limit is counted under the deployment's lock, one claim at a
+    time."""
+    from agentic_django import lifecycle
+    from tests.core.faults import lock_waiters
+    from tests.waiting import PATIENCE, in_thread, wait_for
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite runs one writer at a time anyway")
+    settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = limit
+    lifecycle.record_concurrency_limit(limit)
+    first, second = (
+        pending_run(AgentSession.objects.create(owner=user, session_key=f"t{n}"), "demo", "go", n)
+        for n in range(2)
+    )
+    holding, done = threading.Event(), threading.Event()
+    claimed: list[object] = []
+
+    def claim_and_hold() -> None:
+        from django.db import transaction
+
+        with transaction.atomic():  # a claim whose commit is slow to come
+            claimed.append(lifecycle.claim(first.pk))
+            holding.set()
+            done.wait(PATIENCE * 2)
+
+    was = lifecycle.claims_hold_slots
+    lifecycle.claims_hold_slots = True  # as a worker process sets it
+    try:
+        holder = in_thread(claim_and_hold)
+        wait_for(holding.is_set, "the first claim")
+        other = in_thread(lambda: claimed.append(lifecycle.claim(second.pk)))
+        if limit is None:
+            wait_for(lambda: not other.is_alive(), "the second claim, beside the first")
+        else:
+            wait_for(lambda: lock_waiters() == 1, "the second claim to wait for the lock")
+            assert other.is_alive()
+        done.set()
+        holder.join(30)
+        other.join(30)
+    finally:
+        lifecycle.claims_hold_slots = was
+        done.set()
+    assert [run.pk for run in claimed] == [first.pk, second.pk]
