@@ -78,6 +78,8 @@ TURN = (
     "test_one_thread_of_a_process_dispatches_for_the_runs_ending_beside_it"
 )
 CONCURRENCY = "tests/core/test_concurrency.py"
+CLAIM_TURNS = CONCURRENCY + "::test_a_workers_claims_take_turns_only_under_an_integer_limit"
+RACING_CLAIMS = CONCURRENCY + "::test_racing_claims_never_exceed_the_concurrency_limit"
 
 WORKERS = "agentic_django/workers/__init__.py"
 DATABASE = "agentic_django/workers/database.py"
@@ -151,6 +153,33 @@ MUTANTS = (
         "pk__in={fence.run_id for fence in fences}",
         "a run another process ended still counts as held by its attempt",
         (ONE_POLL,),
+        IN_PROCESS,
+    ),
+    Mutant(
+        "claims_always_locked",
+        LIFECYCLE,
+        "    if claims_hold_slots and get_config().concurrency_limit is None:",
+        "    if False:",
+        "a worker's claims take the deployment's lock under the auto limit too",
+        (CLAIM_TURNS,),
+        IN_PROCESS,
+    ),
+    Mutant(
+        "claims_skip_lock_under_a_limit",
+        LIFECYCLE,
+        "    if claims_hold_slots and get_config().concurrency_limit is None:",
+        "    if claims_hold_slots:",
+        "a worker's claims skip the lock under an integer limit",
+        (CLAIM_TURNS,),
+        IN_PROCESS,
+    ),
+    Mutant(
+        "claims_skip_lock_outside_workers",
+        LIFECYCLE,
+        "    if claims_hold_slots and get_config().concurrency_limit is None:",
+        "    if get_config().concurrency_limit is None:",
+        "claims of a process that is no worker skip the lock under the auto limit",
+        (RACING_CLAIMS,),
         IN_PROCESS,
     ),
     Mutant(
