@@ -80,6 +80,9 @@ TURN = (
 CONCURRENCY = "tests/core/test_concurrency.py"
 CLAIM_TURNS = CONCURRENCY + "::test_a_workers_claims_take_turns_only_under_an_integer_limit"
 RACING_CLAIMS = CONCURRENCY + "::test_racing_claims_never_exceed_the_concurrency_limit"
+SLOW_CLAIM = (
+    CONCURRENCY + "::test_a_slow_claim_and_a_run_submitted_meanwhile_never_run_together"
+)
 
 WORKERS = "agentic_django/workers/__init__.py"
 DATABASE = "agentic_django/workers/database.py"
@@ -180,6 +183,26 @@ MUTANTS = (
         "    if get_config().concurrency_limit is None:",
         "claims of a process that is no worker skip the lock under the auto limit",
         (RACING_CLAIMS,),
+        IN_PROCESS,
+    ),
+    Mutant(
+        "claims_without_conversation_lock",
+        LIFECYCLE,
+        "            locked = _SESSION_LOCK.rows(run_id=run_id)\n"
+        "            if locked and locked[0][0] is not None:\n"
+        "                _LOCK.rows()\n",
+        "            locked = []\n",
+        "a worker's claims under the auto limit skip their conversation's row too",
+        (SLOW_CLAIM,),
+        IN_PROCESS,
+    ),
+    Mutant(
+        "claims_ignore_recorded_limit",
+        LIFECYCLE,
+        "            if locked and locked[0][0] is not None:",
+        "            if False:",
+        "a worker with no limit of its own skips the lock under a limit another one recorded",
+        (CLAIM_TURNS,),
         IN_PROCESS,
     ),
     Mutant(

@@ -681,14 +681,17 @@ class CancelPoller:
             pause.wait(POLL_SECONDS)
             with self._lock:
                 watches = list(self._watches.items())
-            if watches:
-                self.poll(watches)
+            try:
+                if watches:
+                    self.poll(watches)
+            except Exception:  # the poller must outlive any one look
+                logger.exception("agentic_django: the cancellation poll failed")
 
     def poll(self, watches: list[tuple[_CancelWatch, asyncio.AbstractEventLoop]]) -> None:
         """One look at the runs of ``watches``; each watch hears what concerns it."""
         try:
             states = released(lifecycle.fence_states)([watch.fence for watch, _ in watches])
-        except DatabaseError:
+        except (DatabaseError, InterfaceError):
             # The database is away for a moment: look again next time (the lease keepers
             # decide whether the attempts still hold their runs).
             logger.warning("agentic_django: could not look for cancellations", exc_info=True)

@@ -376,10 +376,15 @@ def claim(run_id: Any, *, task_id: str = "") -> AgentRun | None:
         return _first(statement.update_returning(run_id=run_id, **values))
     if claims_hold_slots and get_config().concurrency_limit is None:
         # "auto": the limit is the live workers' slots, and this worker claims a run only for
-        # a free slot of its own, so no claim can pass the limit and claims need not take
-        # turns on the deployment's lock. (A conversation's order needs no lock: only its
-        # first pending run can be claimed, and two claims of one run meet on its row.)
-        return _first(statement.update_returning(run_id=run_id, **values))
+        # a free slot of its own, so no claim can pass the limit: claims of different
+        # conversations need not take turns on the deployment's lock, only on their
+        # conversation's row (its claims see each other's, whatever the runs' order and
+        # however slow a claim is). A limit another worker recorded is still counted.
+        with transaction.atomic():
+            locked = _SESSION_LOCK.rows(run_id=run_id)
+            if locked and locked[0][0] is not None:
+                _LOCK.rows()
+            return _first(statement.update_returning(run_id=run_id, **values))
     with transaction.atomic():
         # Every claim takes this lock, so the running count in the UPDATE cannot race; the
         # timestamps are taken once it is held (a run that finished meanwhile came first).
@@ -414,6 +419,20 @@ _CLAIM_TASK = Statement(
 )
 _LOCK = Statement(
     lambda: DispatchLock.objects.select_for_update().filter(name=LOCK_NAME).values_list("name")
+)
+# The run's conversation row, locked, with the deployment's recorded limit (None: "auto").
+_SESSION_LOCK = Statement(
+    lambda run_id: (
+        AgentSession.objects.select_for_update(no_key=True, of=("self",))
+        .filter(pk=Subquery(AgentRun.objects.filter(pk=run_id).values("session_id")[:1]))
+        .annotate(
+            recorded=Subquery(
+                DispatchLock.objects.filter(name=LOCK_NAME).values("concurrency_limit")[:1]
+            )
+        )
+        .values_list("recorded")
+    ),
+    values={"run_id": AgentRun._meta.pk},
 )
 
 

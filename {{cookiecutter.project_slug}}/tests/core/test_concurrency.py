@@ -152,12 +152,12 @@ def test_racing_claims_never_exceed_the_concurrency_limit(user, settings, limit)
         AgentRun.objects.update(status=AgentRun.Status.PENDING, lease_expires_at=None)
 
 
-@pytest.mark.parametrize("limit", [None, 5])
-def test_a_workers_claims_take_turns_only_under_an_integer_limit(user, settings, limit):
+@pytest.mark.parametrize(("limit", "recorded"), [(None, None), (5, 5), (None, 5)])
+def test_a_workers_claims_take_turns_only_under_an_integer_limit(user, settings, limit, recorded):
     """A worker claims a run only for a free slot of its own. With the limit "auto" (the live
     workers' slots) that bounds the runs already, and two claims of different conversations
     go on at once; an integer limit is counted under the deployment's lock, one claim at a
-    time."""
+    time -- also the limit another worker recorded when this one has none."""
     from agentic_django import lifecycle
     from tests.core.faults import lock_waiters
     from tests.waiting import PATIENCE, in_thread, wait_for
@@ -165,7 +165,7 @@ def test_a_workers_claims_take_turns_only_under_an_integer_limit(user, settings,
     if connection.vendor != "postgresql":
         pytest.skip("SQLite runs one writer at a time anyway")
     settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = limit
-    lifecycle.record_concurrency_limit(limit)
+    lifecycle.record_concurrency_limit(recorded)
     first, second = (
         pending_run(AgentSession.objects.create(owner=user, session_key=f"t{n}"), "demo", "go", n)
         for n in range(2)
@@ -187,7 +187,7 @@ def test_a_workers_claims_take_turns_only_under_an_integer_limit(user, settings,
         holder = in_thread(claim_and_hold)
         wait_for(holding.is_set, "the first claim")
         other = in_thread(lambda: claimed.append(lifecycle.claim(second.pk)))
-        if limit is None:
+        if recorded is None:
             wait_for(lambda: not other.is_alive(), "the second claim, beside the first")
         else:
             wait_for(lambda: lock_waiters() == 1, "the second claim to wait for the lock")
@@ -199,3 +199,48 @@ def test_a_workers_claims_take_turns_only_under_an_integer_limit(user, settings,
         lifecycle.claims_hold_slots = was
         done.set()
     assert [run.pk for run in claimed] == [first.pk, second.pk]
+
+
+@pytest.mark.parametrize("limit", [None, 5])
+def test_a_slow_claim_and_a_run_submitted_meanwhile_never_run_together(user, settings, limit):
+    """A conversation's only pending run is being claimed, slowly (something holds its row).
+    Meanwhile a run that comes before it (its web host's clock runs behind) commits and is
+    claimed by another worker: whichever claim goes first, the other sees it, and one run of
+    the conversation runs."""
+    from django.db import transaction
+
+    from agentic_django import lifecycle
+    from tests.core.faults import lock_waiters
+    from tests.waiting import PATIENCE, in_thread, wait_for
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite runs one writer at a time anyway")
+    settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = limit
+    lifecycle.record_concurrency_limit(limit)
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    later = pending_run(session, "demo", "go", 10)
+    holding, done = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:
+        with transaction.atomic():
+            list(AgentRun.objects.select_for_update().filter(pk=later.pk).values_list("pk"))
+            holding.set()
+            done.wait(PATIENCE * 2)
+
+    was = lifecycle.claims_hold_slots
+    lifecycle.claims_hold_slots = True  # as a worker process sets it
+    try:
+        holder = in_thread(hold_the_row)
+        wait_for(holding.is_set, "the row held")
+        slow = in_thread(lambda: lifecycle.claim(later.pk))
+        wait_for(lambda: lock_waiters() == 1, "the slow claim")
+        earlier = pending_run(session, "demo", "go", 0)
+        other = in_thread(lambda: lifecycle.claim(earlier.pk))
+        wait_for(lambda: not other.is_alive() or lock_waiters() == 2, "the other claim")
+        done.set()
+        for thread in (holder, slow, other):
+            thread.join(PATIENCE)
+    finally:
+        lifecycle.claims_hold_slots = was
+        done.set()
+    assert AgentRun.objects.filter(session=session, status="running").count() == 1
