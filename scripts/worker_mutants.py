@@ -80,9 +80,7 @@ TURN = (
 CONCURRENCY = "tests/core/test_concurrency.py"
 CLAIM_TURNS = CONCURRENCY + "::test_a_workers_claims_take_turns_only_under_an_integer_limit"
 RACING_CLAIMS = CONCURRENCY + "::test_racing_claims_never_exceed_the_concurrency_limit"
-SLOW_CLAIM = (
-    CONCURRENCY + "::test_a_slow_claim_and_a_run_submitted_meanwhile_never_run_together"
-)
+SLOW_CLAIM = CONCURRENCY + "::test_a_slow_claim_and_a_run_submitted_meanwhile_never_run_together"
 
 WORKERS = "agentic_django/workers/__init__.py"
 DATABASE = "agentic_django/workers/database.py"
