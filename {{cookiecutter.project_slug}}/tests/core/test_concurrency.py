@@ -163,7 +163,7 @@ def test_a_workers_claims_take_turns_only_under_an_integer_limit(user, settings,
     from tests.waiting import PATIENCE, in_thread, wait_for
 
     if connection.vendor != "postgresql":
-        pytest.skip("SQLite runs one writer at a time anyway")
+        pytest.skip("needs PostgreSQL: SQLite runs one writer at a time anyway")
     settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = limit
     lifecycle.record_concurrency_limit(recorded)
     first, second = (
@@ -214,7 +214,7 @@ def test_a_slow_claim_and_a_run_submitted_meanwhile_never_run_together(user, set
     from tests.waiting import PATIENCE, in_thread, wait_for
 
     if connection.vendor != "postgresql":
-        pytest.skip("SQLite runs one writer at a time anyway")
+        pytest.skip("needs PostgreSQL: SQLite runs one writer at a time anyway")
     settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = limit
     lifecycle.record_concurrency_limit(limit)
     session = AgentSession.objects.create(owner=user, session_key="k")

@@ -484,7 +484,9 @@ def test_runs_sharing_a_worker_event_loop_outlive_one_that_blocks_it(user, tmp_p
         (blocker,) = crowd(user, 1, "b", agent_key="blocker")
         wait_for(lambda: AgentToolCall.objects.filter(run=blocker).exists(), "the loop blocked")
         hold.unlink()  # they could answer now, but their loop is stuck
-        wait_for(lambda: str(blocker.pk) in log.read_text(), "the stuck loop found", PATIENCE * 2)
+        # (The log names the run blocking it; an RQ worker's log names every run it takes.)
+        wait_for(lambda: "has not answered" in log.read_text(), "the stuck loop found", PATIENCE)
+        assert str(blocker.pk) in log.read_text().split("has not answered", 1)[1]
         later = crowd(user, 2, "n")
         wait_for(lambda: statuses(later) == ["completed"] * 2, "the next runs, on a new loop")
         assert statuses([*waiting, blocker]) == ["running"] * 3
