@@ -10,19 +10,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
 from agents import Agent
 from agents.testing import ModelStep, ScriptedModel, assistant_message
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
+from agentic_django import lifecycle
 from agentic_django.models import AgentRun, AgentSession
 from agentic_django.tasks import execute_agent_run
 from tests.core import registry
 from tests.core.conftest import echo_steps, text
+from tests.core.faults import lock_waiters
+from tests.waiting import PATIENCE, in_thread, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -135,7 +138,6 @@ def test_racing_claims_never_exceed_the_concurrency_limit(user, settings, limit)
     PostgreSQL each claim counts the running runs in its own snapshot, so without the lock
     they all take before counting, several would see the slot free. The limit is an integer,
     or "auto" in a process that is no worker (the immediate backend): one worker's slots."""
-    from agentic_django import lifecycle
 
     settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = limit
     settings.AGENTIC_DJANGO_WORKER_CONCURRENCY = 1
@@ -152,74 +154,68 @@ def test_racing_claims_never_exceed_the_concurrency_limit(user, settings, limit)
         AgentRun.objects.update(status=AgentRun.Status.PENDING, lease_expires_at=None)
 
 
+@pytest.fixture
+def worker_claims(monkeypatch) -> Iterator[threading.Event]:
+    """Claims made as a worker process makes them (PostgreSQL: SQLite runs one writer at a
+    time anyway); the event, set at the end, lets go of whatever held a claim up."""
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: SQLite runs one writer at a time anyway")
+    monkeypatch.setattr(lifecycle, "claims_hold_slots", True)  # as a worker process sets it
+    done = threading.Event()
+    yield done
+    done.set()
+
+
 @pytest.mark.parametrize(("limit", "recorded"), [(None, None), (5, 5), (None, 5)])
-def test_a_workers_claims_take_turns_only_under_an_integer_limit(user, settings, limit, recorded):
+def test_a_workers_claims_take_turns_only_under_an_integer_limit(
+    user, settings, worker_claims, limit, recorded
+):
     """A worker claims a run only for a free slot of its own. With the limit "auto" (the live
     workers' slots) that bounds the runs already, and two claims of different conversations
     go on at once; an integer limit is counted under the deployment's lock, one claim at a
     time -- also the limit another worker recorded when this one has none."""
-    from agentic_django import lifecycle
-    from tests.core.faults import lock_waiters
-    from tests.waiting import PATIENCE, in_thread, wait_for
-
-    if connection.vendor != "postgresql":
-        pytest.skip("needs PostgreSQL: SQLite runs one writer at a time anyway")
     settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = limit
     lifecycle.record_concurrency_limit(recorded)
     first, second = (
         pending_run(AgentSession.objects.create(owner=user, session_key=f"t{n}"), "demo", "go", n)
         for n in range(2)
     )
-    holding, done = threading.Event(), threading.Event()
+    holding, done = threading.Event(), worker_claims
     claimed: list[object] = []
 
     def claim_and_hold() -> None:
-        from django.db import transaction
-
         with transaction.atomic():  # a claim whose commit is slow to come
             claimed.append(lifecycle.claim(first.pk))
             holding.set()
             done.wait(PATIENCE * 2)
 
-    was = lifecycle.claims_hold_slots
-    lifecycle.claims_hold_slots = True  # as a worker process sets it
-    try:
-        holder = in_thread(claim_and_hold)
-        wait_for(holding.is_set, "the first claim")
-        other = in_thread(lambda: claimed.append(lifecycle.claim(second.pk)))
-        if recorded is None:
-            wait_for(lambda: not other.is_alive(), "the second claim, beside the first")
-        else:
-            wait_for(lambda: lock_waiters() == 1, "the second claim to wait for the lock")
-            assert other.is_alive()
-        done.set()
-        holder.join(30)
-        other.join(30)
-    finally:
-        lifecycle.claims_hold_slots = was
-        done.set()
+    holder = in_thread(claim_and_hold)
+    wait_for(holding.is_set, "the first claim")
+    other = in_thread(lambda: claimed.append(lifecycle.claim(second.pk)))
+    if recorded is None:
+        wait_for(lambda: not other.is_alive(), "the second claim, beside the first")
+    else:
+        wait_for(lambda: lock_waiters() == 1, "the second claim to wait for the lock")
+        assert other.is_alive()
+    done.set()
+    holder.join(PATIENCE)
+    other.join(PATIENCE)
     assert [run.pk for run in claimed] == [first.pk, second.pk]
 
 
 @pytest.mark.parametrize("limit", [None, 5])
-def test_a_slow_claim_and_a_run_submitted_meanwhile_never_run_together(user, settings, limit):
+def test_a_slow_claim_and_a_run_submitted_meanwhile_never_run_together(
+    user, settings, worker_claims, limit
+):
     """A conversation's only pending run is being claimed, slowly (something holds its row).
     Meanwhile a run that comes before it (its web host's clock runs behind) commits and is
     claimed by another worker: whichever claim goes first, the other sees it, and one run of
     the conversation runs."""
-    from django.db import transaction
-
-    from agentic_django import lifecycle
-    from tests.core.faults import lock_waiters
-    from tests.waiting import PATIENCE, in_thread, wait_for
-
-    if connection.vendor != "postgresql":
-        pytest.skip("needs PostgreSQL: SQLite runs one writer at a time anyway")
     settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = limit
     lifecycle.record_concurrency_limit(limit)
     session = AgentSession.objects.create(owner=user, session_key="k")
     later = pending_run(session, "demo", "go", 10)
-    holding, done = threading.Event(), threading.Event()
+    holding, done = threading.Event(), worker_claims
 
     def hold_the_row() -> None:
         with transaction.atomic():
@@ -227,20 +223,14 @@ def test_a_slow_claim_and_a_run_submitted_meanwhile_never_run_together(user, set
             holding.set()
             done.wait(PATIENCE * 2)
 
-    was = lifecycle.claims_hold_slots
-    lifecycle.claims_hold_slots = True  # as a worker process sets it
-    try:
-        holder = in_thread(hold_the_row)
-        wait_for(holding.is_set, "the row held")
-        slow = in_thread(lambda: lifecycle.claim(later.pk))
-        wait_for(lambda: lock_waiters() == 1, "the slow claim")
-        earlier = pending_run(session, "demo", "go", 0)
-        other = in_thread(lambda: lifecycle.claim(earlier.pk))
-        wait_for(lambda: not other.is_alive() or lock_waiters() == 2, "the other claim")
-        done.set()
-        for thread in (holder, slow, other):
-            thread.join(PATIENCE)
-    finally:
-        lifecycle.claims_hold_slots = was
-        done.set()
+    holder = in_thread(hold_the_row)
+    wait_for(holding.is_set, "the row held")
+    slow = in_thread(lambda: lifecycle.claim(later.pk))
+    wait_for(lambda: lock_waiters() == 1, "the slow claim")
+    earlier = pending_run(session, "demo", "go", 0)
+    other = in_thread(lambda: lifecycle.claim(earlier.pk))
+    wait_for(lambda: not other.is_alive() or lock_waiters() == 2, "the other claim")
+    done.set()
+    for thread in (holder, slow, other):
+        thread.join(PATIENCE)
     assert AgentRun.objects.filter(session=session, status="running").count() == 1
