@@ -93,6 +93,8 @@ class Server:
         wait_for_port(self.port)
         if "psql" in self.extra:
             _wait_for_sql(self.extra["psql"], self.port, "SELECT 1")
+        if self.extra.get("redis"):
+            _wait_for_redis(self.port)
 
 
 def start_postgres(port: int | None = None) -> Server:
@@ -151,6 +153,21 @@ def _wait_for_sql(psql: str, port: int, sql: str, timeout: float = 30.0) -> None
         time.sleep(0.2)
 
 
+def _wait_for_redis(port: int, timeout: float = 30.0) -> None:
+    """Until Redis answers PING: a Redis loading its append-only file listens at once but
+    answers every command with `-LOADING` until done (seconds on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    answer = b""
+    while time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"PING\r\n")
+            answer = sock.recv(128)
+        if answer.startswith(b"+PONG"):
+            return
+        time.sleep(0.1)
+    raise ServerUnavailable(f"Redis on 127.0.0.1:{port} still answers {answer!r} after {timeout}s")
+
+
 def start_redis(port: int | None = None, *, appendonly: bool = False) -> Server:
     """A throwaway Redis on 127.0.0.1; no persistence unless `appendonly` (as in compose)."""
     binary = shutil.which("redis-server")
@@ -173,10 +190,11 @@ def start_redis(port: int | None = None, *, appendonly: bool = False) -> Server:
         port=port,
         process=process,
         workdir=workdir,
-        extra={"argv": argv, "log": workdir / "redis.log"},
+        extra={"argv": argv, "log": workdir / "redis.log", "redis": True},
     )
     try:
         wait_for_port(port)
+        _wait_for_redis(port)
     except Exception:
         server.stop()
         raise
