@@ -62,6 +62,7 @@ BLOCKING_TOOL = MANY + "test_a_blocking_sync_tool_costs_its_run_one_slot"
 SHARED_LOOP = MANY + "test_runs_sharing_a_worker_event_loop_outlive_one_that_blocks_it"
 BOUNDED_POOL = MANY + "test_a_worker_runs_its_slots_at_once_on_a_bounded_pool"
 ONE_POLL = MANY + "test_one_poll_tells_a_workers_runs_of_a_cancellation_and_a_lost_claim"
+DROPPED = MANY + "test_a_worker_rides_out_a_database_that_drops_its_connections"
 STOPPING = MANY + "test_a_stopping_worker_lets_its_runs_finish_then_hands_the_rest_on"
 KILLED_50 = MANY + "test_a_worker_killed_with_50_runs_in_flight_loses_none_and_repeats_no_call"
 LOOP_TIMEOUT = "tests/core/test_faults.py::test_a_timeout_ends_a_run_whose_event_loop_is_blocked"
@@ -89,6 +90,7 @@ EXECUTION = "agentic_django/execution.py"
 LIFECYCLE = "agentic_django/lifecycle.py"
 DISPATCH = "agentic_django/dispatch.py"
 EVENTLOOP = "agentic_django/eventloop.py"
+DB = "agentic_django/db.py"
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,15 @@ class Mutant:
 
 
 MUTANTS = (
+    # --- The pool's check before it lends a connection (db.py) ---------------------------------
+    Mutant(
+        "pool_lends_dropped_connections",
+        DB,
+        "    if readable.poll(0):",
+        "    if False:",
+        "the pool lends a connection the server has closed (a restart, a failover)",
+        (DROPPED,),
+    ),
     # --- The worker's shared event loop (eventloop.py) ----------------------------------------
     Mutant(
         "stuck_loop_kept",

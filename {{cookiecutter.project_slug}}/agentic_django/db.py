@@ -15,7 +15,9 @@ ends; SQLite serializes the writes itself.
 from __future__ import annotations
 
 import functools
+import select
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.db import connection
@@ -49,3 +51,22 @@ def released[**P, R](fn: Callable[P, R]) -> Callable[P, R]:
 def run_sync[**P, R](fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
     """``sync_to_async(fn)`` (in the run's own thread) that gives the connection back."""
     return sync_to_async(released(fn))
+
+
+def check_pooled_connection(conn: Any) -> None:
+    """The pool's check before it lends a connection (``OPTIONS["pool"]["check"]``): raise
+    if the connection is gone, so the pool replaces it.
+
+    An idle connection has nothing to read, unless the server has closed it or said why it is
+    about to (a restart, a failover, ``pg_terminate_backend``): only then does it cost the
+    round trip of psycopg's ``ConnectionPool.check_connection``, where that check made one on
+    every borrow (a worker borrows for every database step of every run).
+    """
+    from psycopg_pool import ConnectionPool
+
+    if conn.closed or conn.broken:
+        raise conn.OperationalError("the connection is closed")  # psycopg's own class
+    readable = select.poll()
+    readable.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    if readable.poll(0):
+        ConnectionPool.check_connection(conn)

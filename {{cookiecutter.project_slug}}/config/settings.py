@@ -81,7 +81,7 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / '
 # a process never holds more than DATABASE_POOL_SIZE, whatever its load (see the README).
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    from psycopg_pool import ConnectionPool
+    from agentic_django.db import check_pooled_connection
 
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
@@ -90,7 +90,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "timeout": env.float("DATABASE_POOL_TIMEOUT", default=20.0),
         # A connection the server dropped while it waited in the pool (a restart, a failover)
         # is replaced before use, instead of failing the first query given to it.
-        "check": ConnectionPool.check_connection,
+        "check": check_pooled_connection,
     }
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web process read while a worker writes; IMMEDIATE avoids lock upgrades.
