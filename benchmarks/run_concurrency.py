@@ -443,14 +443,17 @@ def warm_up(processes: list[Any], fake: Any, *, user: Any) -> None:
 # --- the floor: the SDK alone ---------------------------------------------------------------
 
 # How the floor process runs its runs: all on one event loop, or each on a thread and event
-# loop of its own (as a worker runs them); with a new SSL context per run's client, or with the
-# project's client (one SSL context shared by the process).
+# loop of its own (as a worker ran them before it shared a loop); with a new SSL context per
+# run's client, or with the project's client (one SSL context shared by the process); all at
+# once, or two after another in each of half as many conversations (the wall-time phase's
+# shape). The last is the floor of the engine's targets: how the SDK alone fares against them.
 FLOOR_VARIANTS = (
-    ("loop", False, 1),
-    ("loop", False, None),
-    ("threads", False, None),
-    ("loop", True, None),
-    ("threads", True, None),
+    ("loop", False, 1, 1),
+    ("loop", False, None, 1),
+    ("threads", False, None, 1),
+    ("loop", True, None, 1),
+    ("threads", True, None, 1),
+    ("loop", True, None, 2),
 )
 
 
@@ -467,7 +470,7 @@ def floor(fake: Any, *, runs: int, logdir: Path) -> list[dict[str, Any]]:
         "OPENAI_MAX_RETRIES": "0",
     }
     # Each variant runs one untimed run first.
-    fake.reply(fake.model.reply(), repeat=sum(1 + (n or runs) for *_, n in FLOOR_VARIANTS))
+    fake.reply(fake.model.reply(), repeat=sum(1 + (n or runs) for *_, n, _ in FLOOR_VARIANTS))
     argv = [sys.executable, "-m", "benchmarks.run_concurrency", "--floor-only", "--runs", str(runs)]
     with (logdir / "floor.log").open("ab") as log:
         done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=log, check=True)
@@ -505,14 +508,18 @@ def floor_process(runs: int) -> list[dict[str, Any]]:
                 first = time.monotonic() - started
         return first
 
-    rows = []
-    for how, shared_ssl, count in FLOOR_VARIANTS:
+    rows: list[dict[str, Any]] = []
+    for how, shared_ssl, count, per_conversation in FLOOR_VARIANTS:
         count = count or runs
         providers.tls_context = shared_context if shared_ssl else new_context
         firsts: list[float] = [0.0] * count
 
-        async def together(count: int = count) -> list[float]:
-            return list(await asyncio.gather(*(one() for _ in range(count))))
+        async def conversation(per: int = per_conversation) -> list[float]:
+            return [await one() for _ in range(per)]
+
+        async def together(count: int = count, per: int = per_conversation) -> list[float]:
+            done = await asyncio.gather(*(conversation() for _ in range(count // per)))
+            return [first for firsts in done for first in firsts]
 
         def alone(index: int, firsts: list[float] = firsts) -> None:
             firsts[index] = asyncio.run(one())
@@ -529,14 +536,19 @@ def floor_process(runs: int) -> list[dict[str, Any]]:
                 thread.join()
         wall = time.monotonic() - started
         where = "one event loop" if how == "loop" else "a thread and event loop each"
+        shape = f" / {count // per_conversation} conversations" if per_conversation > 1 else ""
+        alone = rows[0] if rows else None
+        first_p50 = ms(firsts, 50)
         rows.append(
             {
-                "variant": f"{count} run{'s' * (count > 1)} in {where}"
+                "variant": f"{count} run{'s' * (count > 1)}{shape} in {where}"
                 + (", shared SSL context" if shared_ssl else ""),
                 "runs": count,
                 "wall_s": wall,
-                "first_p50": ms(firsts, 50),
+                "wall_x": wall / alone["wall_s"] if alone else 1.0,
+                "first_p50": first_p50,
                 "first_p95": ms(firsts, 95),
+                "first_x": first_p50 / alone["first_p50"] if alone else 1.0,
                 "cpu_ms_per_run": (cpu_seconds(os.getpid()) - cpu_before) * 1000 / count,
             }
         )
@@ -546,8 +558,10 @@ def floor_process(runs: int) -> list[dict[str, Any]]:
 FLOOR_COLUMNS = [
     ("variant", "the SDK alone, no engine or database"),
     ("wall_s", "wall s"),
+    ("wall_x", "x one run"),
     ("first_p50", "start -> first delta p50 ms"),
     ("first_p95", "p95 ms"),
+    ("first_x", "p50 x one run"),
     ("cpu_ms_per_run", "CPU ms/run"),
 ]
 
@@ -696,6 +710,13 @@ def report_of(
         "Load average (1 min) at the start and the end: "
         + ", ".join(f"{load:.1f}" for load in loads),
     ]
+    if floors:
+        waves, at_once = floors[-1], floors[-3]
+        notes.append(
+            f"The SDK alone against the same targets (floor table): {waves['variant']}: "
+            f"wall {waves['wall_x']:.2f}x one run's; {at_once['variant']}: first delta p50 "
+            f"{at_once['first_x']:.2f}x one run's."
+        )
     if errors:
         notes.append(f"{len(errors)} run(s) did not complete, e.g. {errors[0]}")
     return {

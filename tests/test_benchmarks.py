@@ -170,7 +170,7 @@ def test_concurrency_report(bench):
     for row in processes:
         assert 1 <= row["listening"] <= row["connections"], row
         assert row["pooled"] <= row["pool_limit"] and row["rss_mb"] > 0, row
-    assert len(floor) == 5 and all(row["wall_s"] > 0 for row in floor)
+    assert len(floor) == 6 and all(row["wall_s"] > 0 for row in floor)
     assert len(report["targets"]) == 4
     assert "## Many runs per worker" in bench.stdout
 
