@@ -123,12 +123,18 @@ class Fence:
         """The fence as the values of a prepared statement (``FENCE_VALUES``)."""
         return {"run_id": self.run_id, "attempt": self.attempt}
 
-    def exists_sql(self, *, uncancelled: bool = False) -> tuple[str, tuple[Any, ...]]:
+    def exists_sql(
+        self, *, uncancelled: bool = False, lock: bool = False
+    ) -> tuple[str, tuple[Any, ...]]:
         """``EXISTS (...)`` SQL and parameters, true while the fence holds (for raw writes);
-        ``uncancelled``: and nobody asked to cancel the run."""
+        ``uncancelled``: and nobody asked to cancel the run. ``lock`` (PostgreSQL): read the
+        run's row with a share lock, so a statement that started before a change of the claim
+        committed waits for it and checks the row as changed (a plain subquery would check
+        the row as the statement's snapshot saw it), and no change of the claim commits until
+        the statement's transaction ends."""
         statement = _FENCE_UNCANCELLED if uncancelled else _FENCE_HOLDS
         sql, params = statement.sql(**self.values())
-        return f"EXISTS ({sql})", tuple(params)
+        return f"EXISTS ({sql}{' FOR SHARE' if lock else ''})", tuple(params)
 
     def state(self) -> bool | None:
         """None if the claim is lost; otherwise whether cancellation was requested."""
@@ -626,9 +632,13 @@ def requeue(run: AgentRun, *, stale_only: bool) -> bool:
         retryable |= Q(status=Status.FAILED) & ~Exists(later)
     this_run = AgentRun.objects.filter(pk=run.pk)
     with transaction.atomic():
-        # Session writers take this lock first too: until this transaction commits, no item
-        # of the old attempt can land (its fence still holds for other transactions).
-        session = AgentSession.objects.select_for_update().filter(pk=run.session_id)
+        # Serializes with the session's other locked writers (pop, clear, a write that found
+        # its sequences taken). A run's own writes check its claim with a share lock on the
+        # run's row instead, which the UPDATEs below wait for: until this transaction
+        # commits, no item of the old attempt can land. No KEY: an item's insert checks its
+        # foreign key to the session with a key-share lock, which must not wait for this one
+        # while this transaction waits for that insert's share lock on the run.
+        session = AgentSession.objects.select_for_update(no_key=True).filter(pk=run.session_id)
         list(session.values("pk"))
         cancelled = this_run.filter(stale, cancel_requested_at__isnull=False).update(
             status=Status.CANCELLED, finished_at=Now(), lease_expires_at=None
@@ -815,9 +825,52 @@ def _store_checkpoint(fence: Fence, state: str, schema_version: str, turn: int) 
     )
 
 
+_CHECKPOINT_COLUMNS = ("run", "state", "schema_version", "turn", "attempt", "updated_at")
+
+
+@functools.cache
+def _checkpoint_upsert_sql() -> str:
+    """``INSERT`` of a checkpoint (replacing the run's last) from the run rows a ``marked``
+    CTE returns: PostgreSQL runs the fenced marks UPDATE and the upsert as one statement."""
+    qn = connection.ops.quote_name
+    meta = AgentCheckpoint._meta
+    columns = [qn(meta.get_field(name).column) for name in _CHECKPOINT_COLUMNS]
+    run_column, *stored = columns
+    assignments = ", ".join(f"{column} = EXCLUDED.{column}" for column in stored)
+    placeholders = ", ".join(["%s"] * len(stored))
+    run_pk = qn(AgentRun._meta.pk.column)
+    return (
+        f"INSERT INTO {qn(meta.db_table)} ({', '.join(columns)}) "  # noqa: S608 - names only
+        f"SELECT {run_pk}, {placeholders} FROM marked "
+        f"ON CONFLICT ({run_column}) DO UPDATE SET {assignments}"
+    )
+
+
 def save_checkpoint(fence: Fence, *, state: str, schema_version: str, turn: int) -> bool:
     """Store the attempt's resumable state and where its items and events stand; False (and
     nothing stored) if the fence was lost."""
+    if connection.vendor == "postgresql":
+        # One statement: the fenced UPDATE (re-checked on the run row as last committed, and
+        # locking it) feeds the upsert, so both land or neither does, with no transaction of
+        # their own (BEGIN, two statements, COMMIT before).
+        marks_sql, params = _CHECKPOINT_MARKS.sql(**fence.values())
+        run_pk = connection.ops.quote_name(AgentRun._meta.pk.column)
+        meta = AgentCheckpoint._meta
+        values = {
+            "state": state,
+            "schema_version": schema_version,
+            "turn": turn,
+            "attempt": fence.attempt,
+            "updated_at": timezone.now(),
+        }
+        params += [
+            meta.get_field(name).get_db_prep_save(value, connection)
+            for name, value in values.items()
+        ]
+        sql = f"WITH marked AS ({marks_sql} RETURNING {run_pk}) {_checkpoint_upsert_sql()}"
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.rowcount == 1
     with transaction.atomic():
         # The fenced UPDATE locks the run row: no transition can slip in before the commit.
         if not _CHECKPOINT_MARKS.update(**fence.values()):

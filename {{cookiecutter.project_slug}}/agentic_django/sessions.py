@@ -1,9 +1,14 @@
 """A database-backed implementation of the Agents SDK ``Session`` protocol.
 
 ``DatabaseSession(agent_session)`` can be passed straight to ``Runner.run(..., session=...)``.
-Items are stored as ``AgentSessionItem`` rows; sequence numbers are assigned while the
-``AgentSession`` row is locked (on SQLite, which runs one writer at a time, inside a single
-statement), so concurrent writers never interleave or collide.
+Items are stored as ``AgentSessionItem`` rows, numbered in the statement that inserts them
+(after the session's last item). On SQLite, which runs one writer at a time, that statement is
+atomic on its own. On PostgreSQL a write is one statement too: a concurrent writer that
+numbered its items first makes it fail on the (session, sequence) unique constraint, and it is
+written again with the ``AgentSession`` row locked, so concurrent writers never interleave or
+collide. A run's handle checks its run's claim in the same statement, with a share lock on the
+run's row: recovery, which changes the claim with an UPDATE of that row, waits for the write,
+or the write sees the claim as recovery left it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -131,29 +136,41 @@ class DatabaseSession:
         payloads = [self.serializer.dumps(item) for item in items]
         if not is_storable(payloads):
             raise UnstorableContent()
+        inserted = None
         if connection.vendor == "sqlite":
             # SQLite runs one writer at a time, so one INSERT ... SELECT is atomic on its own.
             inserted = self._insert(payloads)
-            if inserted and not self._touched:
-                _TOUCH.update(session_id=self.session_pk, now=timezone.now())
-                self._touched = True
-        else:
+        elif not connection.in_atomic_block:
+            # One statement, no lock on the session: a writer that numbered the same
+            # sequences first (or a session deleted meanwhile) makes it fail, and the locked
+            # write below tells which.
+            try:
+                inserted = self._insert(payloads, lock_run=True)
+            except IntegrityError:
+                inserted = None
+        if inserted is None:
             with transaction.atomic():
                 # Row lock (serializes writers on the session) and touch in one statement.
                 if not _TOUCH.update(session_id=self.session_pk, now=timezone.now()):
                     raise AgentSession.DoesNotExist(
                         f"Agent session {self.session_pk} does not exist."
                     )
+                self._touched = True
                 inserted = self._insert(payloads)
+        elif inserted and not self._touched:
+            _TOUCH.update(session_id=self.session_pk, now=timezone.now())
+            self._touched = True
         if not inserted:
             if not AgentSession.objects.filter(pk=self.session_pk).exists():
                 raise AgentSession.DoesNotExist(f"Agent session {self.session_pk} does not exist.")
             self._reject()
 
-    def _insert(self, payloads: list[Any]) -> int:
+    def _insert(self, payloads: list[Any], *, lock_run: bool = False) -> int:
         """Append ``payloads`` after the last sequence, if the claim still holds; rows written.
 
         Sequence, claim check and insert are one statement, so they see the same state.
+        ``lock_run`` (PostgreSQL, without the session's lock): the claim is checked on the
+        run's row share-locked, as a change of the claim last committed it.
         """
         item_meta = AgentSessionItem._meta
         qn = connection.ops.quote_name
@@ -190,7 +207,7 @@ class DatabaseSession:
             self.session_pk,
         ]
         if self._fence is not None:
-            fence_sql, fence_params = self._fence.exists_sql()
+            fence_sql, fence_params = self._fence.exists_sql(lock=lock_run)
             sql += f" AND {fence_sql}"
             params += fence_params
         with connection.cursor() as cursor:

@@ -27,7 +27,10 @@ RENEW = r'^UPDATE "agentic_django_agentrun" SET "heartbeat_at"'
 FINISH = r'^UPDATE "agentic_django_agentrun" SET "status" = %s, "error" = %s, "error_detail"'
 STATUS_CHANGE = r'^UPDATE "agentic_django_agentrun" SET "status"'
 ITEM_INSERT = r'^INSERT INTO "agentic_django_agentsessionitem"'
-CHECKPOINT_SAVE = r'^UPDATE "agentic_django_agentrun" SET "checkpoint_item_sequence"'
+# PostgreSQL saves a checkpoint in one statement: the fenced UPDATE in a CTE feeds the upsert.
+CHECKPOINT_SAVE = (
+    r'^(WITH marked AS \()?UPDATE "agentic_django_agentrun" SET "checkpoint_item_sequence"'
+)
 ITEM_DELETE = r'^DELETE FROM "agentic_django_agentsessionitem"'
 # The UPDATE that pauses a run (awaiting approval).
 PAUSE = (

@@ -508,6 +508,8 @@ def test_another_worker_resumes_a_checkpointed_run_with_its_own_fence(user, sett
     second = lifecycle.claim(run.pk)
     assert second.attempt == 2
     assert not lifecycle.save_checkpoint(first, state="stale", schema_version="1.21", turn=3)
+    kept = AgentCheckpoint.objects.get(run=run)
+    assert (kept.state, kept.turn, kept.attempt) == ("{}", 2, 1)
     assert lifecycle.save_checkpoint(Fence.of(second), state="fresh", schema_version="1.21", turn=3)
     checkpoint = AgentCheckpoint.objects.get(run=run)
     assert (checkpoint.state, checkpoint.turn, checkpoint.attempt) == ("fresh", 3, 2)

@@ -11,14 +11,15 @@ from agents import Agent, Runner
 from agents.memory import Session
 from agents.testing import ScriptedModel, assistant_message
 from asgiref.sync import async_to_sync
-from django.db import connection
+from django.db import connection, transaction
 
 from agentic_django import lifecycle
 from agentic_django.models import AgentSession, AgentSessionItem
 from agentic_django.services import create_run
 from agentic_django.sessions import DatabaseSession, SessionWriteRejected, session_for_run
 from tests.core.conftest import running_elsewhere, worker_died
-from tests.core.faults import ITEM_INSERT, database_faults
+from tests.core.faults import ITEM_INSERT, database_faults, lock_waiters
+from tests.waiting import PATIENCE, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -170,6 +171,46 @@ def test_concurrent_writers_never_interleave_a_batch(agent_session):
         chunk = contents[start : start + batch]
         writer = chunk[0].split("-")[0]
         assert chunk == [f"{writer}-{n}" for n in range(batch)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_write_that_numbered_its_items_like_a_concurrent_one_goes_after_it(agent_session):
+    """On PostgreSQL a write is one statement, numbering its items after the last one it sees.
+    Another writer's items, not yet committed as it starts, took the same numbers: it waits
+    for them, then writes its own after them instead of failing."""
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: SQLite runs one writer at a time")
+    holding, release = threading.Event(), threading.Event()
+
+    def first_writer() -> None:
+        try:
+            with transaction.atomic():
+                DatabaseSession(agent_session.pk).add_items_sync([user_item("first")])
+                holding.set()
+                release.wait(PATIENCE)
+        finally:
+            connection.close()
+
+    def release_once_the_second_waits() -> None:
+        try:
+            wait_for(lambda: lock_waiters() > 0, "the second write to wait for the first")
+        finally:
+            release.set()
+            connection.close()
+
+    first = threading.Thread(target=first_writer)
+    first.start()
+    assert holding.wait(PATIENCE)
+    releaser = threading.Thread(target=release_once_the_second_waits)
+    releaser.start()
+    DatabaseSession(agent_session.pk).add_items_sync([user_item("second")])
+    first.join(PATIENCE)
+    releaser.join(PATIENCE)
+    rows = agent_session.items.order_by("sequence").values_list("sequence", "payload")
+    assert [(sequence, payload["content"]) for sequence, payload in rows] == [
+        (1, "first"),
+        (2, "second"),
+    ]
 
 
 def test_a_cancelled_caller_returns_only_once_its_write_is_done(agent_session):
