@@ -390,7 +390,16 @@ def claim(run_id: Any, *, task_id: str = "") -> AgentRun | None:
             locked = _SESSION_LOCK.rows(run_id=run_id)
             if locked and locked[0][0] is not None:
                 _LOCK.rows()
-            return _first(statement.update_returning(run_id=run_id, **values))
+            run = _first(statement.update_returning(run_id=run_id, **values))
+        if run is not None and locked:
+            # The conversation's row was read anyway: its key (for the run's log lines) needs
+            # no query of its own; its other fields load if anything reads them.
+            _, session_pk, session_key = locked[0]
+            session = AgentSession.from_db(
+                connection.alias, ["id", "session_key"], [session_pk, session_key]
+            )
+            AgentRun.session.field.set_cached_value(run, session)
+        return run
     with transaction.atomic():
         # Every claim takes this lock, so the running count in the UPDATE cannot race; the
         # timestamps are taken once it is held (a run that finished meanwhile came first).
@@ -436,7 +445,7 @@ _SESSION_LOCK = Statement(
                 DispatchLock.objects.filter(name=LOCK_NAME).values("concurrency_limit")[:1]
             )
         )
-        .values_list("recorded")
+        .values_list("recorded", "pk", "session_key")
     ),
     values={"run_id": AgentRun._meta.pk},
 )

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agentic_django import logcontext, recovery
+from agentic_django import lifecycle, logcontext, recovery
 from agentic_django.execution import execute
 from agentic_django.models import AgentRun, AgentSession, AgentSpan
 from tests.core.conftest import call, text
@@ -101,7 +101,15 @@ def test_every_line_logged_while_a_run_executes_names_it(user, json_lines):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_runs_executing_side_by_side_keep_their_own_fields(user, json_lines):
+@pytest.mark.parametrize("claimed_by", ["process", "worker"])
+def test_runs_executing_side_by_side_keep_their_own_fields(
+    user, json_lines, claimed_by, monkeypatch, settings
+):
+    if claimed_by == "worker":
+        # A worker's claim under the "auto" limit reads the conversation's key with its row
+        # (PostgreSQL; SQLite claims the same way in every process).
+        monkeypatch.setattr(lifecycle, "claims_hold_slots", True)
+        settings.AGENTIC_DJANGO_CONCURRENCY_LIMIT = None
     barrier = threading.Barrier(2, timeout=PATIENCE)
     runs = {}
     for tag in ("a", "b"):
