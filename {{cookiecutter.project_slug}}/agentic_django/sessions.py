@@ -5,10 +5,11 @@ Items are stored as ``AgentSessionItem`` rows, numbered in the statement that in
 (after the session's last item). On SQLite, which runs one writer at a time, that statement is
 atomic on its own. On PostgreSQL a write is one statement too: a concurrent writer that
 numbered its items first makes it fail on the (session, sequence) unique constraint, and it is
-written again with the ``AgentSession`` row locked, so concurrent writers never interleave or
-collide. A run's handle checks its run's claim in the same statement, with a share lock on the
-run's row: recovery, which changes the claim with an UPDATE of that row, waits for the write,
-or the write sees the claim as recovery left it.
+written again with the ``AgentSession`` row locked (where a one-statement write that takes the
+same numbers meanwhile makes it try again, in a savepoint), so concurrent writers never
+interleave or collide. A run's handle checks its run's claim in the same statement, with a
+share lock on the run's row: recovery, which changes the claim with an UPDATE of that row,
+waits for the write, or the write sees the claim as recovery left it.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class DatabaseSession:
                         f"Agent session {self.session_pk} does not exist."
                     )
                 self._touched = True
-                inserted = self._insert(payloads)
+                inserted = self._insert_locked(payloads)
         elif inserted and not self._touched:
             _TOUCH.update(session_id=self.session_pk, now=timezone.now())
             self._touched = True
@@ -214,6 +215,20 @@ class DatabaseSession:
             cursor.execute(sql, params)
             return cursor.rowcount
 
+    def _insert_locked(self, payloads: list[Any]) -> int:
+        """``_insert`` under the session's lock. A one-statement write takes no lock, so one
+        that commits while this INSERT runs can take its numbers: the INSERT is tried again
+        (in a savepoint, reading what committed since), a few times at most."""
+        tries = 0
+        while True:
+            try:
+                with transaction.atomic():
+                    return self._insert(payloads)
+            except IntegrityError as exc:
+                tries += 1
+                if tries == COLLISION_TRIES or not _numbers_taken(exc):
+                    raise
+
     def _reject(self) -> None:
         raise SessionWriteRejected(
             f"Run {self._run_pk} no longer holds its claim; its session write was dropped."
@@ -251,6 +266,18 @@ class DatabaseSession:
         # Under the session lock: recovery takes it too before it changes the run's claim.
         if self._fence is not None and not self._fence.runs().exists():
             self._reject()
+
+
+# How often a write under the session's lock tries again when one-statement writes keep
+# taking its numbers (each try reads what committed before it).
+COLLISION_TRIES = 5
+SEQUENCE_CONSTRAINT = "agentic_item_session_seq_unique"
+
+
+def _numbers_taken(exc: IntegrityError) -> bool:
+    """Whether ``exc`` is the (session, sequence) unique constraint's violation."""
+    diag = getattr(exc.__cause__, "diag", None)
+    return getattr(diag, "constraint_name", None) == SEQUENCE_CONSTRAINT
 
 
 # A run's most frequent session statements, compiled once (see ``prepared``).

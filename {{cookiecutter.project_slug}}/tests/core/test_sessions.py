@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any
 
@@ -210,6 +211,74 @@ def test_a_write_that_numbered_its_items_like_a_concurrent_one_goes_after_it(age
     assert [(sequence, payload["content"]) for sequence, payload in rows] == [
         (1, "first"),
         (2, "second"),
+    ]
+
+
+# An item whose content starts with "held" waits, inside its INSERT, for the advisory lock the
+# test holds: the statement has read the session's last number but written nothing yet.
+HELD_LOCK = 7_420_019
+HOLD_INSERTS = f"""
+CREATE FUNCTION test_held_item() RETURNS trigger AS $$
+BEGIN
+  IF NEW.payload->>'content' LIKE 'held%' THEN
+    PERFORM pg_advisory_lock({HELD_LOCK}); PERFORM pg_advisory_unlock({HELD_LOCK});
+  END IF;
+  RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER test_held_item BEFORE INSERT ON agentic_django_agentsessionitem
+  FOR EACH ROW EXECUTE FUNCTION test_held_item();
+"""
+LET_INSERTS_GO = """
+DROP TRIGGER IF EXISTS test_held_item ON agentic_django_agentsessionitem;
+DROP FUNCTION IF EXISTS test_held_item();
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_locked_write_goes_after_a_one_statement_write_that_took_its_numbers(agent_session):
+    """A write under the session's lock (inside a transaction) has read the last number when a
+    one-statement write, which takes no lock, commits the same numbers: it tries again after
+    them instead of failing."""
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: SQLite runs one writer at a time")
+    with connection.cursor() as cursor:
+        cursor.execute(HOLD_INSERTS)
+        cursor.execute("SELECT pg_advisory_lock(%s)", [HELD_LOCK])
+    errors: list[BaseException] = []
+
+    def write(content: str, *more: str, locked: bool = False) -> None:
+        items = [user_item(text) for text in (content, *more)]
+        try:
+            with transaction.atomic() if locked else contextlib.nullcontext():
+                DatabaseSession(agent_session.pk).add_items_sync(items)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    writers = [
+        threading.Thread(target=write, args=("held-1", "held-2"), kwargs={"locked": True}),
+        threading.Thread(target=write, args=("fast",)),
+    ]
+    try:
+        writers[0].start()
+        wait_for(lambda: lock_waiters() > 0, "the locked write to be inside its INSERT")
+        writers[1].start()
+        # Its item commits; then it waits to touch the session, until the locked write is done.
+        wait_for(lambda: agent_session.items.exists(), "the one-statement write's item")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [HELD_LOCK])
+        for writer in writers:
+            writer.join(PATIENCE)
+        with connection.cursor() as cursor:
+            cursor.execute(LET_INSERTS_GO)
+    assert errors == []
+    rows = agent_session.items.order_by("sequence").values_list("sequence", "payload")
+    assert [(sequence, payload["content"]) for sequence, payload in rows] == [
+        (1, "fast"),
+        (2, "held-1"),
+        (3, "held-2"),
     ]
 
 
