@@ -117,7 +117,7 @@ MUTANTS = (
     Mutant(
         "pool_lends_dropped_connections",
         DB,
-        "    if readable.poll(0):",
+        "    if _readable(conn.fileno()):",
         "    if False:",
         "the pool lends a connection the server has closed (a restart, a failover)",
         (DROPPED,),

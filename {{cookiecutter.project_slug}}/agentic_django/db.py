@@ -66,7 +66,14 @@ def check_pooled_connection(conn: Any) -> None:
 
     if conn.closed or conn.broken:
         raise conn.OperationalError("the connection is closed")  # psycopg's own class
-    readable = select.poll()
-    readable.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-    if readable.poll(0):
+    if _readable(conn.fileno()):
         ConnectionPool.check_connection(conn)
+
+
+def _readable(fd: int) -> bool:
+    """Whether the socket ``fd`` has something to read (or was closed) right now."""
+    if not hasattr(select, "poll"):  # Windows: select() takes sockets there
+        return bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()  # unlike select(), any descriptor number
+    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
