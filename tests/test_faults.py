@@ -182,12 +182,18 @@ def catch_running_run(
     prefer: str | None = None,
     exclude: Container[str] = (),
     tries: int = 40,
+    patience: float = 60.0,
 ) -> tuple[str, str, int] | None:
     """Find a worker executing a run and `act(slot)` on it at once, until the run was still
-    running (same attempt) right after the act. Returns (slot, run id, number of acts), None
-    if never caught."""
+    running (same attempt) right after the act: at most `tries` acts, within `patience`
+    seconds. Returns (slot, run id, number of acts), None if never caught.
+
+    RQ tells one current job per worker (its `execution`), not each of the runs it runs at
+    once, and with quick runs that job has often just ended: the search waits for a moment
+    it names a running one instead of giving up after a number of polls."""
     acts = 0
-    for _ in range(tries):
+    deadline = time.monotonic() + patience
+    while acts < tries and time.monotonic() < deadline:
         busy = [pair for pair in deployment.busy_workers() if pair[0] not in exclude]
         busy.sort(key=lambda pair: pair[1] != prefer)
         if not busy:
