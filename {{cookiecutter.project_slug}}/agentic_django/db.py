@@ -62,11 +62,11 @@ def check_pooled_connection(conn: Any) -> None:
     round trip of psycopg's ``ConnectionPool.check_connection``, where that check made one on
     every borrow (a worker borrows for every database step of every run).
     """
-    from psycopg_pool import ConnectionPool
-
     if conn.closed or conn.broken:
         raise conn.OperationalError("the connection is closed")  # psycopg's own class
     if _readable(conn.fileno()):
+        from psycopg_pool import ConnectionPool
+
         ConnectionPool.check_connection(conn)
 
 

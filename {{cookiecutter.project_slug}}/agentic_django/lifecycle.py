@@ -816,35 +816,37 @@ _CHECKPOINT_MARKS = Statement(
 )
 
 
+def _checkpoint_values(fence: Fence, state: str, schema_version: str, turn: int) -> dict:
+    """A checkpoint's fields but its run: what an upsert stores or replaces."""
+    return {
+        "state": state,
+        "schema_version": schema_version,
+        "turn": turn,
+        "attempt": fence.attempt,
+        "updated_at": timezone.now(),
+    }
+
+
 def _store_checkpoint(fence: Fence, state: str, schema_version: str, turn: int) -> None:
     # One upsert (INSERT ... ON CONFLICT DO UPDATE): no read, no savepoints.
-    checkpoint = AgentCheckpoint(
-        run_id=fence.run_id,
-        state=state,
-        schema_version=schema_version,
-        turn=turn,
-        attempt=fence.attempt,
-        updated_at=timezone.now(),
-    )
+    values = _checkpoint_values(fence, state, schema_version, turn)
     AgentCheckpoint.objects.bulk_create(
-        [checkpoint],
+        [AgentCheckpoint(run_id=fence.run_id, **values)],
         update_conflicts=True,
         unique_fields=["run"],
-        update_fields=["state", "schema_version", "turn", "attempt", "updated_at"],
+        update_fields=list(values),
     )
-
-
-_CHECKPOINT_COLUMNS = ("run", "state", "schema_version", "turn", "attempt", "updated_at")
 
 
 @functools.cache
-def _checkpoint_upsert_sql() -> str:
+def _checkpoint_upsert_sql(stored_fields: tuple[str, ...]) -> str:
     """``INSERT`` of a checkpoint (replacing the run's last) from the run rows a ``marked``
     CTE returns: PostgreSQL runs the fenced marks UPDATE and the upsert as one statement."""
     qn = connection.ops.quote_name
     meta = AgentCheckpoint._meta
-    columns = [qn(meta.get_field(name).column) for name in _CHECKPOINT_COLUMNS]
-    run_column, *stored = columns
+    run_column = qn(meta.get_field("run").column)
+    stored = [qn(meta.get_field(name).column) for name in stored_fields]
+    columns = [run_column, *stored]
     assignments = ", ".join(f"{column} = EXCLUDED.{column}" for column in stored)
     placeholders = ", ".join(["%s"] * len(stored))
     run_pk = qn(AgentRun._meta.pk.column)
@@ -865,18 +867,13 @@ def save_checkpoint(fence: Fence, *, state: str, schema_version: str, turn: int)
         marks_sql, params = _CHECKPOINT_MARKS.sql(**fence.values())
         run_pk = connection.ops.quote_name(AgentRun._meta.pk.column)
         meta = AgentCheckpoint._meta
-        values = {
-            "state": state,
-            "schema_version": schema_version,
-            "turn": turn,
-            "attempt": fence.attempt,
-            "updated_at": timezone.now(),
-        }
+        values = _checkpoint_values(fence, state, schema_version, turn)
         params += [
             meta.get_field(name).get_db_prep_save(value, connection)
             for name, value in values.items()
         ]
-        sql = f"WITH marked AS ({marks_sql} RETURNING {run_pk}) {_checkpoint_upsert_sql()}"
+        upsert = _checkpoint_upsert_sql(tuple(values))
+        sql = f"WITH marked AS ({marks_sql} RETURNING {run_pk}) {upsert}"
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.rowcount == 1
