@@ -91,6 +91,10 @@ LIFECYCLE = "agentic_django/lifecycle.py"
 DISPATCH = "agentic_django/dispatch.py"
 EVENTLOOP = "agentic_django/eventloop.py"
 DB = "agentic_django/db.py"
+PROVIDERS = "chat/providers.py"
+KEPT = "tests/providers/test_openai_compatible.py::"
+KEPT_REUSED = KEPT + "test_a_workers_runs_reuse_their_connections_to_the_provider"
+KEPT_PER_LOOP = KEPT + "test_a_loop_that_replaces_another_opens_connections_of_its_own"
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,36 @@ MUTANTS = (
         "    if False:",
         "the pool lends a connection the server has closed (a restart, a failover)",
         (DROPPED,),
+    ),
+    # --- Connections to the model provider kept per shared loop (providers.py, eventloop.py) --
+    Mutant(
+        "provider_connections_never_kept",
+        PROVIDERS,
+        "            if kept is None:",
+        "            if True:",
+        "a worker's runs open a new connection (TCP and TLS handshakes) for every model call",
+        (KEPT_REUSED,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "loop_resources_shared_across_loops",
+        EVENTLOOP,
+        "    shared = _loops.get(asyncio.get_running_loop())\n",
+        "    shared = _loops.get(asyncio.get_running_loop())\n"
+        "    if shared is not None:\n"
+        "        shared = next(iter(_loops.values()))\n",
+        "a loop uses connections another loop opened (a loop that replaced a stuck one)",
+        (KEPT_PER_LOOP,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "loop_resources_never_closed",
+        EVENTLOOP,
+        "            shared.closers.append(lambda: close(made))",
+        "            pass",
+        "a shared loop that ends leaves its kept connections open",
+        (KEPT_PER_LOOP,),
+        backends=IN_PROCESS,
     ),
     # --- The worker's shared event loop (eventloop.py) ----------------------------------------
     Mutant(

@@ -64,7 +64,10 @@ class SharedLoop:
         # The runs handed to this loop and not returned yet (see ``run``).
         self.owners: set[Hashable] = set()
         self.owners_lock = threading.Lock()
-        _loops.add(self.loop)
+        # What the runs on this loop share (``resource``), touched from the loop's thread only.
+        self.resources: dict[Hashable, Any] = {}
+        self.closers: list[Callable[[], Coroutine[Any, Any, Any]]] = []
+        _loops[self.loop] = self
         if default_executor is not None:
             self.loop.set_default_executor(default_executor)
         self.thread = threading.Thread(target=self._run, name="agentic-django-runs", daemon=True)
@@ -73,6 +76,19 @@ class SharedLoop:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
+
+    def end(self) -> None:
+        """Close what its runs shared (``resource``), then stop the loop."""
+        asyncio.run_coroutine_threadsafe(self._close_resources(), self.loop).add_done_callback(
+            lambda _: self.loop.call_soon_threadsafe(self.loop.stop)
+        )
+
+    async def _close_resources(self) -> None:
+        for close in reversed(self.closers):
+            try:
+                await close()
+            except Exception:
+                logger.exception("agentic_django: closing a shared loop's resource failed")
 
     def answers(self, timeout: float) -> bool:
         """Whether the loop runs a callback within ``timeout`` seconds."""
@@ -96,7 +112,8 @@ class SharedLoop:
 
 _lock = threading.Lock()
 _current: SharedLoop | None = None
-_loops: set[asyncio.AbstractEventLoop] = set()  # every shared loop made (stuck ones stay)
+# Every shared loop made (stuck ones stay), by its asyncio loop.
+_loops: dict[asyncio.AbstractEventLoop, SharedLoop] = {}
 _make_executor: Callable[[], Any] | None = None
 
 
@@ -120,7 +137,7 @@ def unshare() -> None:
     with _lock:
         loop, _current = _current, None
     if loop is not None:
-        loop.loop.call_soon_threadsafe(loop.loop.stop)
+        loop.end()
 
 
 def is_shared(loop: asyncio.AbstractEventLoop) -> bool:
@@ -130,6 +147,26 @@ def is_shared(loop: asyncio.AbstractEventLoop) -> bool:
 
 def shared() -> SharedLoop | None:
     return _current
+
+
+def resource[T](
+    key: Hashable,
+    make: Callable[[], T],
+    close: Callable[[T], Coroutine[Any, Any, Any]] | None = None,
+) -> T | None:
+    """What the runs on the running shared loop share under ``key`` (``make()`` on first use,
+    ``close(it)`` awaited on the loop when it ends); None when the running loop is not a
+    shared one (a run with a loop of its own must not leave anything behind on it). Things
+    bound to a loop, such as a pool of connections, are shared this way: each shared loop
+    has its own, and a loop that replaced a stuck one never uses the stuck one's."""
+    shared = _loops.get(asyncio.get_running_loop())
+    if shared is None:
+        return None
+    if key not in shared.resources:
+        shared.resources[key] = made = make()
+        if close is not None:
+            shared.closers.append(lambda: close(made))
+    return shared.resources[key]
 
 
 def _watch(loop: SharedLoop) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -109,28 +109,61 @@ def tls_context() -> ssl.SSLContext:
 
 def build_client() -> AsyncOpenAI:
     """An `openai` client for the configured server, for one run."""
-    import httpx2
-    from openai import AsyncOpenAI, DefaultAsyncHttpxClient, Timeout
+    from openai import AsyncOpenAI, Timeout
 
     timeout = Timeout(
         settings.OPENAI_TIMEOUT, connect=min(CONNECT_TIMEOUT, settings.OPENAI_TIMEOUT)
-    )
-    # One client per run, with no connection kept open after a request: a run outside a
-    # worker has an event loop of its own, gone when the run ends, and a kept connection
-    # would outlive it and fail to close later. (A worker's runs share a loop; a client
-    # shared by them would keep connections alive -- not done yet.)
-    http_client = DefaultAsyncHttpxClient(
-        timeout=timeout,
-        limits=httpx2.Limits(max_keepalive_connections=0),
-        verify=tls_context(),
     )
     return AsyncOpenAI(
         api_key=settings.OPENAI_API_KEY or NO_KEY,
         base_url=settings.OPENAI_BASE_URL or OPENAI_URL,
         timeout=timeout,
         max_retries=settings.OPENAI_MAX_RETRIES,
-        http_client=http_client,
+        http_client=_http_client_class()(timeout=timeout, verify=tls_context()),
     )
+
+
+@functools.cache
+def _http_client_class() -> type:
+    """The HTTP client of `build_client()`: its requests go through connections kept open
+    for every run of a worker's event loop (``agentic_django.eventloop``), so a model call
+    reuses one an earlier call opened instead of paying a new TCP and TLS handshake, a round
+    trip or two to the provider each. A run with an event loop of its own (the immediate
+    backend, a test) opens a connection per request and keeps none: its loop ends with it,
+    and a connection kept open would outlive it."""
+    import httpx2
+    from openai import DefaultAsyncHttpxClient
+
+    from agentic_django import eventloop
+
+    class LoopSharedClient(DefaultAsyncHttpxClient):
+        def __init__(self, **kwargs: Any) -> None:
+            # Used alone only outside a shared loop: no connection outlives its request.
+            super().__init__(limits=httpx2.Limits(max_keepalive_connections=0), **kwargs)
+            self._options = kwargs
+
+        async def send(self, request: Any, **kwargs: Any) -> Any:
+            kept = eventloop.resource(
+                KEPT_CONNECTIONS, self._kept_alive_client, _close_kept_alive_client
+            )
+            if kept is None:
+                return await super().send(request, **kwargs)
+            return await kept.send(request, **kwargs)
+
+        def _kept_alive_client(self) -> Any:
+            # The openai client's own limits (1,000 connections, 100 kept open), as one
+            # client for the whole process would have them; each request brings its timeout.
+            return DefaultAsyncHttpxClient(**self._options)
+
+    return LoopSharedClient
+
+
+# The shared loop's resource key of the kept-alive HTTP client (``_http_client_class``).
+KEPT_CONNECTIONS = "chat.providers.kept_connections"
+
+
+async def _close_kept_alive_client(client: Any) -> None:
+    await client.aclose()
 
 
 def model_settings() -> ModelSettings:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -395,6 +396,8 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # the tests read `FakeOpenAI.requests` instead
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()  # here, not in the accepting thread: one at a time
         super().setup()
         self.server.fake._connection_opened()
 
@@ -417,6 +420,8 @@ class _Handler(BaseHTTPRequestHandler):
         reply = fake._next_reply(Request(api, body, headers))
         try:
             self._answer(api, body, reply)
+            if fake.close_after_each_response:
+                self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (its timeout): nothing to do
         except Exception as exc:
@@ -500,7 +505,8 @@ class _Server(ThreadingHTTPServer):
 class FakeOpenAI:
     """An OpenAI-compatible server on 127.0.0.1 (a free port) answering scripted replies."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: serve HTTPS with this (server) context instead of plain HTTP."""
         self.requests: list[Request] = []
         self.unexpected: list[Request] = []
         self.errors: list[Exception] = []
@@ -508,9 +514,20 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self._connections = threading.Condition(self._lock)
         self._open_connections = 0
+        # Connections clients opened in all (a kept-alive one counts once, however many
+        # requests it carries).
+        self.connections_opened = 0
+        # Close each connection once its response is sent, without saying so in the response
+        # (as a server whose idle timeout is shorter than the client's may do).
+        self.close_after_each_response = False
         self._released = threading.Event()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self
+        self._scheme = "https" if tls is not None else "http"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -522,7 +539,7 @@ class FakeOpenAI:
     def url(self) -> str:
         """The base URL to give the client (OPENAI_BASE_URL)."""
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"{self._scheme}://{host}:{port}/v1"
 
     def reply(self, *replies: Reply, repeat: int = 1) -> None:
         """Queue replies: each request takes the next one (`repeat` queues them that often)."""
@@ -546,6 +563,7 @@ class FakeOpenAI:
     def _connection_opened(self) -> None:
         with self._connections:
             self._open_connections += 1
+            self.connections_opened += 1
 
     def _connection_closed(self) -> None:
         with self._connections:

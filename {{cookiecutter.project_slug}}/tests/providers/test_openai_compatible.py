@@ -5,11 +5,13 @@ OpenAI-compatible server. Every test runs in both API modes (Responses, Chat Com
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 
 import pytest
 from django.template.loader import render_to_string
 
-from agentic_django.execution import timeout_message
+from agentic_django import eventloop
+from agentic_django.execution import DaemonThreadExecutor, timeout_message
 from agentic_django.models import AgentRun
 from agentic_django.presentation import run_view
 from agentic_django.serializers import run_to_dict
@@ -84,6 +86,55 @@ def test_a_finished_run_leaves_no_connection_open(provider, user):
     assert run_agent(user, "two").status == AgentRun.Status.COMPLETED
 
     assert provider.wait_until_no_connection_is_open()
+
+
+@pytest.fixture
+def worker_loop() -> Iterator[None]:
+    """Runs share one event loop, as a worker's do."""
+    eventloop.share(DaemonThreadExecutor)
+    try:
+        yield
+    finally:
+        eventloop.unshare()
+
+
+def test_a_workers_runs_reuse_their_connections_to_the_provider(provider, user, worker_loop):
+    # A tool run makes two model calls; two runs after it make one each.
+    provider.reply(ToolCall("calculate", {"expression": "6 * 7"}), Text("It is 42."))
+    provider.reply(Text("first"), Text("second"))
+
+    assert run_agent(user, "6 * 7?", agent_key="toolsmith").status == AgentRun.Status.COMPLETED
+    assert run_agent(user, "one").status == AgentRun.Status.COMPLETED
+    assert run_agent(user, "two").status == AgentRun.Status.COMPLETED
+
+    assert len(provider.requests) == 4
+    assert provider.connections_opened == 1  # one TCP (and, to a real provider, TLS) handshake
+
+
+def test_a_loop_that_replaces_another_opens_connections_of_its_own(provider, user):
+    # A pooled connection belongs to the loop that opened it: used from another it would fail.
+    provider.reply(Text("first"), Text("second"))
+    for message in ("one", "two"):
+        eventloop.share(DaemonThreadExecutor)
+        try:
+            assert run_agent(user, message).status == AgentRun.Status.COMPLETED
+        finally:
+            eventloop.unshare()  # its loop closes the connections its runs kept
+
+    assert provider.connections_opened == 2
+    assert provider.wait_until_no_connection_is_open()
+
+
+def test_a_connection_the_provider_closed_while_idle_is_not_reused(provider, user, worker_loop):
+    provider.close_after_each_response = True  # retries are off: a dead connection would fail
+    provider.reply(Text("first"), Text("second"))
+
+    assert run_agent(user, "one").status == AgentRun.Status.COMPLETED
+    assert provider.wait_until_no_connection_is_open()
+    run = run_agent(user, "two")
+
+    assert run.status == AgentRun.Status.COMPLETED, run.error
+    assert provider.connections_opened == 2
 
 
 def test_streamed_deltas_reach_the_final_output(provider, user):
