@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import ssl
 import statistics
 import subprocess
 import sys
@@ -85,9 +86,9 @@ class Model:
         return Text(REPLY, deltas=PIECES, delay=delay, first_delay=self.think_s)
 
 
-def fake_model(model: Model) -> Any:
-    """The project's fake OpenAI server answering as ``model``, noting when it writes each
-    run's first text delta (by the run's token, found in the request)."""
+def fake_model(model: Model, *, tls: ssl.SSLContext | None = None) -> Any:
+    """The project's fake OpenAI server answering as ``model`` (over HTTPS with ``tls``),
+    noting when it writes each run's first text delta (by the run's token, in the request)."""
     from tests.fakes import openai_server
 
     class TimedHandler(openai_server._Handler):
@@ -105,7 +106,7 @@ def fake_model(model: Model) -> Any:
                 self.server.fake.first_delta[self.token] = time.time()
             super()._write_chunk(data)
 
-    fake = openai_server.FakeOpenAI()
+    fake = openai_server.FakeOpenAI(tls=tls)
     fake.model = model
     fake.first_delta = {}
     fake._server.RequestHandlerClass = TimedHandler
@@ -384,6 +385,7 @@ class Phase:
     sample: Sample
     cpu_s: float
     floor_s: float  # the model's time alone: waves of its reply time
+    model_connections: int = 0  # connections the workers opened to the model server
 
 
 def run_phase(
@@ -404,6 +406,7 @@ def run_phase(
     fake.reply(fake.model.reply(), repeat=runs * repeat)
     combined, walls = Result(), []
     cpu_before = sum(cpu_seconds(process.pid) for process in processes)
+    connections_before = fake.connections_opened
     with sampler.measuring() as sample:
         for _ in range(repeat):
             batch = submit(name, conversations, per_conversation, user=user)
@@ -429,6 +432,7 @@ def run_phase(
         sample,
         cpu_s / repeat,
         waves * fake.model.reply_s,
+        fake.connections_opened - connections_before,
     )
 
 
@@ -485,7 +489,6 @@ def floor_process(runs: int) -> list[dict[str, Any]]:
     """Each of ``FLOOR_VARIANTS``: its runs of the ``stream`` agent at once (after one
     untimed), their events drained like a worker's; wall time, first deltas, CPU."""
     import asyncio
-    import ssl
 
     import django
 
@@ -626,6 +629,7 @@ def rows_of(phases: list[Phase], pool: int) -> dict[str, list[dict[str, Any]]]:
                 "pool_limit": pool * phase.processes,
                 "rss_mb": phase.sample.rss_mb,
                 "cpu_ms_per_run": phase.cpu_s * 1000 / runs,
+                "model_connections_per_run": phase.model_connections / max(result.runs, 1),
             }
         )
     return {"wall": wall, "delta": delta, "resources": resources}
@@ -662,6 +666,7 @@ RESOURCE_COLUMNS = [
     ("pool_limit", "pool size x processes"),
     ("rss_mb", "worker RSS max MB"),
     ("cpu_ms_per_run", "worker CPU ms/run"),
+    ("model_connections_per_run", "connections to the model / run"),
 ]
 
 
@@ -745,6 +750,26 @@ def report_of(
     }
 
 
+def server_tls(logdir: Path) -> ssl.SSLContext:
+    """A TLS context for the fake model with a certificate for 127.0.0.1 made for this run (by
+    ``openssl``), which the processes started from here trust (``SSL_CERT_FILE``) and
+    nothing else does."""
+    cert, key = logdir / "model-cert.pem", logdir / "model-key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
+            *("-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    os.environ["SSL_CERT_FILE"] = str(cert)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 def measure(args: argparse.Namespace, *, logdir: Path) -> dict[str, Any]:
     from django.db import connection
 
@@ -755,7 +780,7 @@ def measure(args: argparse.Namespace, *, logdir: Path) -> dict[str, Any]:
     database = dict(connection.settings_dict)
     phases = []
     model = Model(think_s=args.think_seconds, reply_s=args.reply_seconds)
-    with fake_model(model) as fake:
+    with fake_model(model, tls=server_tls(logdir) if args.tls else None) as fake:
         with worker_pool(
             1, slots=args.slots, model_url=fake.url, database=database, logdir=logdir
         ) as (processes, sampler):
@@ -830,6 +855,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     options.add_argument("--think-seconds", type=float, default=THINK_SECONDS)
     options.add_argument(
         "--no-floor", dest="floor", action="store_false", help="skip the SDK-alone floor"
+    )
+    options.add_argument(
+        "--tls", action="store_true", help="the fake model serves HTTPS (as providers do)"
     )
     options.add_argument("--json", dest="json_path", help="also write the report as JSON here")
     # The floor's own process (see ``floor``).
