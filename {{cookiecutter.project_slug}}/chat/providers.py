@@ -131,10 +131,20 @@ def _http_client_class() -> type:
     trip or two to the provider each. A run with an event loop of its own (the immediate
     backend, a test) opens a connection per request and keeps none: its loop ends with it,
     and a connection kept open would outlive it."""
+    from http.cookiejar import CookieJar, DefaultCookiePolicy
+
     import httpx2
     from openai import DefaultAsyncHttpxClient
 
     from agentic_django import eventloop
+
+    # The openai client's own limits (1,000 connections, 100 kept open), as one client for the
+    # whole process would have them, but an idle connection is given up after 4 s: servers
+    # behind uvicorn (vLLM, LiteLLM, most FastAPI gateways) close one after 5 s, and a request
+    # sent on a connection the server is closing fails (OPENAI_MAX_RETRIES sends it again).
+    kept_limits = httpx2.Limits(
+        max_connections=1000, max_keepalive_connections=100, keepalive_expiry=4.0
+    )
 
     class LoopSharedClient(DefaultAsyncHttpxClient):
         def __init__(self, **kwargs: Any) -> None:
@@ -148,12 +158,22 @@ def _http_client_class() -> type:
             )
             if kept is None:
                 return await super().send(request, **kwargs)
-            return await kept.send(request, **kwargs)
+            response = await kept.send(request, **kwargs)
+            # Cookies stay with the run that got them, as in a client of its own: the shared
+            # client keeps none (its jar stores nothing), so no run sends another's.
+            for answer in (*response.history, response):
+                self.cookies.extract_cookies(answer)
+            return response
 
         def _kept_alive_client(self) -> Any:
-            # The openai client's own limits (1,000 connections, 100 kept open), as one
-            # client for the whole process would have them; each request brings its timeout.
-            return DefaultAsyncHttpxClient(**self._options)
+            # Each request brings its own timeout (the openai client sets it).
+            return DefaultAsyncHttpxClient(
+                limits=kept_limits, cookies=CookieJar(policy=_StoreNoCookie()), **self._options
+            )
+
+    class _StoreNoCookie(DefaultCookiePolicy):
+        def set_ok(self, cookie: Any, request: Any) -> bool:
+            return False
 
     return LoopSharedClient
 

@@ -99,7 +99,12 @@ class Drop(Stall):
     the middle of the response (the provider or a proxy between went away)."""
 
 
-Reply = Text | ToolCall | Failure | Hang  # a Stall (and a Drop) is a Text
+@dataclass(frozen=True)
+class Redirect:
+    """A 307 to the same path (the client sends the request again there)."""
+
+
+Reply = Text | ToolCall | Failure | Hang | Redirect  # a Stall (and a Drop) is a Text
 
 
 @dataclass(frozen=True)
@@ -432,6 +437,12 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server.fake
         if reply is None:
             self._send_json(500, error_body("No scripted reply left.", "server_error"))
+        elif isinstance(reply, Redirect):
+            self.send_response(307)
+            self.send_header("Location", self.path.split("?")[0] + "?redirected=1")
+            self.send_header("Content-Length", "0")
+            self._send_cookie()
+            self.end_headers()
         elif isinstance(reply, Failure):
             headers = {"x-request-id": _id("req")}
             if reply.retry_after_ms is not None:
@@ -456,8 +467,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        self._send_cookie()
         self.end_headers()
         self.wfile.write(data)
+
+    def _send_cookie(self) -> None:
+        if self.server.fake.set_cookie:
+            self.send_header("Set-Cookie", self.server.fake.set_cookie)
 
     def _stream(self, frames: Iterator[_Frame], reply: Text | ToolCall) -> None:
         self.send_response(200)
@@ -465,6 +481,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("x-request-id", _id("req"))
+        self._send_cookie()
         self.end_headers()
         deltas = 0
         delay = reply.delay if isinstance(reply, Text) else 0.0
@@ -520,6 +537,8 @@ class FakeOpenAI:
         # Close each connection once its response is sent, without saying so in the response
         # (as a server whose idle timeout is shorter than the client's may do).
         self.close_after_each_response = False
+        # A Set-Cookie header for every response while set (a gateway's affinity cookie).
+        self.set_cookie: str | None = None
         self._released = threading.Event()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self

@@ -16,7 +16,7 @@ from agentic_django.models import AgentRun
 from agentic_django.presentation import run_view
 from agentic_django.serializers import run_to_dict
 from agentic_django.services import create_run
-from tests.fakes.openai_server import Drop, Failure, Hang, Stall, Text, ToolCall
+from tests.fakes.openai_server import Drop, Failure, Hang, Redirect, Stall, Text, ToolCall
 
 # Transactional: runs are enqueued on commit, and the immediate backend runs them then.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -135,6 +135,21 @@ def test_a_connection_the_provider_closed_while_idle_is_not_reused(provider, use
 
     assert run.status == AgentRun.Status.COMPLETED, run.error
     assert provider.connections_opened == 2
+
+
+def test_a_cookie_the_provider_sets_stays_with_its_run(provider, user, worker_loop):
+    # A gateway's affinity cookie goes back with the run's next call, as from a client of its
+    # own, and never with another run's request (not even one the provider redirects).
+    provider.set_cookie = "affinity=run-a; Path=/"
+    provider.reply(ToolCall("calculate", {"expression": "6 * 7"}), Text("It is 42."))
+    assert run_agent(user, "6 * 7?", agent_key="toolsmith").status == AgentRun.Status.COMPLETED
+    provider.set_cookie = None
+    provider.reply(Redirect(), Text("second"))
+    assert run_agent(user, "two").status == AgentRun.Status.COMPLETED
+
+    sent = [request.headers.get("cookie") for request in provider.requests]
+    assert sent == [None, "affinity=run-a", None, None]
+    assert provider.connections_opened == 1
 
 
 def test_streamed_deltas_reach_the_final_output(provider, user):
