@@ -24,6 +24,8 @@ What the shared loop changes, and how it is kept as it was:
   run blocks it and where, and gives the runs that start from then on a new loop. The runs
   on the stuck loop stay where they are (their lease keepers renew their leases from their
   own threads): they go on when the loop does, or end at their run timeout at the latest.
+  Once it goes on and they are done, the stuck loop ends: what its runs shared (their kept
+  connections to the model, ``resource``) is closed and its thread ends.
   Giving them up to be retried elsewhere would cost each an attempt, and a sync tool call
   still running in its thread would be asked about as if its worker had died.
 """
@@ -64,6 +66,8 @@ class SharedLoop:
         # The runs handed to this loop and not returned yet (see ``run``).
         self.owners: set[Hashable] = set()
         self.owners_lock = threading.Lock()
+        # Set (under ``owners_lock``) once the loop ends: no run is handed to it from then on.
+        self.ended = False
         # What the runs on this loop share (``resource``), touched from the loop's thread only.
         self.resources: dict[Hashable, Any] = {}
         self.closers: list[Callable[[], Coroutine[Any, Any, Any]]] = []
@@ -79,6 +83,11 @@ class SharedLoop:
 
     def end(self) -> None:
         """Close what its runs shared (``resource``), then stop the loop."""
+        with self.owners_lock:
+            self.ended = True
+        self._close_and_stop()
+
+    def _close_and_stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self._close_resources(), self.loop).add_done_callback(
             lambda _: self.loop.call_soon_threadsafe(self.loop.stop)
         )
@@ -89,6 +98,15 @@ class SharedLoop:
                 await close()
             except Exception:
                 logger.exception("agentic_django: closing a shared loop's resource failed")
+
+    def end_when_idle(self) -> bool:
+        """End the loop if no run is on it (one that replaced it takes the new runs)."""
+        with self.owners_lock:
+            if self.owners or self.ended:
+                return False
+            self.ended = True
+        self._close_and_stop()
+        return True
 
     def answers(self, timeout: float) -> bool:
         """Whether the loop runs a callback within ``timeout`` seconds."""
@@ -176,7 +194,26 @@ def _watch(loop: SharedLoop) -> None:
         if loop.answers(STALL_SECONDS):
             pause.wait(WATCH_SECONDS)
         else:
-            loop = _replace(loop) or loop
+            fresh = _replace(loop)
+            if fresh is not None:
+                threading.Thread(
+                    target=_retire, args=(loop,), name="agentic-django-loop-retire", daemon=True
+                ).start()
+                loop = fresh
+
+
+def _retire(stuck: SharedLoop) -> None:
+    """End a replaced loop once it goes on and its runs are done: what they shared (their
+    connections to the model) is closed, and its thread ends."""
+    pause = threading.Event()
+    while not stuck.ended:
+        if stuck.answers(STALL_SECONDS) and stuck.end_when_idle():
+            logger.warning(
+                "agentic_django: the event loop that was stuck went on and its runs are done; "
+                "it ended (new runs stay on the loop that replaced it)."
+            )
+            return
+        pause.wait(WATCH_SECONDS)
 
 
 def _replace(stuck: SharedLoop) -> SharedLoop | None:
@@ -210,7 +247,7 @@ def run[R](fn: Callable[..., Coroutine[Any, Any, R]], *args: Any, owner: Hashabl
     ``sync_to_async`` steps meanwhile -- the engine's and a tool's alike -- and here it gives
     its database connection back to the pool after each one: a run holds a pooled connection
     only while a step of it uses one, never while it waits on its model."""
-    loop = _current
+    loop = _joined(owner)
     if loop is None:
         return async_to_sync(fn)(*args)
     local = SyncToAsync.threadlocal
@@ -219,8 +256,6 @@ def run[R](fn: Callable[..., Coroutine[Any, Any, R]], *args: Any, owner: Hashabl
     local.main_event_loop = loop.loop
     local.main_event_loop_pid = os.getpid()
     local.task_context = None
-    with loop.owners_lock:
-        loop.owners.add(owner)
     try:
         return AsyncToSync(_owned)(owner, fn, *args)
     finally:
@@ -231,6 +266,19 @@ def run[R](fn: Callable[..., Coroutine[Any, Any, R]], *args: Any, owner: Hashabl
 
 
 _THREADLOCALS = ("main_event_loop", "main_event_loop_pid", "task_context")
+
+
+def _joined(owner: Hashable) -> SharedLoop | None:
+    """The shared loop ``owner`` now runs on (None: there is none), never one that ended: a
+    run that read a loop just as it was replaced and then ended goes to the new one."""
+    while True:
+        loop = _current
+        if loop is None:
+            return None
+        with loop.owners_lock:
+            if not loop.ended:
+                loop.owners.add(owner)
+                return loop
 
 
 class _Releasing(concurrent.futures.Executor):

@@ -469,7 +469,7 @@ def test_runs_sharing_a_worker_event_loop_outlive_one_that_blocks_it(user, tmp_p
     """A worker's runs share one event loop. A run whose async tool blocks it (a sync wait)
     holds the runs on it until it goes on, each in its first attempt; runs that start once the
     loop is found stuck run on a new one meanwhile. A task a run leaves behind is cancelled
-    when the run ends."""
+    when the run ends. Once the stuck loop goes on and its runs are done, it ends."""
     hold = tmp_path / "hold"
     hold.touch()
     worker = start_worker(tmp_path, "worker")
@@ -492,6 +492,8 @@ def test_runs_sharing_a_worker_event_loop_outlive_one_that_blocks_it(user, tmp_p
         assert statuses([*waiting, blocker]) == ["running"] * 3
         (tmp_path / "release").touch()
         wait_for(lambda: statuses([*waiting, blocker]) == ["completed"] * 3, "the stuck loop")
+        # Its runs done, the stuck loop ends (closing what they shared, such as connections).
+        wait_for(lambda: "that was stuck went on" in log.read_text(), "the stuck loop to end")
         assert worker.poll() is None
     finally:
         stop(worker)
