@@ -95,6 +95,7 @@ PROVIDERS = "chat/providers.py"
 KEPT = "tests/providers/test_openai_compatible.py::"
 KEPT_REUSED = KEPT + "test_a_workers_runs_reuse_their_connections_to_the_provider"
 KEPT_PER_LOOP = KEPT + "test_a_loop_that_replaces_another_opens_connections_of_its_own"
+KEPT_COOKIES = KEPT + "test_a_cookie_the_provider_sets_stays_with_its_run"
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,41 @@ MUTANTS = (
         "a shared loop that ends leaves its kept connections open",
         (KEPT_PER_LOOP,),
         backends=IN_PROCESS,
+    ),
+    Mutant(
+        "kept_client_stores_cookies",
+        PROVIDERS,
+        "cookies=CookieJar(policy=_StoreNoCookie()), ",
+        "",
+        "the worker's shared client keeps the cookies every run got: a redirected request of "
+        "one run carries another's",
+        (KEPT_COOKIES,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "run_cookies_dropped",
+        PROVIDERS,
+        "                self.cookies.extract_cookies(answer)",
+        "                pass",
+        "a run's next model call no longer sends back the cookie its last one got",
+        (KEPT_COOKIES,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "stuck_loop_never_ended",
+        EVENTLOOP,
+        "        if stuck.answers(STALL_SECONDS) and stuck.end_when_idle():",
+        "        if False:",
+        "a loop that was replaced keeps its thread and its kept connections for good",
+        (SHARED_LOOP,),
+    ),
+    Mutant(
+        "stuck_loop_ended_with_runs_on_it",
+        EVENTLOOP,
+        "            if self.owners or self.ended:",
+        "            if self.ended:",
+        "a replaced loop is ended as soon as it answers, with its runs still on it",
+        (SHARED_LOOP,),
     ),
     # --- The worker's shared event loop (eventloop.py) ----------------------------------------
     Mutant(
