@@ -79,13 +79,12 @@ class SharedLoop:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def end(self) -> None:
-        """Close what its runs shared (``resource``), then stop the loop."""
-        with self.owners_lock:
-            self.ended = True
-        self._close_and_stop()
+        try:
+            self.loop.run_forever()
+        finally:
+            if self.ended:  # nothing is handed to it any more: its thread and loop go
+                _loops.pop(self.loop, None)
+                self.loop.close()
 
     def _close_and_stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self._close_resources(), self.loop).add_done_callback(
@@ -100,7 +99,8 @@ class SharedLoop:
                 logger.exception("agentic_django: closing a shared loop's resource failed")
 
     def end_when_idle(self) -> bool:
-        """End the loop if no run is on it (one that replaced it takes the new runs)."""
+        """End the loop if no run is on it (it is not the current one any more): close what
+        its runs shared (``resource``), then stop and close it."""
         with self.owners_lock:
             if self.owners or self.ended:
                 return False
@@ -155,11 +155,11 @@ def unshare() -> None:
     with _lock:
         loop, _current = _current, None
     if loop is not None:
-        loop.end()
+        _end_when_done(loop)
 
 
 def is_shared(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether ``loop`` is (or was) a shared loop of this process."""
+    """Whether ``loop`` is a shared loop of this process (one that ended is closed)."""
     return loop in _loops
 
 
@@ -196,22 +196,30 @@ def _watch(loop: SharedLoop) -> None:
         else:
             fresh = _replace(loop)
             if fresh is not None:
-                threading.Thread(
-                    target=_retire, args=(loop,), name="agentic-django-loop-retire", daemon=True
-                ).start()
+                _end_when_done(loop, stuck=True)
                 loop = fresh
 
 
-def _retire(stuck: SharedLoop) -> None:
-    """End a replaced loop once it goes on and its runs are done: what they shared (their
-    connections to the model) is closed, and its thread ends."""
+def _end_when_done(loop: SharedLoop, *, stuck: bool = False) -> None:
+    """End a loop that is not the current one any more once it answers and its runs are
+    done (at once if it can): what they shared (their connections to the model) is closed,
+    and its thread ends."""
+    if not stuck and loop.end_when_idle():
+        return
+    threading.Thread(
+        target=_retire, args=(loop, stuck), name="agentic-django-loop-retire", daemon=True
+    ).start()
+
+
+def _retire(loop: SharedLoop, stuck: bool) -> None:
     pause = threading.Event()
-    while not stuck.ended:
-        if stuck.answers(STALL_SECONDS) and stuck.end_when_idle():
-            logger.warning(
-                "agentic_django: the event loop that was stuck went on and its runs are done; "
-                "it ended (new runs stay on the loop that replaced it)."
-            )
+    while not loop.ended:
+        if loop.answers(STALL_SECONDS) and loop.end_when_idle():
+            if stuck:
+                logger.warning(
+                    "agentic_django: the event loop that was stuck went on and its runs are "
+                    "done; it ended (new runs stay on the loop that replaced it)."
+                )
             return
         pause.wait(WATCH_SECONDS)
 

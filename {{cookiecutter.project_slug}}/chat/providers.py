@@ -128,11 +128,10 @@ def _http_client_class() -> type:
     """The HTTP client of `build_client()`: its requests go through connections kept open
     for every run of a worker's event loop (``agentic_django.eventloop``), so a model call
     reuses one an earlier call opened instead of paying a new TCP and TLS handshake, a round
-    trip or two to the provider each. A run with an event loop of its own (the immediate
-    backend, a test) opens a connection per request and keeps none: its loop ends with it,
-    and a connection kept open would outlive it."""
-    from http.cookiejar import CookieJar, DefaultCookiePolicy
-
+    trip or two to the provider each. Only the connections are shared: cookies, redirects and
+    proxies stay the run's own client's, as before. A run with an event loop of its own (the
+    immediate backend, a test) opens a connection per request and keeps none: its loop ends
+    with it, and a connection kept open would outlive it."""
     import httpx2
     from openai import DefaultAsyncHttpxClient
 
@@ -146,44 +145,41 @@ def _http_client_class() -> type:
         max_connections=1000, max_keepalive_connections=100, keepalive_expiry=4.0
     )
 
+    class LoopSharedTransport(httpx2.AsyncBaseTransport):
+        """The connections of the running shared loop, else the run client's own."""
+
+        def __init__(self, own: Any, verify: Any) -> None:
+            self.own = own
+            self.verify = verify
+
+        async def handle_async_request(self, request: Any) -> Any:
+            kept = eventloop.resource(KEPT_CONNECTIONS, self._kept, _close_kept)
+            return await (kept or self.own).handle_async_request(request)
+
+        def _kept(self) -> Any:
+            return httpx2.AsyncHTTPTransport(verify=self.verify, limits=kept_limits)
+
+        async def aclose(self) -> None:
+            await self.own.aclose()
+
     class LoopSharedClient(DefaultAsyncHttpxClient):
-        def __init__(self, **kwargs: Any) -> None:
-            # Used alone only outside a shared loop: no connection outlives its request.
-            super().__init__(limits=httpx2.Limits(max_keepalive_connections=0), **kwargs)
-            self._options = kwargs
-
-        async def send(self, request: Any, **kwargs: Any) -> Any:
-            kept = eventloop.resource(
-                KEPT_CONNECTIONS, self._kept_alive_client, _close_kept_alive_client
-            )
-            if kept is None:
-                return await super().send(request, **kwargs)
-            response = await kept.send(request, **kwargs)
-            # Cookies stay with the run that got them, as in a client of its own: the shared
-            # client keeps none (its jar stores nothing), so no run sends another's.
-            for answer in (*response.history, response):
-                self.cookies.extract_cookies(answer)
-            return response
-
-        def _kept_alive_client(self) -> Any:
-            # Each request brings its own timeout (the openai client sets it).
-            return DefaultAsyncHttpxClient(
-                limits=kept_limits, cookies=CookieJar(policy=_StoreNoCookie()), **self._options
-            )
-
-    class _StoreNoCookie(DefaultCookiePolicy):
-        def set_ok(self, cookie: Any, request: Any) -> bool:
-            return False
+        def __init__(self, *, verify: Any, **kwargs: Any) -> None:
+            # Its own connections (used outside a shared loop) are never kept.
+            no_keepalive = httpx2.Limits(max_keepalive_connections=0)
+            super().__init__(limits=no_keepalive, verify=verify, **kwargs)
+            # A proxy from the environment (HTTPS_PROXY) is a mount of its own and keeps
+            # working through it, one connection per request.
+            self._transport = LoopSharedTransport(self._transport, verify)
 
     return LoopSharedClient
 
 
-# The shared loop's resource key of the kept-alive HTTP client (``_http_client_class``).
+# The shared loop's resource key of the kept connections (``_http_client_class``).
 KEPT_CONNECTIONS = "chat.providers.kept_connections"
 
 
-async def _close_kept_alive_client(client: Any) -> None:
-    await client.aclose()
+async def _close_kept(transport: Any) -> None:
+    await transport.aclose()
 
 
 def model_settings() -> ModelSettings:

@@ -139,16 +139,16 @@ def test_a_connection_the_provider_closed_while_idle_is_not_reused(provider, use
 
 def test_a_cookie_the_provider_sets_stays_with_its_run(provider, user, worker_loop):
     # A gateway's affinity cookie goes back with the run's next call, as from a client of its
-    # own, and never with another run's request (not even one the provider redirects).
+    # own, and never with another run's request; a redirect carries the cookie it set.
     provider.set_cookie = "affinity=run-a; Path=/"
     provider.reply(ToolCall("calculate", {"expression": "6 * 7"}), Text("It is 42."))
     assert run_agent(user, "6 * 7?", agent_key="toolsmith").status == AgentRun.Status.COMPLETED
-    provider.set_cookie = None
+    provider.set_cookie = "gate=run-b; Path=/"
     provider.reply(Redirect(), Text("second"))
     assert run_agent(user, "two").status == AgentRun.Status.COMPLETED
 
     sent = [request.headers.get("cookie") for request in provider.requests]
-    assert sent == [None, "affinity=run-a", None, None]
+    assert sent == [None, "affinity=run-a", None, "gate=run-b"]
     assert provider.connections_opened == 1
 
 
