@@ -95,7 +95,6 @@ PROVIDERS = "chat/providers.py"
 KEPT = "tests/providers/test_openai_compatible.py::"
 KEPT_REUSED = KEPT + "test_a_workers_runs_reuse_their_connections_to_the_provider"
 KEPT_PER_LOOP = KEPT + "test_a_loop_that_replaces_another_opens_connections_of_its_own"
-KEPT_COOKIES = KEPT + "test_a_cookie_the_provider_sets_stays_with_its_run"
 
 
 @dataclass(frozen=True)
@@ -131,8 +130,8 @@ MUTANTS = (
     Mutant(
         "provider_connections_never_kept",
         PROVIDERS,
-        "            if kept is None:",
-        "            if True:",
+        "            return await (kept or self.own).handle_async_request(request)",
+        "            return await self.own.handle_async_request(request)",
         "a worker's runs open a new connection (TCP and TLS handshakes) for every model call",
         (KEPT_REUSED,),
         backends=IN_PROCESS,
@@ -158,28 +157,9 @@ MUTANTS = (
         backends=IN_PROCESS,
     ),
     Mutant(
-        "kept_client_stores_cookies",
-        PROVIDERS,
-        "cookies=CookieJar(policy=_StoreNoCookie()), ",
-        "",
-        "the worker's shared client keeps the cookies every run got: a redirected request of "
-        "one run carries another's",
-        (KEPT_COOKIES,),
-        backends=IN_PROCESS,
-    ),
-    Mutant(
-        "run_cookies_dropped",
-        PROVIDERS,
-        "                self.cookies.extract_cookies(answer)",
-        "                pass",
-        "a run's next model call no longer sends back the cookie its last one got",
-        (KEPT_COOKIES,),
-        backends=IN_PROCESS,
-    ),
-    Mutant(
         "stuck_loop_never_ended",
         EVENTLOOP,
-        "        if stuck.answers(STALL_SECONDS) and stuck.end_when_idle():",
+        "        if loop.answers(STALL_SECONDS) and loop.end_when_idle():",
         "        if False:",
         "a loop that was replaced keeps its thread and its kept connections for good",
         (SHARED_LOOP,),
