@@ -527,12 +527,15 @@ def test_a_timeout_ends_a_run_stuck_in_a_sync_tool_at_once(user, settings):
 
 
 def test_a_timeout_ends_a_run_whose_event_loop_is_blocked(user, settings):
-    settings.AGENTIC_DJANGO_RUN_TIMEOUT = 1
-    release = threading.Event()
+    # Long enough for the run to reach its tool on a busy machine: a run that times out before
+    # its loop is blocked ends by its own timeout, not the keeper's.
+    settings.AGENTIC_DJANGO_RUN_TIMEOUT = 3
+    release, blocking = threading.Event(), threading.Event()
 
     @function_tool
     async def blocks_the_loop() -> str:
         """An async tool that blocks its event loop (a bug in a tool)."""
+        blocking.set()
         release.wait(PATIENCE * 3)  # past the test's own waits
         return "too late"
 
@@ -545,8 +548,9 @@ def test_a_timeout_ends_a_run_whose_event_loop_is_blocked(user, settings):
     slots.start(enqueue_agent_run, str(run.pk))
     try:
         wait_for(lambda: AgentRun.objects.get(pk=run.pk).is_terminal, "the lease keeper")
+        assert blocking.is_set(), "the run timed out before its tool blocked the loop"
         run.refresh_from_db()
-        assert (run.status, run.error) == ("failed", timeout_message(1))
+        assert (run.status, run.error) == ("failed", timeout_message(3))
         assert "event loop" in run.error_detail
         # Its slot is free, though its thread is still blocked: the worker takes more tasks.
         assert slots.acquire(PATIENCE)
