@@ -20,6 +20,7 @@ from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
+from agentic_django import lifecycle
 from agentic_django.exceptions import (
     ApprovalAlreadyDecided,
     ApprovalExpired,
@@ -162,8 +163,18 @@ class ApprovalInline(ReadOnlyInline):
     verbose_name_plural = f"tool calls awaiting a decision (latest {INLINE_LIMIT})"
 
 
+class LockedDelete:
+    """Deletes lock what they delete first, so a run writing meanwhile cannot fail them."""
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        lifecycle.lock_and_delete(type(obj).objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        lifecycle.lock_and_delete(queryset)
+
+
 @admin.register(AgentSession)
-class AgentSessionAdmin(admin.ModelAdmin):
+class AgentSessionAdmin(LockedDelete, admin.ModelAdmin):
     list_display = ("session_key", "owner", "created_at", "updated_at")
     list_filter = ("created_at", "updated_at")
     search_fields = ("session_key", "owner__username", "owner__email")
@@ -210,7 +221,7 @@ class DurationFilter(admin.SimpleListFilter):
 
 
 @admin.register(AgentRun)
-class AgentRunAdmin(admin.ModelAdmin):
+class AgentRunAdmin(LockedDelete, admin.ModelAdmin):
     list_display = (
         "id",
         "agent_key",

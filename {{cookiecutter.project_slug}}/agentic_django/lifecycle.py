@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.db.models import (
     Exists,
     ExpressionWrapper,
@@ -1059,6 +1059,52 @@ def _expire(overdue: QuerySet[AgentRun], run_id: Any) -> bool:
             decision=AgentApproval.Decision.EXPIRED, decided_at=Now()
         )
     return bool(failed)
+
+
+# --- Deleting runs and conversations --------------------------------------------------------
+
+# Tries of a delete that a writer locking the other way round (recovery: conversation, then
+# run) chose as a deadlock's victim.
+DELETE_TRIES = 3
+
+
+def lock_and_delete(queryset: QuerySet[Any]) -> tuple[int, dict[str, int]]:
+    """Delete runs or conversations (a queryset of either) with all that is theirs, also
+    while their runs are writing; what ``QuerySet.delete`` returns.
+
+    Django gathers the rows to delete and deletes a table at a time: an event, history item
+    or usage record a running run commits in between points at a run or conversation about to
+    go, and the delete fails on its foreign key at commit. So the runs, then the
+    conversations, then runs created meanwhile are locked first (``FOR UPDATE``): a write
+    that points at them waits, then finds them gone and is refused as a lost claim's. SQLite
+    takes its write lock when the transaction begins (``IMMEDIATE``), which does the same.
+    """
+    model = queryset.model
+    if model not in (AgentRun, AgentSession):
+        raise TypeError(f"lock_and_delete deletes runs or conversations, not {model.__name__}")
+    pks = list(queryset.values_list("pk", flat=True))
+    rows = model.objects.filter(pk__in=pks)
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            with transaction.atomic():
+                if model is AgentRun:
+                    _lock(rows)
+                else:
+                    runs = AgentRun.objects.filter(session_id__in=pks)
+                    _lock(runs)
+                    _lock(rows)
+                    _lock(runs)  # a run created before its conversation was locked
+                return rows.delete()
+        except OperationalError as exc:
+            if tries == DELETE_TRIES or getattr(exc.__cause__, "sqlstate", None) != "40P01":
+                raise
+            logger.info("agentic_django: a delete met a run's writer in a deadlock; retrying")
+
+
+def _lock(queryset: QuerySet[Any]) -> None:
+    list(queryset.order_by("pk").select_for_update(of=("self",)).values_list("pk", flat=True))
 
 
 # --- Helpers ---------------------------------------------------------------------------------

@@ -150,10 +150,12 @@ def queued_results() -> list[Any]:
 
 
 def lock_waiters() -> int:
-    """Connections of this database waiting for a lock (PostgreSQL)."""
+    """Connections of this database waiting for a lock (PostgreSQL), now: also from inside a
+    transaction, which would otherwise see the activity it first read, for as long as it lasts."""
     from django.db import connection
 
     with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
         cursor.execute(
             "SELECT count(*) FROM pg_stat_activity"
             " WHERE wait_event_type = 'Lock' AND datname = current_database()"

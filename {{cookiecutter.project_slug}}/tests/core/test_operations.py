@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import re
+import threading
 from datetime import timedelta
 from decimal import Decimal
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
 
+from agentic_django import lifecycle
+from agentic_django.events import EventRecorder
 from agentic_django.models import (
     AgentEvent,
     AgentRun,
@@ -20,6 +24,11 @@ from agentic_django.models import (
     AgentSpan,
     AgentUsage,
 )
+from agentic_django.services import create_run
+from agentic_django.sessions import SessionWriteRejected, session_for_run
+from tests.core.conftest import call, register, running_elsewhere, text, worker_died
+from tests.core.faults import database_faults, lock_waiters
+from tests.waiting import PATIENCE, in_thread, wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -195,3 +204,161 @@ def test_admin_cancel_action(admin_client_logged_in, user):
     done.refresh_from_db()
     assert pending.status == "cancelled"
     assert done.status == "completed"
+
+
+# --- Deleting what a run is writing ---------------------------------------------------------------
+
+# Django's collector deletes (or unlinks) a run's events and history first, then the runs: a
+# row a run writes in between points at a run about to go.
+RUN_DELETE = r'^DELETE FROM "agentic_django_agentrun" WHERE'
+SESSION_LOCK = r'^SELECT .* FROM "agentic_django_agentsession" WHERE .* FOR UPDATE'
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("deleted", "write", "how"),
+    [
+        ("conversation", "event", "page"),
+        ("conversation", "history", "page"),
+        ("conversation", "event", "action, run started meanwhile"),
+        ("run", "event", "page"),
+        ("run", "history", "action"),
+    ],
+)
+def test_the_admin_deletes_what_a_running_run_is_writing_to(
+    admin_client_logged_in, user, deleted, write, how
+):
+    """A run writes an event or a history item after the admin's delete dealt with that table
+    and before it deletes the run: the delete still succeeds (it locks the runs and the
+    conversation first, so what a run writes is either deleted with them or refused), and the
+    run's write is refused as a lost claim's. Also for a run started while the delete began."""
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    runs: list[AgentRun] = []
+    written: list[object] = []
+
+    def start_run() -> None:
+        runs.append(running_elsewhere(session))
+        AgentSessionItem.objects.create(session=session, run=runs[0], sequence=1, payload={})
+
+    def run_writes() -> None:
+        if write == "event":
+            written.append(EventRecorder(runs[0]).record("message_output", {"text": "late"}))
+            return
+        try:
+            session_for_run(runs[0]).add_items_sync([{"role": "assistant", "content": "late"}])
+            written.append("item")
+        except SessionWriteRejected:
+            written.append(None)
+        except Exception as exc:
+            written.append(exc)
+
+    writer: list[threading.Thread] = []
+
+    def meanwhile() -> None:
+        """Just before the delete: the run writes (or waits for the delete, if it must)."""
+        writer.append(in_thread(run_writes))
+        wait_for(lambda: written or lock_waiters() > 0, "the run's write to end or wait")
+
+    with database_faults() as faults:
+        deleting = threading.current_thread()
+        if "meanwhile" in how:
+            # Its conversation is not locked yet: the run commits before the delete gathers.
+            faults.before(SESSION_LOCK, lambda: in_thread(start_run).join(), thread=deleting)
+        else:
+            start_run()
+        faults.before(RUN_DELETE, meanwhile, thread=deleting)
+        model = "agentrun" if deleted == "run" else "agentsession"
+        pk = session.pk if deleted == "conversation" else runs[0].pk
+        if how == "page":
+            url, data = reverse(f"admin:agentic_django_{model}_delete", args=[pk]), {"post": "yes"}
+        else:
+            url = reverse(f"admin:agentic_django_{model}_changelist")
+            data = {"action": "delete_selected", "_selected_action": [pk], "post": "yes"}
+        response = admin_client_logged_in.post(url, data)
+    assert response.status_code == 302
+    writer[0].join(PATIENCE)
+    run = runs[0]
+    assert not AgentRun.objects.filter(pk=run.pk).exists()
+    assert not AgentEvent.objects.filter(run_id=run.pk).exists()
+    if deleted == "conversation":
+        assert not AgentSession.objects.filter(pk=session.pk).exists()
+        assert not AgentSessionItem.objects.filter(session_id=session.pk).exists()
+    else:
+        assert not AgentSessionItem.objects.filter(run_id=run.pk).exists()
+    if (deleted, write) == ("conversation", "history"):
+        assert isinstance(written[0], AgentSession.DoesNotExist)  # as the run's worker is told
+    else:
+        assert written == [None]  # dropped, as a lost claim's
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_delete_that_deadlocks_with_recovery_tries_again(admin_client_logged_in, user):
+    """Recovery locks a conversation, then its run; a delete locks the runs, then the
+    conversation. When they meet, PostgreSQL ends one of them: the delete, here (the recovery's
+    connection waits longer before it looks for deadlocks), which then tries again."""
+    session = AgentSession.objects.create(owner=user, session_key="k")
+    run = running_elsewhere(session)
+    worker_died(run)
+    recovered: list[bool] = []
+
+    def recover() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SET deadlock_timeout = '60s'")
+        recovered.append(lifecycle.requeue(run, stale_only=True))
+
+    def meanwhile() -> None:
+        """The delete holds the run: recovery takes the conversation and waits for the run."""
+        in_thread(recover)
+        wait_for(lambda: lock_waiters() > 0, "recovery to wait for the run")
+
+    with database_faults() as faults:
+        faults.before(SESSION_LOCK, meanwhile, thread=threading.current_thread())
+        response = admin_client_logged_in.post(
+            reverse("admin:agentic_django_agentsession_delete", args=[session.pk]), {"post": "yes"}
+        )
+    assert response.status_code == 302
+    assert recovered == [True]  # the deadlock's survivor went on
+    assert not AgentSession.objects.filter(pk=session.pk).exists()
+    assert not AgentRun.objects.filter(pk=run.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_whose_conversation_is_deleted_while_it_runs_stops_cleanly(user):
+    """Its writes are refused, its worker comes back without an error and runs the next run."""
+    from agents import function_tool
+
+    in_tool, release = threading.Event(), threading.Event()
+
+    @function_tool
+    def waits() -> str:
+        """Waits for the test."""
+        in_tool.set()
+        release.wait(PATIENCE)
+        return "done"
+
+    register("waits", [call("waits", {}), text("never stored")], tools=[waits])
+    register("next", [text("next answered")])
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:  # the immediate task backend runs it here, as a worker would
+            create_run(owner=user, agent_key="waits", input_payload="go", session_key="doomed")
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = in_thread(work)
+    assert in_tool.wait(PATIENCE)
+    lifecycle.lock_and_delete(AgentSession.objects.filter(session_key="doomed"))
+    release.set()
+    worker.join(PATIENCE)
+    assert not worker.is_alive()
+    assert errors == []
+    assert not AgentRun.objects.exists()
+    assert not AgentSessionItem.objects.exists()
+    assert not AgentEvent.objects.exists()
+
+    other = create_run(owner=user, agent_key="next", input_payload="hi", session_key="other")
+    other.refresh_from_db()
+    assert (other.status, other.final_output) == ("completed", "next answered")
