@@ -92,6 +92,10 @@ DISPATCH = "agentic_django/dispatch.py"
 EVENTLOOP = "agentic_django/eventloop.py"
 DB = "agentic_django/db.py"
 PROVIDERS = "chat/providers.py"
+ADMIN = "agentic_django/admin.py"
+OPERATIONS = "tests/core/test_operations.py::"
+DELETE_RACES = OPERATIONS + "test_the_admin_deletes_what_a_running_run_is_writing_to"
+DELETE_DEADLOCK = OPERATIONS + "test_a_delete_that_deadlocks_with_recovery_tries_again"
 KEPT = "tests/providers/test_openai_compatible.py::"
 KEPT_REUSED = KEPT + "test_a_workers_runs_reuse_their_connections_to_the_provider"
 KEPT_PER_LOOP = KEPT + "test_a_loop_that_replaces_another_opens_connections_of_its_own"
@@ -176,8 +180,8 @@ MUTANTS = (
     Mutant(
         "stuck_loop_kept",
         EVENTLOOP,
-        "            loop = _replace(loop) or loop",
-        "            pass",
+        "            fresh = _replace(loop)\n",
+        "            fresh = None\n",
         "a loop a run blocks is never replaced: new runs wait for it too",
         (SHARED_LOOP,),
     ),
@@ -663,6 +667,63 @@ MUTANTS = (
         "a busy worker looks at its heartbeat, job renewals and stop requests every 30 s",
         (KILLED_50, STOPPING),
         ("rq",),
+    ),
+    # --- Deletes that lock what they delete first (lifecycle.lock_and_delete, admin) ---------
+    Mutant(
+        "delete_run_unlocked",
+        LIFECYCLE,
+        "                if model is AgentRun:\n                    _lock(rows)\n",
+        "                if model is AgentRun:\n                    pass\n",
+        "deleting a run does not lock it: an event it writes meanwhile fails the delete",
+        (DELETE_RACES,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "delete_conversation_unlocked",
+        LIFECYCLE,
+        "                    _lock(runs)\n                    _lock(rows)\n",
+        "                    _lock(runs)\n",
+        "deleting a conversation does not lock it (a run created meanwhile is not held off)",
+        (DELETE_RACES,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "delete_runs_locked_once",
+        LIFECYCLE,
+        "                    _lock(runs)  # a run created",
+        "                    pass  # a run created",
+        "runs created before the conversation was locked are not locked",
+        (DELETE_RACES,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "delete_conversation_before_runs",
+        LIFECYCLE,
+        "                    _lock(runs)\n                    _lock(rows)\n"
+        "                    _lock(runs)",
+        "                    _lock(rows)\n                    _lock(runs)",
+        "a conversation's delete locks it before its runs, the other way round from writers",
+        (DELETE_DEADLOCK,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "delete_deadlock_not_retried",
+        LIFECYCLE,
+        "            if tries == DELETE_TRIES or",
+        "            if True or",
+        "a delete PostgreSQL ends as a deadlock's victim fails (500 in the admin)",
+        (DELETE_DEADLOCK,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "admin_deletes_unlocked",
+        ADMIN,
+        "        lifecycle.lock_and_delete(type(obj).objects.filter(pk=obj.pk))",
+        "        obj.delete()",
+        "the admin's delete page deletes without locking first",
+        (DELETE_RACES,),
+        backends=IN_PROCESS,
+        also=(("        lifecycle.lock_and_delete(queryset)", "        queryset.delete()"),),
     ),
 )
 
