@@ -48,7 +48,13 @@ from agentic_django.events import EventRecorder, describe
 from agentic_django.exceptions import AgenticDjangoError
 from agentic_django.lifecycle import Fence
 from agentic_django.logcontext import bind_run
-from agentic_django.models import AgentApproval, AgentCheckpoint, AgentRun, AgentToolCall
+from agentic_django.models import (
+    AgentApproval,
+    AgentCheckpoint,
+    AgentRun,
+    AgentSession,
+    AgentToolCall,
+)
 from agentic_django.recovery import ensure_startup_recovery
 from agentic_django.registry import build_agent
 from agentic_django.serializers import json_safe
@@ -100,7 +106,12 @@ def execute(run_id: str, *, task_id: str = "") -> str:
         if run is None:
             release_unclaimed(run_id, task_id)
             return "skipped"
-        with bind_run(run):  # every line logged while it executes names the run
+        try:
+            binding = bind_run(run)  # every line logged while it executes names the run
+        except AgentSession.DoesNotExist:
+            logger.warning("agentic_django: run %s was deleted as it was claimed", run.pk)
+            return "skipped"
+        with binding:
             return execute_claimed_run(run)
     finally:
         release_connection()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -1063,9 +1064,11 @@ def _expire(overdue: QuerySet[AgentRun], run_id: Any) -> bool:
 
 # --- Deleting runs and conversations --------------------------------------------------------
 
-# Tries of a delete that a writer locking the other way round (recovery: conversation, then
-# run) chose as a deadlock's victim.
-DELETE_TRIES = 3
+# How long a delete tries to lock what it deletes while others hold it (a run's writer holds
+# its row for a statement, recovery and claims for a short transaction) before it gives up.
+DELETE_PATIENCE_SECONDS = 10.0
+# A lock taken by someone else (NOWAIT), or a deadlock (a DELETE that waited on a child row).
+_BUSY_SQLSTATES = frozenset({"55P03", "40P01"})
 
 
 def lock_and_delete(queryset: QuerySet[Any]) -> tuple[int, dict[str, int]]:
@@ -1076,17 +1079,20 @@ def lock_and_delete(queryset: QuerySet[Any]) -> tuple[int, dict[str, int]]:
     or usage record a running run commits in between points at a run or conversation about to
     go, and the delete fails on its foreign key at commit. So the runs, then the
     conversations, then runs created meanwhile are locked first (``FOR UPDATE``): a write
-    that points at them waits, then finds them gone and is refused as a lost claim's. SQLite
-    takes its write lock when the transaction begins (``IMMEDIATE``), which does the same.
+    that points at them waits, then finds them gone and is refused as a lost claim's. The
+    locks are taken without waiting -- what another holds (recovery and claims lock a
+    conversation, then its runs) makes the delete let go of all it holds and try again
+    shortly, so it is never a deadlock's other half. SQLite takes its write lock when the
+    transaction begins (``IMMEDIATE``), which does the same.
     """
     model = queryset.model
     if model not in (AgentRun, AgentSession):
         raise TypeError(f"lock_and_delete deletes runs or conversations, not {model.__name__}")
     pks = list(queryset.values_list("pk", flat=True))
     rows = model.objects.filter(pk__in=pks)
-    tries = 0
+    deadline = time.monotonic() + DELETE_PATIENCE_SECONDS
+    pause = 0.02
     while True:
-        tries += 1
         try:
             with transaction.atomic():
                 if model is AgentRun:
@@ -1098,13 +1104,16 @@ def lock_and_delete(queryset: QuerySet[Any]) -> tuple[int, dict[str, int]]:
                     _lock(runs)  # a run created before its conversation was locked
                 return rows.delete()
         except OperationalError as exc:
-            if tries == DELETE_TRIES or getattr(exc.__cause__, "sqlstate", None) != "40P01":
+            busy = getattr(exc.__cause__, "sqlstate", None) in _BUSY_SQLSTATES
+            if not busy or time.monotonic() + pause > deadline:
                 raise
-            logger.info("agentic_django: a delete met a run's writer in a deadlock; retrying")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
 
 
 def _lock(queryset: QuerySet[Any]) -> None:
-    list(queryset.order_by("pk").select_for_update(of=("self",)).values_list("pk", flat=True))
+    locking = queryset.order_by("pk").select_for_update(nowait=True, of=("self",))
+    list(locking.values_list("pk", flat=True))
 
 
 # --- Helpers ---------------------------------------------------------------------------------

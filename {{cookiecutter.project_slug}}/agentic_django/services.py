@@ -65,7 +65,10 @@ def create_run(
     # A user whose budget for the period is used up starts nothing (BudgetExceeded, 402).
     usage.check_new_run(owner)
     with transaction.atomic():
-        session, created = AgentSession.objects.get_or_create(owner=owner, session_key=session_key)
+        # Locked (no key: the conversation's writers are not held): a delete of the
+        # conversation waits for this run, or has committed and the post starts a new one.
+        conversation = AgentSession.objects.select_for_update(no_key=True)
+        session, created = conversation.get_or_create(owner=owner, session_key=session_key)
         interrupted = lifecycle.make_way(session.pk, strategy)
         run = AgentRun.objects.create(
             session=session,

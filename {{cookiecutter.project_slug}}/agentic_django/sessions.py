@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
@@ -68,6 +68,8 @@ async def _until_done[T](awaitable: Awaitable[T]) -> T:
         except asyncio.CancelledError as exc:
             cancelled = cancelled or exc
     if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller's cancellation is what it gets
         raise cancelled
     return task.result()
 
@@ -153,9 +155,7 @@ class DatabaseSession:
             with transaction.atomic():
                 # Row lock (serializes writers on the session) and touch in one statement.
                 if not _TOUCH.update(session_id=self.session_pk, now=timezone.now()):
-                    raise AgentSession.DoesNotExist(
-                        f"Agent session {self.session_pk} does not exist."
-                    )
+                    self._gone()
                 self._touched = True
                 inserted = self._insert_locked(payloads)
         elif inserted and not self._touched:
@@ -163,7 +163,7 @@ class DatabaseSession:
             self._touched = True
         if not inserted:
             if not AgentSession.objects.filter(pk=self.session_pk).exists():
-                raise AgentSession.DoesNotExist(f"Agent session {self.session_pk} does not exist.")
+                self._gone()
             self._reject()
 
     def _insert(self, payloads: list[Any], *, lock_run: bool = False) -> int:
@@ -228,6 +228,13 @@ class DatabaseSession:
                 tries += 1
                 if tries == COLLISION_TRIES or not _numbers_taken(exc):
                     raise
+
+    def _gone(self) -> NoReturn:
+        """The session was deleted: a run's write is rejected like a lost claim's (its run
+        went with it); any other caller is told the session does not exist."""
+        if self._fence is not None:
+            self._reject()
+        raise AgentSession.DoesNotExist(f"Agent session {self.session_pk} does not exist.")
 
     def _reject(self) -> None:
         raise SessionWriteRejected(

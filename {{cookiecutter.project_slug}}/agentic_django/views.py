@@ -195,8 +195,12 @@ def run_create(request: HttpRequest) -> HttpResponse:
             run_options=data.get("run_options"),
             multitask_strategy=data.get("multitask_strategy"),
         )
-    # With an in-process task backend the run may already have finished.
-    run.refresh_from_db()
+    # With an in-process task backend the run may already have finished (or been deleted
+    # with its conversation, in the admin, as it was created).
+    try:
+        run.refresh_from_db()
+    except AgentRun.DoesNotExist:
+        raise ApiError(404, "not_found", "No such run.") from None
     if is_htmx(request):
         return trigger_client_event(_run_fragment(request, run), RUN_UPDATE_EVENT)
     if request.content_type != "application/json":
@@ -319,6 +323,8 @@ def run_cancel(request: HttpRequest, run_id: str) -> HttpResponse:
     run = _owned_run(request, run_id)
     try:
         run = services.cancel_run(run)
+    except AgentRun.DoesNotExist:
+        raise ApiError(404, "not_found", "No such run.") from None  # deleted meanwhile
     except RunNotCancellable as error:
         if not is_htmx(request):
             raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import threading
 from typing import Any
 
@@ -12,7 +14,7 @@ from agents import Agent, Runner
 from agents.memory import Session
 from agents.testing import ScriptedModel, assistant_message
 from asgiref.sync import async_to_sync
-from django.db import connection, transaction
+from django.db import DataError, connection, transaction
 
 from agentic_django import lifecycle
 from agentic_django.models import AgentSession, AgentSessionItem
@@ -308,6 +310,32 @@ def test_a_cancelled_caller_returns_only_once_its_write_is_done(agent_session):
         faults.before(ITEM_INSERT, lambda: (write_started.set(), caller_returned.wait(2)))
         async_to_sync(scenario)()
     assert seen["when_cancelled"] == 1
+
+
+def test_a_cancelled_caller_whose_write_fails_leaves_no_error_unread(agent_session, caplog):
+    """The caller gets its cancellation; the write's own error is read (asyncio would log
+    "Task exception was never retrieved" for it, at some later time, in whatever code)."""
+    session = DatabaseSession(agent_session)
+    write_started, cancelled = threading.Event(), threading.Event()
+
+    def refused() -> None:
+        write_started.set()
+        cancelled.wait(60)
+        raise DataError("the database refused the write")
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(session.add_items([user_item("refused")]))
+        assert await asyncio.to_thread(write_started.wait, 60)
+        task.cancel()
+        cancelled.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with database_faults() as faults:
+        faults.before(ITEM_INSERT, refused)
+        async_to_sync(scenario)()
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_a_handle_whose_run_was_taken_over_can_neither_add_pop_nor_clear(user, agent_session):
