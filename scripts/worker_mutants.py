@@ -95,7 +95,15 @@ PROVIDERS = "chat/providers.py"
 ADMIN = "agentic_django/admin.py"
 OPERATIONS = "tests/core/test_operations.py::"
 DELETE_RACES = OPERATIONS + "test_the_admin_deletes_what_a_running_run_is_writing_to"
-DELETE_DEADLOCK = OPERATIONS + "test_a_delete_that_deadlocks_with_recovery_tries_again"
+DELETE_RECOVERY = OPERATIONS + "test_a_delete_that_meets_recovery_lets_it_go_first"
+DELETE_REQUESTS = OPERATIONS + "test_a_users_request_racing_the_admins_delete"
+DELETE_BEFORE_ANSWER = OPERATIONS + "test_a_run_deleted_before_its_post_answers_is_a_404"
+DELETE_WHILE_RUNNING = (
+    OPERATIONS + "test_a_run_whose_conversation_is_deleted_while_it_runs_stops_cleanly"
+)
+UNREAD_ERROR = (
+    "tests/core/test_sessions.py::test_a_cancelled_caller_whose_write_fails_leaves_no_error_unread"
+)
 KEPT = "tests/providers/test_openai_compatible.py::"
 KEPT_REUSED = KEPT + "test_a_workers_runs_reuse_their_connections_to_the_provider"
 KEPT_PER_LOOP = KEPT + "test_a_loop_that_replaces_another_opens_connections_of_its_own"
@@ -703,16 +711,84 @@ MUTANTS = (
         "                    _lock(runs)",
         "                    _lock(rows)\n                    _lock(runs)",
         "a conversation's delete locks it before its runs, the other way round from writers",
-        (DELETE_DEADLOCK,),
+        (DELETE_RECOVERY,),
         backends=IN_PROCESS,
     ),
     Mutant(
-        "delete_deadlock_not_retried",
+        "delete_locks_busy_not_retried",
         LIFECYCLE,
-        "            if tries == DELETE_TRIES or",
-        "            if True or",
-        "a delete PostgreSQL ends as a deadlock's victim fails (500 in the admin)",
-        (DELETE_DEADLOCK,),
+        "            if not busy or time.monotonic()",
+        "            if True or time.monotonic()",
+        "a delete that finds a row locked by recovery or a claim fails (500 in the admin)",
+        (DELETE_RECOVERY,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "delete_locks_wait",
+        LIFECYCLE,
+        "select_for_update(nowait=True, of=",
+        "select_for_update(of=",
+        "a delete waits for locks while holding others: recovery dies as a deadlock's victim",
+        (DELETE_RECOVERY,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "post_reads_conversation_unlocked",
+        "agentic_django/services.py",
+        "AgentSession.objects.select_for_update(no_key=True)",
+        "AgentSession.objects",
+        "a post to a conversation being deleted fails at commit (500)",
+        (DELETE_REQUESTS,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "cancel_of_a_deleted_run_is_a_500",
+        "agentic_django/views.py",
+        "    except AgentRun.DoesNotExist:\n"
+        '        raise ApiError(404, "not_found", "No such run.") from None  # deleted meanwhile\n',
+        "",
+        "a cancel racing the run's delete answers 500, not 404",
+        (DELETE_REQUESTS,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "post_of_a_deleted_run_is_a_500",
+        "agentic_django/views.py",
+        "    try:\n        run.refresh_from_db()\n    except AgentRun.DoesNotExist:\n"
+        '        raise ApiError(404, "not_found", "No such run.") from None\n',
+        "    run.refresh_from_db()\n",
+        "a post whose run is deleted before it answers answers 500, not 404",
+        (DELETE_BEFORE_ANSWER,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "claimed_run_deleted_crashes",
+        EXECUTION,
+        '            logger.warning("agentic_django: run %s was deleted as it was claimed", '
+        'run.pk)\n            return "skipped"\n',
+        '            logger.warning("agentic_django: run %s was deleted as it was claimed", '
+        "run.pk)\n            raise\n",
+        "a run deleted as it is claimed fails its task with a traceback",
+        (DELETE_WHILE_RUNNING,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "run_write_to_deleted_conversation_errors",
+        "agentic_django/sessions.py",
+        "        if self._fence is not None:\n            self._reject()\n"
+        "        raise AgentSession",
+        "        raise AgentSession",
+        "a run whose conversation was deleted is logged as failed, with a traceback",
+        (DELETE_WHILE_RUNNING,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "cancelled_write_error_unread",
+        "agentic_django/sessions.py",
+        "            task.exception()  # retrieved",
+        "            pass  # retrieved",
+        "asyncio logs that nobody read the error of a cancelled caller's write",
+        (UNREAD_ERROR,),
         backends=IN_PROCESS,
     ),
     Mutant(
