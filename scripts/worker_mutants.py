@@ -101,6 +101,8 @@ DELETE_BEFORE_ANSWER = OPERATIONS + "test_a_run_deleted_before_its_post_answers_
 DELETE_WHILE_RUNNING = (
     OPERATIONS + "test_a_run_whose_conversation_is_deleted_while_it_runs_stops_cleanly"
 )
+CLEANUP = "agentic_django/management/commands/agentic_django_cleanup.py"
+CLEANUP_RACE = OPERATIONS + "test_cleanup_keeps_an_idle_conversation_a_message_arrives_for"
 UNREAD_ERROR = (
     "tests/core/test_sessions.py::test_a_cancelled_caller_whose_write_fails_leaves_no_error_unread"
 )
@@ -780,6 +782,24 @@ MUTANTS = (
         "        raise AgentSession",
         "a run whose conversation was deleted is logged as failed, with a traceback",
         (DELETE_WHILE_RUNNING,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "cleanup_deletes_without_recheck",
+        CLEANUP,
+        "lock_and_delete(batch, recheck=True)",
+        "lock_and_delete(batch)",
+        "the cleanup deletes an idle conversation a message arrived for meanwhile",
+        (CLEANUP_RACE,),
+        backends=IN_PROCESS,
+    ),
+    Mutant(
+        "cleanup_deletes_unlocked",
+        CLEANUP,
+        "            if model in (AgentRun, AgentSession):",
+        "            if False:",
+        "the cleanup deletes runs and conversations without locking them first",
+        (CLEANUP_RACE,),
         backends=IN_PROCESS,
     ),
     Mutant(

@@ -1071,9 +1071,12 @@ DELETE_PATIENCE_SECONDS = 10.0
 _BUSY_SQLSTATES = frozenset({"55P03", "40P01"})
 
 
-def lock_and_delete(queryset: QuerySet[Any]) -> tuple[int, dict[str, int]]:
+def lock_and_delete(
+    queryset: QuerySet[Any], *, recheck: bool = False
+) -> tuple[int, dict[str, int]]:
     """Delete runs or conversations (a queryset of either) with all that is theirs, also
-    while their runs are writing; what ``QuerySet.delete`` returns.
+    while their runs are writing; what ``QuerySet.delete`` returns. ``recheck``: only those
+    that still match ``queryset`` once locked (say, conversations still idle).
 
     Django gathers the rows to delete and deletes a table at a time: an event, history item
     or usage record a running run commits in between points at a run or conversation about to
@@ -1102,7 +1105,7 @@ def lock_and_delete(queryset: QuerySet[Any]) -> tuple[int, dict[str, int]]:
                     _lock(runs)
                     _lock(rows)
                     _lock(runs)  # a run created before its conversation was locked
-                return rows.delete()
+                return (queryset.filter(pk__in=pks) if recheck else rows).delete()
         except OperationalError as exc:
             busy = getattr(exc.__cause__, "sqlstate", None) in _BUSY_SQLSTATES
             if not busy or time.monotonic() + pause > deadline:

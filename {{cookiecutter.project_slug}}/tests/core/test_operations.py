@@ -404,6 +404,27 @@ def test_a_run_deleted_before_its_post_answers_is_a_404(user, settings):
     assert not AgentRun.objects.exists()
 
 
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_cleanup_keeps_an_idle_conversation_a_message_arrives_for(user, settings):
+    """The message comes after the cleanup picked the conversation and before it locked it:
+    it is no longer idle then, and stays, with its new run."""
+    settings.TASKS = QUEUE
+    idle = AgentSession.objects.create(owner=user, session_key="idle")
+    age(AgentSession, idle.pk, 100, "updated_at")
+    answers: list[Any] = []
+
+    def message_arrives() -> None:
+        in_thread(lambda: answers.append(post_message(user, "idle"))).join(PATIENCE)
+
+    with database_faults() as faults:
+        faults.before(SESSION_LOCK, message_arrives, thread=threading.current_thread())
+        output = cleanup("--sessions-days", "30")
+    assert answers[0].status_code == 201
+    assert ", 0 sessions," in output
+    assert AgentRun.objects.filter(pk=answers[0].json()["id"], session=idle).exists()
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("when", ["as it is claimed", "in a tool"])
 def test_a_run_whose_conversation_is_deleted_while_it_runs_stops_cleanly(user, caplog, when):

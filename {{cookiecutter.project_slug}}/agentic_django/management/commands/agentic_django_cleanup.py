@@ -11,7 +11,7 @@ from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from agentic_django.conf import get_config
-from agentic_django.lifecycle import expire_approvals
+from agentic_django.lifecycle import expire_approvals, lock_and_delete
 from agentic_django.models import AgentEvent, AgentRun, AgentSession, AgentSpan, AgentUsage
 
 ACTIVE_STATUSES = (
@@ -129,5 +129,14 @@ class Command(BaseCommand):
             ids = list(queryset.order_by("pk").values_list("pk", flat=True)[:batch_size])
             if not ids:
                 return total
-            model.objects.filter(pk__in=ids).delete()
-            total += len(ids)
+            if model in (AgentRun, AgentSession):
+                # Locked first, and still matching then: a run can be writing to them, and a
+                # message can arrive for an idle conversation (which then is no longer idle).
+                batch = queryset.filter(pk__in=ids)
+                deleted = lock_and_delete(batch, recheck=True)[1].get(model._meta.label, 0)
+                total += deleted
+                if deleted < len(ids):
+                    queryset = queryset.exclude(pk__in=ids)  # the ones kept, kept
+            else:
+                model.objects.filter(pk__in=ids).delete()
+                total += len(ids)
