@@ -454,6 +454,8 @@ def test_a_run_whose_conversation_is_deleted_while_it_runs_stops_cleanly(user, c
     def delete() -> None:
         in_thread(lambda: lifecycle.lock_and_delete(AgentSession.objects.all())).join(PATIENCE)
 
+    gc.collect()  # what earlier tests left behind says its piece now, not below
+    caplog.clear()
     with database_faults() as faults:
         if when == "as it is claimed":
             # The first read of the run's conversation once it runs: its log fields.
@@ -470,7 +472,13 @@ def test_a_run_whose_conversation_is_deleted_while_it_runs_stops_cleanly(user, c
     assert not AgentSessionItem.objects.exists()
     assert not AgentEvent.objects.exists()
     gc.collect()  # an asyncio task whose error nobody read says so when it is collected
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    errors_logged = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR
+        and (r.name != "asyncio" or "never retrieved" in r.getMessage())
+    ]
+    assert errors_logged == []
 
     other = create_run(owner=user, agent_key="next", input_payload="hi", session_key="other")
     other.refresh_from_db()
