@@ -315,7 +315,10 @@ def test_a_cancelled_caller_returns_only_once_its_write_is_done(agent_session):
 
 def _logged(record: logging.LogRecord) -> str:
     """A log record's message and the exception it carries, as the log shows them."""
-    return record.getMessage() + "".join(traceback.format_exception(*record.exc_info or ()))
+    text = record.getMessage()
+    if record.exc_info:
+        text += "".join(traceback.format_exception(*record.exc_info))
+    return text
 
 
 def test_a_cancelled_caller_whose_write_fails_leaves_no_error_unread(agent_session, caplog):
