@@ -30,7 +30,7 @@ from agentic_django.models import (
 from agentic_django.services import create_run
 from agentic_django.sessions import SessionWriteRejected, session_for_run
 from tests.core.conftest import call, register, running_elsewhere, text, worker_died
-from tests.core.faults import database_faults, lock_waiters
+from tests.core.faults import ITEM_INSERT, database_faults, lock_waiters
 from tests.waiting import PATIENCE, in_thread, wait_for
 
 pytestmark = pytest.mark.django_db
@@ -426,7 +426,7 @@ def test_cleanup_keeps_an_idle_conversation_a_message_arrives_for(user, settings
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("when", ["as it is claimed", "in a tool"])
+@pytest.mark.parametrize("when", ["as it is claimed", "before a history write", "in a tool"])
 def test_a_run_whose_conversation_is_deleted_while_it_runs_stops_cleanly(user, caplog, when):
     """Its writes are refused as a lost claim's: its worker comes back without an error (none
     logged either) and runs the next run."""
@@ -460,6 +460,8 @@ def test_a_run_whose_conversation_is_deleted_while_it_runs_stops_cleanly(user, c
         if when == "as it is claimed":
             # The first read of the run's conversation once it runs: its log fields.
             faults.before(SESSION_BY_ID, delete)
+        elif when == "before a history write":
+            faults.before(ITEM_INSERT, delete)  # the run's input, its first
         worker = in_thread(work)
         if when == "in a tool":
             assert in_tool.wait(PATIENCE)
